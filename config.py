@@ -1,0 +1,427 @@
+"""Typed configuration in nanotron's YAML schema.
+
+The official SmolLM2 pretraining configs are nanotron files; every section below keeps nanotron's key names (and
+`model.model_config` keeps Hugging Face `LlamaConfig`'s), so such a file loads unmodified. What this repository adds
+lives in its own sections: `run` (local training switches), `sampling` (text samples during training), `data_prep`
+(raw text -> token shards) and `s3` (remote checkpoints). YAML is read into these dataclasses with every key and type
+checked; a mistake is one `ConfigError` naming the key path and the fix.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix: the message names the key path and what is expected."""
+
+
+# ---------------------------------------------------------------- nanotron sections
+
+
+@dataclass
+class CheckpointsArgs:
+    checkpoint_interval: int = 1000
+    checkpoints_path: str = "checkpoints"
+    checkpoints_path_is_shared_file_system: bool = False
+    resume_checkpoint_path: Optional[str] = None
+    save_final_state: bool = True
+    save_initial_state: bool = False
+    load_lr_scheduler: bool = True
+    load_optimizer: bool = True
+
+
+@dataclass
+class DatasetArgs:
+    """One stage's sources: hub datasets (nanotron's PretrainDatasetsArgs) or local folders (its NanosetDatasetsArgs)."""
+    hf_dataset_or_datasets: Union[str, list[str], dict[str, float], None] = None
+    hf_dataset_config_name: Optional[str] = None
+    hf_dataset_splits: Union[str, list[str]] = "train"
+    text_column_name: str = "text"
+    dataset_processing_num_proc_per_process: int = 1
+    dataset_overwrite_cache: bool = False
+    dataset_folder: Union[str, list[str], None] = None
+    dataset_weights: Optional[list[float]] = None
+
+
+@dataclass
+class DataArgs:
+    dataset: DatasetArgs = field(default_factory=DatasetArgs)
+    seed: int = 42
+    num_loading_workers: int = 0
+
+
+@dataclass
+class DataStageArgs:
+    name: str = "stable phase"
+    start_training_step: int = 1
+    data: DataArgs = field(default_factory=DataArgs)
+
+
+@dataclass
+class GeneralArgs:
+    project: str = "smollm2"
+    run: str = "smollm2"
+    seed: int = 42
+    step: Optional[int] = None
+    consumed_train_samples: Optional[int] = None
+    benchmark_csv_path: Optional[str] = None
+    ignore_sanity_checks: bool = True
+
+
+@dataclass
+class LoggingArgs:
+    iteration_step_info_interval: int = 1
+    log_level: str = "info"
+    log_level_replica: str = "info"
+
+
+@dataclass
+class ModelConfig:
+    """The architecture, under Hugging Face `LlamaConfig`'s names."""
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 0
+    hidden_act: str = "silu"
+    hidden_size: int = 576
+    initializer_range: float = 0.02
+    intermediate_size: int = 1536
+    is_llama_config: bool = True
+    max_position_embeddings: int = 2048
+    num_attention_heads: int = 9
+    num_hidden_layers: int = 30
+    num_key_value_heads: int = 3
+    pad_token_id: Optional[int] = None
+    pretraining_tp: int = 1
+    rms_norm_eps: float = 1e-5
+    rope_interleaved: bool = False
+    rope_scaling: Optional[dict] = None
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    vocab_size: int = 49152
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class InitMethod:
+    std: float = 0.02
+
+
+@dataclass
+class ModelArgs:
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    init_method: InitMethod = field(default_factory=InitMethod)
+    dtype: str = "bfloat16"
+    make_vocab_size_divisible_by: int = 1
+    ddp_bucket_cap_mb: int = 25
+
+
+@dataclass
+class LRSchedulerArgs:
+    learning_rate: float = 3e-3
+    lr_warmup_steps: int = 0
+    lr_warmup_style: str = "linear"
+    lr_decay_starting_step: Optional[int] = None
+    lr_decay_steps: Optional[int] = None
+    lr_decay_style: str = "linear"
+    min_decay_lr: float = 0.0
+
+
+@dataclass
+class OptimizerFactory:
+    name: str = "adamW"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    torch_adam_is_fused: bool = True
+
+
+@dataclass
+class OptimizerArgs:
+    learning_rate_scheduler: LRSchedulerArgs = field(default_factory=LRSchedulerArgs)
+    optimizer_factory: OptimizerFactory = field(default_factory=OptimizerFactory)
+    weight_decay: float = 0.01
+    clip_grad: Optional[float] = 1.0
+    accumulate_grad_in_fp32: bool = True
+    zero_stage: int = 0
+
+
+@dataclass
+class ParallelismArgs:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    expert_parallel_size: int = 1
+    pp_engine: str = "1f1b"
+    recompute_layer: bool = False
+    tp_linear_async_communication: bool = True
+    tp_mode: str = "REDUCE_SCATTER"
+    tp_recompute_allgather: bool = True
+
+
+@dataclass
+class TokenizerArgs:
+    tokenizer_name_or_path: str = "HuggingFaceTB/cosmo2-tokenizer"
+    tokenizer_revision: Optional[str] = None
+    tokenizer_max_length: Optional[int] = None
+
+
+@dataclass
+class TokensArgs:
+    sequence_length: int = 2048
+    micro_batch_size: int = 8
+    batch_accumulation_per_replica: int = 1
+    train_steps: int = 1000
+    val_check_interval: int = 100
+    limit_val_batches: int = 0
+    limit_test_batches: int = 0
+
+
+# ---------------------------------------------------------------- this repository's own sections
+
+
+@dataclass
+class RunArgs:
+    """Local training switches nanotron has no key for."""
+    device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"            # auto | bf16 | fp16 | fp32
+    compile: bool = False
+    keep_last_checkpoints: int = 3
+    max_consecutive_bad_steps: int = 5
+    loss_spike_factor: float = 3.0
+    val_batches: int = 20
+    tensorboard: bool = False
+    wandb: bool = False
+
+
+@dataclass
+class SamplingArgs:
+    """Text generated from fixed prompts during training, so a user can watch the model learn."""
+    interval: int = 0                  # 0: never
+    prompts: list[str] = field(default_factory=lambda: ["Once upon a time", "The meaning of life is"])
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+
+@dataclass
+class DataPrepArgs:
+    """How raw text becomes token shards (`python data.py prepare`)."""
+    output_dir: Optional[str] = None   # default: data/<general.run>
+    shard_tokens: int = 50_000_000
+    val_tokens: int = 1_000_000
+    max_tokens: Optional[dict[str, int]] = None
+    tokenizer_vocab_size: int = 8192
+
+
+@dataclass
+class S3Args:
+    bucket: Optional[str] = None
+    prefix: str = ""
+    region: Optional[str] = None
+    endpoint_url: Optional[str] = None
+    upload_checkpoints: bool = True
+    upload_metrics: bool = True
+    upload_plots: bool = True
+    upload_samples: bool = True
+
+
+@dataclass
+class Config:
+    checkpoints: CheckpointsArgs = field(default_factory=CheckpointsArgs)
+    data_stages: list[DataStageArgs] = field(default_factory=lambda: [DataStageArgs()])
+    general: GeneralArgs = field(default_factory=GeneralArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
+    parallelism: ParallelismArgs = field(default_factory=ParallelismArgs)
+    tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
+    tokens: TokensArgs = field(default_factory=TokensArgs)
+    profiler: Optional[dict] = None
+    lighteval: Optional[dict] = None
+    s3_upload: Optional[dict] = None
+    run: RunArgs = field(default_factory=RunArgs)
+    sampling: SamplingArgs = field(default_factory=SamplingArgs)
+    data_prep: DataPrepArgs = field(default_factory=DataPrepArgs)
+    s3: S3Args = field(default_factory=S3Args)
+
+
+# ---------------------------------------------------------------- reading YAML into the dataclasses
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return "mapping" if dataclasses.is_dataclass(tp) else tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "null")
+
+
+def _convert(value: Any, tp, path: str):
+    """Check `value` against the annotation `tp` and build dataclasses; raise ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, path)
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+            return {k: _convert(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    elif tp is Any:
+        return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data: dict, path: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{where}: unknown key{hint}")
+        kwargs[key] = _convert(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.path=value, e.g. tokens.micro_batch_size=4")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set `a.b.c=value` strings (values parsed as YAML) into the nested dict; list items by index (`data_stages.0`)."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"override '{text}': '{key}' is not an index of {'.'.join(keys[:i])}")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': {'.'.join(keys[:i])} is not a section")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Impossible or unsupported values, each named by its key path."""
+    m = cfg.model.model_config
+    positive = {
+        "model.model_config.hidden_size": m.hidden_size,
+        "model.model_config.num_attention_heads": m.num_attention_heads,
+        "model.model_config.num_key_value_heads": m.num_key_value_heads,
+        "model.model_config.num_hidden_layers": m.num_hidden_layers,
+        "model.model_config.intermediate_size": m.intermediate_size,
+        "model.model_config.vocab_size": m.vocab_size,
+        "model.model_config.max_position_embeddings": m.max_position_embeddings,
+        "tokens.sequence_length": cfg.tokens.sequence_length,
+        "tokens.micro_batch_size": cfg.tokens.micro_batch_size,
+        "tokens.batch_accumulation_per_replica": cfg.tokens.batch_accumulation_per_replica,
+        "tokens.train_steps": cfg.tokens.train_steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.model_config.hidden_size ({m.hidden_size}) must be divisible by "
+                          f"num_attention_heads ({m.num_attention_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.model_config: head size hidden_size/num_attention_heads = {m.head_dim} must be even "
+                          "for rotary embeddings")
+    if m.num_attention_heads % m.num_key_value_heads:
+        raise ConfigError(f"model.model_config.num_key_value_heads ({m.num_key_value_heads}) must divide "
+                          f"num_attention_heads ({m.num_attention_heads})")
+    if m.hidden_act != "silu":
+        raise ConfigError(f"model.model_config.hidden_act: only 'silu' (SwiGLU) is implemented, got '{m.hidden_act}'")
+    if m.rope_interleaved:
+        raise ConfigError("model.model_config.rope_interleaved: set it to false. This repository uses Hugging Face's "
+                          "rotate-half rotary layout so checkpoints load in transformers without a weight permutation")
+    if m.rope_scaling is not None:
+        raise ConfigError("model.model_config.rope_scaling: only null (plain RoPE) is supported")
+    if cfg.tokens.sequence_length > m.max_position_embeddings:
+        raise ConfigError(f"tokens.sequence_length ({cfg.tokens.sequence_length}) exceeds "
+                          f"model.model_config.max_position_embeddings ({m.max_position_embeddings})")
+    for key in ("tp", "pp", "expert_parallel_size"):
+        if getattr(cfg.parallelism, key) != 1:
+            raise ConfigError(f"parallelism.{key}: {getattr(cfg.parallelism, key)} is not supported on this code path; "
+                              f"set parallelism.{key}=1 (data parallelism comes from torchrun --nproc_per_node)")
+    if cfg.optimizer.optimizer_factory.name.lower() != "adamw":
+        raise ConfigError(f"optimizer.optimizer_factory.name: only 'adamW' is implemented, "
+                          f"got '{cfg.optimizer.optimizer_factory.name}'")
+    lrs = cfg.optimizer.learning_rate_scheduler
+    if lrs.lr_warmup_style not in ("linear", "constant"):
+        raise ConfigError(f"optimizer.learning_rate_scheduler.lr_warmup_style: 'linear' or 'constant', "
+                          f"got '{lrs.lr_warmup_style}'")
+    if lrs.lr_decay_style not in ("linear", "cosine", "1-sqrt"):
+        raise ConfigError(f"optimizer.learning_rate_scheduler.lr_decay_style: 'linear', 'cosine' or '1-sqrt', "
+                          f"got '{lrs.lr_decay_style}'")
+    if cfg.run.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"run.precision: 'auto', 'bf16', 'fp16' or 'fp32', got '{cfg.run.precision}'")
+    for key in ("profiler", "lighteval", "s3_upload"):
+        if getattr(cfg, key) is not None:
+            hint = "; use the s3 section for uploads" if key == "s3_upload" else ""
+            raise ConfigError(f"{key}: nanotron's {key} section is not supported here, set it to null{hint}")
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return validate(_build(Config, data, ""))
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config, apply `key=value` overrides, check everything."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

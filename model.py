@@ -1,0 +1,236 @@
+"""SmolLM2, written out by hand: a Llama-architecture decoder in plain PyTorch.
+
+Read top to bottom: RMSNorm -> rotary embeddings -> grouped-query attention (with its KV cache) -> SwiGLU MLP ->
+decoder block -> the model. Module and parameter names are exactly those of Hugging Face `LlamaForCausalLM`
+(`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict moves between the two with no rename map, and the
+rotary layout is HF's rotate-half, so no weight permutation is needed either.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight.
+
+    Unlike LayerNorm there is no mean subtraction and no bias. The statistics are taken in fp32 even under bf16
+    autocast (a sum of squares of 576+ bf16 values loses precision), and the result is cast back to the input dtype.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), rotate-half layout.
+
+    Channel i of the first half and channel i of the second half of each head form a 2-D pair that is rotated by the
+    angle pos * theta^(-2i/head_dim). The dot product q.k then depends only on the distance between positions.
+    Angles are computed in fp32: at position 2000 a bf16 angle would be off by several radians.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B, T) -> cos, sin of shape (T, hd) or (B, T, hd), fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq.float()   # (..., T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                         # (..., T, hd): both halves share angles
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (B, H, T, hd): the head axis is 1 and the position axis is 2, so cos/sin broadcast over heads."""
+    if cos.dim() == 3:                                  # per-row positions (B, T, hd) -> (B, 1, T, hd)
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for decoding: a prefill writes the prompt, then each step writes one slot."""
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at slots pos..pos+T-1; return every slot filled so far."""
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped queries (GQA).
+
+    n_heads query heads share n_kv key/value heads in groups of n_heads/n_kv; the KV cache is that many times smaller.
+    SDPA's `enable_gqa` lets the kernel index the shared heads instead of materialising repeated copies.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, cache_pos: Optional[int] = None, mask: Optional[torch.Tensor] = None):
+        B, T, _ = x.shape
+        # view as (B, T, H, hd), then put heads before time: RoPE and SDPA both expect (B, H, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, n_kv, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_cache is not None and cache_pos is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)                              # (B, n_kv, S, hd)
+        gqa = self.n_kv != self.n_heads
+        if mask is None:   # plain causal: SDPA picks its fastest (flash / memory-efficient) kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:              # boolean mask, True = may attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)             # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The gate decides, per hidden unit, how much of up(x) passes."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache_pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack without the output head: HF calls this `model`, hence the `model.` key prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+
+class SmolLM2(nn.Module):
+    """The causal language model: token ids -> next-token logits (and the loss, when targets are given)."""
+
+    def __init__(self, cfg: ModelConfig, init_std: float = 0.02):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:   # one matrix reads tokens in and scores them out
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.init_weights(init_std)
+
+    @torch.no_grad()
+    def init_weights(self, std: float):
+        """Normal(0, std) everywhere, as nanotron's `init_method.std`; the projections that write into the residual
+        stream (o_proj, down_proj) get std/sqrt(2 * n_layers) so the stream's variance does not grow with depth."""
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            else:
+                nn.init.normal_(p, 0.0, out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())   # a tied matrix is one parameter, counted once
+
+    # ---- KV cache
+    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
+        p = self.lm_head.weight
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch, attn.n_kv, max_len, attn.head_dim, dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                cache_pos: Optional[int] = None, valid: Optional[torch.Tensor] = None, last_only: bool = False,
+                ignore_index: int = -100):
+        """input_ids (B, T) -> logits (B, T, V) and the mean cross-entropy over targets != ignore_index (or None).
+
+        cache_pos: where these tokens go in the KV cache (after `setup_cache`); None means no cache.
+        valid: (B, S) bool over every slot so far, False at left padding; positions then count valid tokens only.
+        last_only: compute logits for the last position only (what a decoder needs to pick the next token).
+        """
+        B, T = input_ids.shape
+        start = cache_pos or 0
+        slots = torch.arange(start, start + T, device=input_ids.device)                 # (T,)
+        if valid is not None:
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]   # (B, T)
+        else:
+            positions = slots
+        cos, sin = self.model.rotary_emb(positions)
+        mask = None
+        if valid is not None or (start > 0 and T > 1):   # a single new token may attend to every slot
+            keys = torch.arange(start + T, device=input_ids.device)                     # (S,)
+            mask = keys[None, :] <= slots[:, None]                                       # (T, S) causal
+            if valid is not None:
+                # a padding slot may still see itself, so no softmax row is empty (an empty row gives NaN)
+                mask = mask & (valid[:, None, :start + T] | (keys[None, :] == slots[:, None]))  # (B, T, S)
+                mask = mask[:, None]                                                           # (B, 1, T, S)
+
+        x = self.model.embed_tokens(input_ids)                                           # (B, T, C)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, cache_pos, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache_pos, mask)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)                                                          # (B, T, V)
+        loss = None
+        if targets is not None:   # in fp32: a bf16 log-softmax over 49k classes is too coarse
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=ignore_index)
+        return logits, loss

@@ -1,0 +1,195 @@
+"""Checkpoints: written atomically, read without running pickled code, found by step, loaded from any source.
+
+A training checkpoint is one file `step_00001000.pt` under `<run dir>/checkpoints/`, holding named parts:
+`model`, `optimizer`, `train_state` (step, tokens seen, validation loss), `data` (loader position), `rng` and the
+resolved `config`. Resume restores every part, so nothing is silently left out. `load_model()` accepts that file,
+a run directory (its newest checkpoint) or a Hugging Face model directory (config.json + safetensors).
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from config import Config, ConfigError, ModelConfig, config_from_dict
+from model import SmolLM2
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or does not fit its config; the message names the file."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file, fsync, then rename: a kill mid-save leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)   # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp files of an interrupted save are not listed)."""
+    run_dir = Path(run_dir)
+    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rotate_checkpoints(run_dir, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; return what was deleted."""
+    old = list_checkpoints(run_dir)[:-keep] if keep > 0 else []
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+def load_checkpoint(path) -> dict:
+    """Load a training checkpoint with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated zip, wrong file type, or a pickle that wants to run code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first[:200]}); it may be truncated, corrupt or "
+                              "not a checkpoint of this repository — pick another one") from None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or a run directory -> its newest checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: no step_*.pt checkpoint in this directory or its checkpoints/ folder")
+        return latest
+    return path
+
+
+def is_hf_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """A Hugging Face Llama config.json -> ModelConfig, refusing what this model does not implement."""
+    if hf.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{where}: model_type '{hf.get('model_type')}' is not a Llama model")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise CheckpointError(f"{where}: {key}=true is not supported (SmolLM2 has no biases)")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise CheckpointError(f"{where}: scaled RoPE is not supported, only plain rotary embeddings")
+    fields = {k: hf[k] for k in ModelConfig.__dataclass_fields__ if k in hf}
+    if "rope_theta" not in fields and "rope_theta" in rope:
+        fields["rope_theta"] = rope["rope_theta"]
+    for key in ("rope_theta", "rms_norm_eps", "initializer_range"):
+        if key in fields:
+            fields[key] = float(fields[key])
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):   # HF allows a list of ids; we keep the first
+        if isinstance(fields.get(key), list):
+            fields[key] = fields[key][0] if fields[key] else None
+    fields.pop("rope_scaling", None)
+    try:
+        seq = fields.get("max_position_embeddings", ModelConfig.max_position_embeddings)
+        cfg = config_from_dict({"model": {"model_config": fields},
+                                "tokens": {"sequence_length": seq}}).model.model_config
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != cfg.head_dim:
+        raise CheckpointError(f"{where}: head_dim {head_dim} != hidden_size/num_attention_heads ({cfg.head_dim})")
+    return cfg
+
+
+def read_hf_state_dict(path) -> dict:
+    """Every tensor of a HF directory's model.safetensors (or its shards), keyed by HF name."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors weights next to config.json")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_state_into(model: SmolLM2, state: dict, where: str) -> None:
+    """Strict load with messages that say which tensors are missing, unexpected or of the wrong shape."""
+    state = dict(state)
+    if model.config.tie_word_embeddings:   # HF writes a tied head once, under the embedding's name
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    own = model.state_dict()
+    missing = [k for k in own if state.get(k) is None]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if state.get(k) is not None and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                 f"shape mismatch (file vs config) {wrong[:3]}" if wrong else ""]
+        raise CheckpointError(f"{where}: weights do not match the model its config describes: "
+                              + "; ".join(p for p in parts if p))
+    model.load_state_dict(state)
+
+
+def load_model(path, device="cpu") -> tuple[SmolLM2, Config, dict]:
+    """Load a model from a training checkpoint, a run directory or a HF directory -> (model, config, info).
+
+    info holds `source` (the file read), `step` and `val_loss` when known, and `tokenizer` (a tokenizer.json found
+    beside the weights, or the config's tokenizer name).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if is_hf_dir(path):
+        with open(path / "config.json", encoding="utf-8") as f:
+            mcfg = model_config_from_hf(json.load(f), str(path / "config.json"))
+        cfg = Config()
+        cfg.model.model_config = mcfg
+        model = SmolLM2(mcfg)
+        load_state_into(model, read_hf_state_dict(path), str(path))
+        tok = path / "tokenizer.json"
+        info = {"source": str(path), "step": None, "val_loss": None,
+                "tokenizer": str(tok) if tok.is_file() else None}
+    else:
+        file = resolve_checkpoint(path)
+        ckpt = load_checkpoint(file)
+        if "model" not in ckpt or "config" not in ckpt:
+            raise CheckpointError(f"{file}: not a training checkpoint of this repository (no model/config parts)")
+        try:
+            cfg = config_from_dict(ckpt["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{file}: its stored config is invalid: {e}") from None
+        model = SmolLM2(cfg.model.model_config)
+        load_state_into(model, ckpt["model"], str(file))
+        state = ckpt.get("train_state", {})
+        run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+        tok = run_dir / "tokenizer.json"
+        info = {"source": str(file), "step": state.get("step"), "val_loss": state.get("val_loss"),
+                "tokenizer": str(tok) if tok.is_file() else cfg.tokenizer.tokenizer_name_or_path}
+    return model.to(device).eval(), cfg, info

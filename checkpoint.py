@@ -3,14 +3,15 @@
 A training checkpoint is one file `step_00001000.pt` under `<run dir>/checkpoints/`, holding named parts:
 `model`, `optimizer`, `train_state` (step, tokens seen, validation loss), `data` (loader position), `rng` and the
 resolved `config`. Resume restores every part, so nothing is silently left out. `load_model()` accepts that file,
-a run directory (its newest checkpoint) or a Hugging Face model directory (config.json + safetensors).
+a run directory (its newest checkpoint), either of them in a bucket (s3://..., through remote.py) or a Hugging Face
+model directory (config.json + safetensors).
 """
 
 import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -45,11 +46,17 @@ def save_atomic(obj, path: Path) -> None:
         os.close(dir_fd)
 
 
+def checkpoint_step(name: str) -> Optional[int]:
+    """The step of a checkpoint's file name (step_00001000.pt -> 1000); None for any other name."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temp files of an interrupted save are not listed)."""
     run_dir = Path(run_dir)
     folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _NAME.match(p.name))]
+    found = [(step, p) for p in folder.glob("step_*.pt") if (step := checkpoint_step(p.name)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -58,9 +65,10 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def rotate_checkpoints(run_dir, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; return what was deleted."""
-    old = list_checkpoints(run_dir)[:-keep] if keep > 0 else []
+def rotate_checkpoints(run_dir, keep: int, spare: Optional[Callable[[Path], bool]] = None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints, sparing those `spare(path)` holds on to (e.g. still uploading);
+    return what was deleted."""
+    old = [p for p in (list_checkpoints(run_dir)[:-keep] if keep > 0 else []) if not (spare and spare(p))]
     for p in old:
         p.unlink(missing_ok=True)
     return old
@@ -144,6 +152,11 @@ def load_state_into(model: SmolLM2, state: dict, where: str) -> None:
     state = dict(state)
     if model.config.tie_word_embeddings:   # HF writes a tied head once, under the embedding's name
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+        head, embed = state["lm_head.weight"], state.get("model.embed_tokens.weight")
+        # our head IS the embedding: loading both would silently keep whichever is written last
+        if head is not None and embed is not None and not torch.equal(head, embed):
+            raise CheckpointError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
+                                  "model.embed_tokens.weight; set tie_word_embeddings to false in its config")
     own = model.state_dict()
     missing = [k for k in own if state.get(k) is None]
     unexpected = [k for k in state if k not in own]
@@ -161,8 +174,15 @@ def load_model(path, device="cpu") -> tuple[SmolLM2, Config, dict]:
     """Load a model from a training checkpoint, a run directory or a HF directory -> (model, config, info).
 
     info holds `source` (the file read), `step` and `val_loss` when known, and `tokenizer` (a tokenizer.json found
-    beside the weights, or the config's tokenizer name).
+    beside the weights, or the config's tokenizer name). An s3:// path (a run's prefix or one checkpoint's key) is
+    downloaded first, into a local cache, with the run's tokenizer.json.
     """
+    if str(path).startswith("s3://"):
+        import remote   # boto3 is loaded only by those who name a bucket
+        try:
+            path = remote.download_checkpoint(str(path))
+        except remote.RemoteError as e:
+            raise CheckpointError(str(e)) from None
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
@@ -171,6 +191,7 @@ def load_model(path, device="cpu") -> tuple[SmolLM2, Config, dict]:
             mcfg = model_config_from_hf(json.load(f), str(path / "config.json"))
         cfg = Config()
         cfg.model.model_config = mcfg
+        cfg.tokens.sequence_length = min(cfg.tokens.sequence_length, mcfg.max_position_embeddings)
         model = SmolLM2(mcfg)
         load_state_into(model, read_hf_state_dict(path), str(path))
         tok = path / "tokenizer.json"

@@ -9,6 +9,7 @@ checked; a mistake is one `ConfigError` naming the key path and the fix.
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,7 +39,13 @@ class CheckpointsArgs:
 
 @dataclass
 class DatasetArgs:
-    """One stage's sources: hub datasets (nanotron's PretrainDatasetsArgs) or local folders (its NanosetDatasetsArgs)."""
+    """One stage's sources: hub datasets (nanotron's PretrainDatasetsArgs) or local folders (its NanosetDatasetsArgs).
+
+    `hf_dataset_or_datasets` names what `datasets.load_dataset` reads (a hub dataset, or a local folder laid out like
+    one) or a built-in corpus (`builtin:python-stdlib`); a list mixes them equally, a {name: weight} mapping by weight.
+    `dataset_folder` lists local text files, folders or globs (.txt, .jsonl, .parquet, ...), weighted by
+    `dataset_weights`. data.py documents how each is read.
+    """
     hf_dataset_or_datasets: Union[str, list[str], dict[str, float], None] = None
     hf_dataset_config_name: Optional[str] = None
     hf_dataset_splits: Union[str, list[str]] = "train"
@@ -47,6 +54,17 @@ class DatasetArgs:
     dataset_overwrite_cache: bool = False
     dataset_folder: Union[str, list[str], None] = None
     dataset_weights: Optional[list[float]] = None
+
+    def sources(self) -> list[tuple[str, float, bool]]:
+        """(name, mixing weight, is a dataset_folder entry) for every source, hf_dataset_or_datasets' first."""
+        hf = self.hf_dataset_or_datasets
+        named = hf if isinstance(hf, dict) else dict.fromkeys([hf] if isinstance(hf, str) else hf or [], 1.0)
+        folders = [self.dataset_folder] if isinstance(self.dataset_folder, str) else self.dataset_folder or []
+        weights = self.dataset_weights or [1.0] * len(folders)
+        if len(weights) != len(folders):
+            raise ConfigError(f"data_stages[0].data.dataset.dataset_weights: one weight per dataset_folder entry is "
+                              f"needed, got {len(weights)} for {len(folders)}")
+        return [(n, w, False) for n, w in named.items()] + [(f, w, True) for f, w in zip(folders, weights)]
 
 
 @dataclass
@@ -215,12 +233,13 @@ class SamplingArgs:
 
 @dataclass
 class DataPrepArgs:
-    """How raw text becomes token shards (`python data.py prepare`)."""
+    """How raw text becomes token shards (`python data.py prepare`) and how a local tokenizer is trained."""
     output_dir: Optional[str] = None   # default: data/<general.run>
-    shard_tokens: int = 50_000_000
-    val_tokens: int = 1_000_000
-    max_tokens: Optional[dict[str, int]] = None
-    tokenizer_vocab_size: int = 8192
+    shard_tokens: int = 50_000_000     # tokens per shard file
+    val_tokens: int = 1_000_000        # the first documents of the mixed stream, up to this many tokens, are held out
+    max_tokens: Optional[dict[str, int]] = None   # {source name: most tokens taken from it}
+    tokenizer_vocab_size: int = 8192   # for `python data.py train-tokenizer`
+    tokenizer_train_chars: int = 100_000_000      # how much of the mixed text that tokenizer is trained on
 
 
 @dataclass
@@ -258,6 +277,9 @@ class Config:
 # ---------------------------------------------------------------- reading YAML into the dataclasses
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
 def _type_name(tp) -> str:
     if isinstance(tp, type):
         return "mapping" if dataclasses.is_dataclass(tp) else tp.__name__
@@ -291,6 +313,8 @@ def _convert(value: Any, tp, path: str):
     elif tp is Any:
         return value
     elif tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)   # YAML 1.1 (PyYAML) reads 1e-4, with no dot, as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp is int:
@@ -398,11 +422,42 @@ def validate(cfg: Config) -> Config:
                           f"got '{lrs.lr_decay_style}'")
     if cfg.run.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"run.precision: 'auto', 'bf16', 'fp16' or 'fp32', got '{cfg.run.precision}'")
+    _validate_data(cfg)
     for key in ("profiler", "lighteval", "s3_upload"):
         if getattr(cfg, key) is not None:
             hint = "; use the s3 section for uploads" if key == "s3_upload" else ""
             raise ConfigError(f"{key}: nanotron's {key} section is not supported here, set it to null{hint}")
     return cfg
+
+
+def _validate_data(cfg: Config) -> None:
+    """The data sources and the data_prep section. A config with no source at all is fine until data is read."""
+    if not cfg.data_stages:
+        raise ConfigError("data_stages: at least one stage is needed, with data.dataset naming its sources")
+    where = "data_stages[0].data.dataset"
+    ds = cfg.data_stages[0].data.dataset
+    sources = ds.sources()
+    names = [name for name, _, _ in sources]
+    for name, weight, _ in sources:
+        if weight <= 0:
+            raise ConfigError(f"{where}: the weight of '{name}' must be > 0, got {weight}")
+        if names.count(name) > 1:
+            raise ConfigError(f"{where}: '{name}' is listed twice; give it once, with the sum of its weights")
+    dp = cfg.data_prep
+    for name, cap in (dp.max_tokens or {}).items():
+        if name not in names:
+            raise ConfigError(f"data_prep.max_tokens.{name}: not a source of {where}; its sources are "
+                              f"{', '.join(names)}")
+        if cap < 1:
+            raise ConfigError(f"data_prep.max_tokens.{name}: must be >= 1, got {cap}")
+    for key in ("shard_tokens", "tokenizer_train_chars"):
+        if getattr(dp, key) < 1:
+            raise ConfigError(f"data_prep.{key}: must be >= 1, got {getattr(dp, key)}")
+    if dp.val_tokens < 0:
+        raise ConfigError(f"data_prep.val_tokens: must be >= 0, got {dp.val_tokens}")
+    if dp.tokenizer_vocab_size < 257:
+        raise ConfigError(f"data_prep.tokenizer_vocab_size: must be >= 257 (256 bytes + EOS), "
+                          f"got {dp.tokenizer_vocab_size}")
 
 
 def config_from_dict(data: dict) -> Config:

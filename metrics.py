@@ -69,6 +69,11 @@ def format_train_line(r: dict) -> str:
     return " | ".join(parts)
 
 
+def progress_bar(step: int, total: int, width: int = 30) -> str:
+    filled = width * step // max(total, 1)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl and mirrors scalars to TensorBoard / W&B when asked for."""
 

@@ -28,11 +28,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import remote
 from checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint, load_state_into,
                         resolve_checkpoint, rotate_checkpoints, save_atomic)
 from config import Config, ConfigError, config_to_dict, load_config
 from generate import SamplingParams, generate
-from metrics import MetricsLog, flops_per_token, format_train_line, human, peak_flops, plot_losses
+from metrics import (MetricsLog, flops_per_token, format_train_line, human, peak_flops, plot_losses,
+                     progress_bar)
 from model import SmolLM2
 from optimizer import build_optimizer, lr_at
 
@@ -163,9 +165,13 @@ def find_resume(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[P
     resume = resume or cfg.checkpoints.resume_checkpoint_path
     if resume == "latest":
         found = latest_checkpoint(run_dir)
+        if found is None and cfg.s3.bucket:   # a new machine: go on from the newest checkpoint in the bucket
+            return remote.download_checkpoint(remote.bucket_url(cfg.s3), run_dir, cfg.s3)
         if found is None:
             raise CheckpointError(f"--resume: no checkpoint in {run_dir}/checkpoints yet; start without --resume")
         return found
+    if remote.is_s3_url(resume):
+        return remote.download_checkpoint(resume, run_dir, cfg.s3)
     if resume:
         return resolve_checkpoint(resume)
     existing = latest_checkpoint(run_dir)
@@ -179,6 +185,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     """Run (or continue) training; returns the final step, train loss and validation loss."""
     rt = setup_runtime(cfg)
     run_dir = Path(cfg.checkpoints.checkpoints_path)
+    # the bucket is checked first, before data preparation and step 1: a typo must not cost hours
+    uploader = remote.Uploader(cfg.s3, run_dir, cfg.run.keep_last_checkpoints) if rt.main and cfg.s3.bucket else None
     T, B, k = cfg.tokens.sequence_length, cfg.tokens.micro_batch_size, cfg.tokens.batch_accumulation_per_replica
     steps = cfg.tokens.train_steps
     random.seed(cfg.general.seed)
@@ -212,12 +220,9 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
             scaler.load_state_dict(ck.get("scaler", {}))
         state = ck.get("train_state", {})
         step, tokens_seen, val_loss = state.get("step", 0), state.get("tokens_seen", 0), state.get("val_loss")
-        if "data" in ck:
-            if len(ck["data"]) != rt.world:
-                raise CheckpointError(f"{ckpt_path}: saved by {len(ck['data'])} process(es), resumed with {rt.world}; "
-                                      "resume with the same --nproc_per_node to continue the data stream exactly")
-            train_data.load_state_dict(ck["data"][rt.rank])
-            set_rng_state(ck["rng"][rt.rank])
+        if "data" in ck:   # a global position: a run may resume on a different number of processes
+            train_data.load_state_dict(ck["data"])
+            set_rng_state(ck["rng"][rt.rank % len(ck["rng"])])
 
     log = None
     if rt.main:
@@ -245,7 +250,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
               + (f" | resumed from {ckpt_path} at step {step}" if ckpt_path else ""), flush=True)
 
     def save(reason: str):
-        data_states, rng_states = gather(train_data.state_dict(), rt), gather(rng_state(), rt)
+        rng_states = gather(rng_state(), rt)
         if not rt.main:
             return
         if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -253,8 +258,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         path = run_dir / "checkpoints" / checkpoint_name(step)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "train_state": {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss},
-                     "data": data_states, "rng": rng_states, "config": config_to_dict(cfg)}, path)
-        rotate_checkpoints(run_dir, cfg.run.keep_last_checkpoints)
+                     "data": train_data.state_dict(), "rng": rng_states, "config": config_to_dict(cfg)}, path)
+        if uploader is not None:   # into the background uploader's queue; a file waiting there is not rotated out
+            uploader.add_checkpoint(path)
+        rotate_checkpoints(run_dir, cfg.run.keep_last_checkpoints, spare=uploader.is_pending if uploader else None)
         print(f"saved {path} ({reason})", flush=True)
 
     stop_signal = []
@@ -263,6 +270,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     clip = cfg.optimizer.clip_grad or float("inf")
     bad_streak, loss_ema, last_loss = 0, None, float("nan")
     t_log, steps_since_log, t_start, start_step = time.time(), 0, time.time(), step
+    show_bar = rt.main and sys.stderr.isatty()
     net.train()
     while step < steps:
         lr = lr_at(step, cfg.optimizer.learning_rate_scheduler, steps)
@@ -271,6 +279,9 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         loss_sum = torch.zeros((), device=rt.device)
         for micro in range(k):
             x, y = train_data.next_batch()
+            if int(y.max()) >= mcfg.vocab_size:   # on the CPU, before the GPU would fail with an opaque assert
+                raise data.DataError(f"step {step + 1}: token id {int(y.max())} is outside the model's vocabulary "
+                                     f"({mcfg.vocab_size}); the data was tokenized with another tokenizer")
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             # DDP all-reduces gradients inside backward(); skip it on every micro-step but the last
             sync = rt.world == 1 or micro == k - 1
@@ -310,7 +321,12 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                 print(f"warning: loss spike at step {step}: {step_loss:.3f} vs recent {loss_ema:.3f}", file=sys.stderr)
             loss_ema = step_loss if loss_ema is None else 0.95 * loss_ema + 0.05 * step_loss
 
+        if show_bar:
+            sys.stderr.write(f"\r{progress_bar(step, steps)}")
+            sys.stderr.flush()
         if rt.main and (step % cfg.logging.iteration_step_info_interval == 0 or step == steps):
+            if show_bar:
+                sys.stderr.write("\r\033[K")   # clear the bar; the log line takes its place
             now = time.time()
             tok_s = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
             rate = (step - start_step) / max(now - t_start, 1e-9)
@@ -346,6 +362,9 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         log.close()
     if rt.world > 1:
         dist.destroy_process_group()
+    if uploader is not None and not uploader.finish():
+        raise TrainingError(f"training reached step {step}, but not every file reached the bucket (see above); "
+                            f"what is missing there is kept in {run_dir}")
     return {"step": step, "train_loss": last_loss, "val_loss": val_loss}
 
 
@@ -354,13 +373,14 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a nanotron-format YAML file, e.g. config_tiny.yaml")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the newest checkpoint of the run (no value), or from this checkpoint file")
+                        help="continue from the newest checkpoint of the run (no value; the bucket's when the run dir "
+                             "has none), from this checkpoint file, or from s3://bucket/prefix[/checkpoints/step_N.pt]")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokens.micro_batch_size=4")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, args.resume)
-    except (ConfigError, CheckpointError, data.DataError) as e:
+    except (ConfigError, CheckpointError, data.DataError, remote.RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

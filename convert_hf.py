@@ -1,0 +1,177 @@
+"""Hugging Face interop both ways: export a checkpoint as a transformers Llama directory, import one back.
+
+    python convert_hf.py export --checkpoint_path runs/smollm2-135M --out hf/smollm2-135M
+    python convert_hf.py import --hf_model HuggingFaceTB/SmolLM2-135M --out runs/from-hf
+
+Export writes config.json (LlamaForCausalLM), model.safetensors, generation_config.json and the run's tokenizer, so
+`AutoModelForCausalLM.from_pretrained(DIR)` gives the same logits as our model and the wider ecosystem (evaluation
+harnesses, vLLM, llama.cpp converters) can read it. Import turns a HF Llama directory or hub id into a training
+checkpoint that train.py can start from and generate.py can load. model.py uses HF's parameter names and rotary
+layout, so neither direction needs a rename map or a weight permutation.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from checkpoint import CheckpointError, checkpoint_name, save_atomic
+from config import ModelConfig, config_to_dict
+from generate import load
+
+# ModelConfig fields that only nanotron reads; every other field is a LlamaConfig key of the same name and meaning
+NANOTRON_ONLY = ("is_llama_config", "rope_interleaved", "rope_scaling")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def hf_config_dict(mcfg: ModelConfig, dtype: str = "float32") -> dict:
+    """Our ModelConfig as a transformers LlamaForCausalLM config.json (written by hand: no transformers needed)."""
+    fields = {k: getattr(mcfg, k) for k in ModelConfig.__dataclass_fields__ if k not in NANOTRON_ONLY}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **fields, "head_dim": mcfg.head_dim,
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            # transformers 4.x reads torch_dtype, 5.x reads dtype (and warns about torch_dtype alone)
+            "torch_dtype": dtype, "dtype": dtype}
+
+
+def local_hf_dir(name: str) -> Path:
+    """A local HF model directory as given, or a hub id, downloaded (config, weights, tokenizer) when online."""
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path
+    if not HUB_ID.match(name):
+        raise CheckpointError(f"{name}: no such directory (and not a hub id of the form org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:   # offline, unknown repo, gated model: all say the same thing to the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{name}: not a local directory, and fetching it from the Hugging Face Hub failed "
+                              f"({first[:200]})") from None
+
+
+def _refuse_existing(path: Path, force: bool) -> None:
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not force:
+        raise CheckpointError(f"{path}: already exists; pass --force to overwrite it")
+
+
+def _tokenizer_file(source: Optional[str]) -> Optional[Path]:
+    """The tokenizer.json behind a run's tokenizer setting, when it is on this machine (a hub name is not)."""
+    if not source:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    return path if path.is_file() and path.suffix == ".json" else None
+
+
+def _special_tokens(tokenizer_json: Path, mcfg: ModelConfig) -> dict:
+    """bos/eos/pad ids -> their token strings, which is how tokenizer_config.json names them."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    named = {}
+    for key in ("bos", "eos", "pad"):
+        token_id = getattr(mcfg, f"{key}_token_id")
+        text = tok.id_to_token(token_id) if token_id is not None else None
+        if text is not None:
+            named[f"{key}_token"] = text
+    return named
+
+
+def export_hf(checkpoint_path: str, out: str, force: bool = False) -> Path:
+    """Write a checkpoint (file or run directory) as a HF directory; return the directory."""
+    out = Path(out)
+    if out.is_file():
+        raise CheckpointError(f"{out}: is a file; --out names the directory to write")
+    _refuse_existing(out, force)
+    model, _, info = load(checkpoint_path, torch.device("cpu"), torch.float32)
+    mcfg = model.config
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
+        stale.unlink()   # transformers would read leftover shards of an earlier model as part of this one
+
+    from safetensors.torch import save_file
+    state = model.state_dict()
+    if mcfg.tie_word_embeddings:
+        # one matrix under two names: safetensors refuses shared memory, and HF stores a tied head once, under
+        # the embedding's name, re-tying lm_head at load time from tie_word_embeddings
+        del state["lm_head.weight"]
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config_dict(mcfg), indent=2) + "\n")
+    generation = {k: getattr(mcfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if getattr(mcfg, k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    tokenizer = _tokenizer_file(info["tokenizer"])
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": mcfg.max_position_embeddings,
+                   **_special_tokens(tokenizer, mcfg)}
+        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        print(f"tokenizer: copied {tokenizer}")
+    else:
+        print(f"tokenizer: '{info['tokenizer']}' is not a local file, not copied; "
+              "load it with AutoTokenizer.from_pretrained of that name")
+    print(f"exported {info['source']} (step {info['step']}) -> {out}")
+    return out
+
+
+def import_hf(hf_model: str, out: str, force: bool = False) -> Path:
+    """Write a HF Llama directory or hub id as a training checkpoint; return the checkpoint file.
+
+    `out` is a checkpoint file (*.pt) or a run directory (the checkpoint goes to out/checkpoints/step_00000000.pt).
+    A tokenizer.json found beside the HF weights is copied to the run directory, where load_model looks for it.
+    """
+    out = Path(out)
+    file = out if out.suffix == ".pt" else out / "checkpoints" / checkpoint_name(0)
+    _refuse_existing(file, force)
+    source = local_hf_dir(hf_model)
+    model, cfg, info = load(source, torch.device("cpu"), torch.float32)
+    run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+    if info["tokenizer"] is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(info["tokenizer"], run_dir / "tokenizer.json")
+        cfg.tokenizer.tokenizer_name_or_path = str(run_dir / "tokenizer.json")
+    elif not Path(hf_model).exists():
+        cfg.tokenizer.tokenizer_name_or_path = hf_model   # a hub id names its own tokenizer
+    else:
+        print(f"tokenizer: none in {source}; the checkpoint's config keeps "
+              f"'{cfg.tokenizer.tokenizer_name_or_path}' (change tokenizer.tokenizer_name_or_path if that is wrong)")
+    save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
+                 "train_state": {"step": 0, "tokens_seen": 0, "val_loss": None}}, file)
+    print(f"imported {source} ({model.num_parameters():,} parameters) -> {file}")
+    return file
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="our checkpoint -> Hugging Face directory")
+    exp.add_argument("--checkpoint_path", required=True, help="a step_*.pt file or a run directory (its newest)")
+    exp.add_argument("--out", required=True, help="directory to write")
+    imp = sub.add_parser("import", help="Hugging Face Llama directory or hub id -> our training checkpoint")
+    imp.add_argument("--hf_model", required=True, help="local HF directory, or a hub id when the network is up")
+    imp.add_argument("--out", required=True, help="a .pt file, or a run directory")
+    for p in (exp, imp):
+        p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            export_hf(args.checkpoint_path, args.out, args.force)
+        else:
+            import_hf(args.hf_model, args.out, args.force)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures: small text corpora, a small byte-level tokenizer trained on them, and configs reading them."""
+
+import random
+
+import pytest
+
+import data
+from config import config_from_dict
+
+WORDS = "the a of model token data shard rank block loss step and to in for is on that with résumé 数据".split()
+
+
+def corpus(folder, tag: str, n: int, seed: int = 0) -> list[str]:
+    """Write n documents as folder/<tag>_<i>.txt; each starts with its own '<tag>-<i>:' and ends without a newline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{tag}{seed}")
+    texts = []
+    for i in range(n):
+        text = f"{tag}-{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80)))
+        (folder / f"{tag}_{i:04d}.txt").write_text(text, encoding="utf-8")
+        texts.append(text)
+    return texts
+
+
+def build_config(tmp_path, tokenizer: str, dataset: dict, **data_prep):
+    """A config whose data sections read `dataset` with `tokenizer`; everything else is small."""
+    return config_from_dict({
+        "data_stages": [{"data": {"dataset": dataset, "seed": 7}}],
+        "general": {"run": "test"},
+        "model": {"model_config": {"vocab_size": 512, "max_position_embeddings": 64, "hidden_size": 32,
+                                   "num_attention_heads": 2, "num_key_value_heads": 1}},
+        "tokenizer": {"tokenizer_name_or_path": tokenizer},
+        "tokens": {"sequence_length": 15, "micro_batch_size": 2},
+        "data_prep": {"output_dir": str(tmp_path / "shards"), "shard_tokens": 1000, "val_tokens": 300,
+                      "tokenizer_vocab_size": 300, **data_prep},
+    })
+
+
+@pytest.fixture(scope="session")
+def bpe_path(tmp_path_factory) -> str:
+    """A 300-token byte-level BPE tokenizer trained by data.train_tokenizer on a corpus like the tests' ones."""
+    root = tmp_path_factory.mktemp("bpe")
+    corpus(root / "text", "doc", 200)
+    path = str(root / "tokenizer.json")
+    data.train_tokenizer(build_config(root, path, {"dataset_folder": str(root / "text")}))
+    return path

@@ -1,0 +1,300 @@
+"""app.py as a user meets it: a real server on a loopback port, driven over HTTP with gradio_client and in Chromium
+with Playwright. The model is a tiny SmolLM2 trained here for a few seconds, saved as a run directory (two training
+checkpoints, tokenizer.json, metrics.jsonl) and exported by convert_hf.py as a Hugging Face directory; what the app
+generates must equal what generate.generate gives for the same checkpoint and settings.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import app
+from checkpoint import CheckpointError, load_model, save_atomic
+from config import config_from_dict, config_to_dict
+from convert_hf import export_hf
+from generate import SamplingParams, generate
+from model import SmolLM2
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+PROMPT = "The little robot"
+MAX_PROMPT_TOKENS, MAX_NEW_TOKENS = 64, 48   # the caps the test server runs with
+TEXT = """The little robot walked to the river every morning. It counted the stones on the bank, one by one, and
+wrote the number in its notebook. The river sang a quiet song and the robot listened. When the sun was high, the
+robot went home to the old mill, where the miller gave it oil and a kind word. In the evening the little robot sat by
+the window and read its notebook again. Tomorrow, it said, there will be more stones to count, and more songs to hear.
+"""
+
+
+# ---------------------------------------------------------------- fixtures: a trained tiny model, a running app
+
+
+def train_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    assert tok.token_to_id("<|endoftext|>") == 0
+    return tok
+
+
+def train_tiny_model(tok: Tokenizer, run_dir: Path) -> None:
+    """120 AdamW steps on TEXT (enough to recite some of it), checkpointed at steps 60 and 120 the way train.py lays a run out."""
+    torch.manual_seed(0)
+    cfg = config_from_dict({"model": {"model_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 128}},
+        "tokens": {"sequence_length": 32}})
+    model = SmolLM2(cfg.model.model_config)
+    ids = torch.tensor(tok.encode(TEXT * 4).ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    metrics = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a model this small gains nothing from two threads and loses 10x on a busy machine
+    try:
+        for step in range(1, 121):
+            starts = torch.randint(0, len(ids) - 33, (16,))
+            batch = torch.stack([ids[s:s + 33] for s in starts])
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            metrics.append({"kind": "train", "step": step, "loss": loss.item()})
+            if step % 60 == 0:
+                val = loss.item() + 0.05   # a stand-in: the fixture has no held-out text
+                metrics.append({"kind": "val", "step": step, "loss": val})
+                save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
+                             "train_state": {"step": step, "tokens_seen": step * 16 * 32, "val_loss": val}},
+                            run_dir / "checkpoints" / f"step_{step:08d}.pt")
+    finally:
+        torch.set_num_threads(threads)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    tok.save(str(run_dir / "tokenizer.json"))
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):   # a plain torch.load would call open(marker, "w") while reading the file
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """tmp/runs: run1 (steps 60, 120), broken (a corrupt checkpoint), evil (a pickle that runs code), export (HF);
+    tmp/outside: a valid checkpoint that must stay out of reach, also linked from runs/escape."""
+    tmp = tmp_path_factory.mktemp("app")
+    root = tmp / "runs"
+    tok = train_tokenizer()
+    train_tiny_model(tok, root / "run1")
+    export_hf(str(root / "run1"), str(root / "export"))
+    (root / "broken" / "checkpoints").mkdir(parents=True)
+    (root / "broken" / "checkpoints" / "step_00000010.pt").write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    (root / "evil").mkdir()
+    torch.save({"model": RunsCodeWhenUnpickled(tmp / "pwned")}, root / "evil" / "step_00000001.pt")
+    shutil.copytree(root / "run1", tmp / "outside")
+    (root / "escape").symlink_to(tmp / "outside")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    """`python app.py` on a free loopback port; yields its URL and stops it afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log_path = runs.parent / "app.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint_dir", str(runs), "--port", str(port),
+                                 "--max_prompt_tokens", str(MAX_PROMPT_TOKENS),
+                                 "--max_new_tokens", str(MAX_NEW_TOKENS)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"app.py did not start serving {url}:\n{log_path.read_text()[-3000:]}")
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+    return Client(server, verbose=False)
+
+
+def expected_text(checkpoint: Path, prompt: str, params: SamplingParams, seed: int = 0) -> str:
+    """What generate.py's own functions produce for this checkpoint: the app must show exactly this."""
+    model, _, info = load_model(checkpoint)
+    tok = Tokenizer.from_file(info["tokenizer"])
+    out = generate(model, [tok.encode(prompt).ids], params, eos_id=tok.token_to_id("<|endoftext|>"), seed=seed)
+    return tok.decode(out[0])
+
+
+def sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=40, repetition_penalty=1.0, seed=0) -> list:
+    """The app's sampling controls in its API order."""
+    return [temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed]
+
+
+# ---------------------------------------------------------------- in-process: listing, path containment, cache
+
+
+def test_listing_names_runs_their_checkpoints_and_hf_exports_but_not_what_lies_outside(runs):
+    names = [value for _, value in app.find_checkpoints(runs)]
+    assert names == ["broken", "broken/checkpoints/step_00000010.pt", "evil", "evil/step_00000001.pt", "run1",
+                     "run1/checkpoints/step_00000120.pt", "run1/checkpoints/step_00000060.pt", "export"]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "../outside/checkpoints/step_00000120.pt", "/etc/passwd",
+                                  "escape/checkpoints/step_00000120.pt", "run1/../../outside"])
+def test_paths_that_resolve_outside_the_checkpoint_dir_are_refused(runs, name):
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        app.resolve_under(runs.resolve(), name)
+
+
+def test_switching_back_to_a_checkpoint_reuses_the_loaded_model_and_the_oldest_is_evicted(runs):
+    cache = app.ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
+    a = cache.get("run1/checkpoints/step_00000060.pt")
+    b = cache.get("run1")                       # the newest checkpoint, step 120
+    assert cache.get("run1/checkpoints/step_00000060.pt") is a
+    assert cache.get("run1/checkpoints/step_00000120.pt") is b   # the same file under another name
+    cache.get("export")                         # a third model evicts the least recently used (step 60)
+    assert cache.get("run1/checkpoints/step_00000060.pt") is not a
+    assert b.info["step"] == 120 and b.info["val_loss"] is not None
+
+
+# ---------------------------------------------------------------- over HTTP, against the real server
+
+
+def test_the_server_lists_the_checkpoints_under_its_directory(client):
+    names = client.predict(api_name="/list_checkpoints")
+    assert "run1" in names and "run1/checkpoints/step_00000060.pt" in names and "export" in names
+    assert not any("outside" in n or "escape" in n for n in names)
+
+
+@pytest.mark.parametrize("name", ["run1", "run1/checkpoints/step_00000060.pt", "export"])
+def test_greedy_text_from_the_server_equals_generate_for_the_same_checkpoint(client, runs, name):
+    want = expected_text(runs / name, PROMPT, SamplingParams(max_new_tokens=40, temperature=0.0))
+    assert len(want.strip()) > 20   # the trained model says something, so equality means something
+    assert client.predict(name, PROMPT, *sampling(), api_name="/generate") == want
+
+
+def test_sampled_text_follows_the_seed_and_the_controls(client, runs):
+    params = SamplingParams(max_new_tokens=30, temperature=1.2, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    controls = sampling(1.2, 20, 0.9, 30, 1.3, seed=7)
+    assert client.predict("run1", PROMPT, *controls, api_name="/generate") == \
+        expected_text(runs / "run1", PROMPT, params, seed=7)
+
+
+def test_text_streams_in_token_by_token(client):
+    job = client.submit("run1", PROMPT, *sampling(max_new_tokens=20), api_name="/generate")
+    final = job.result()
+    seen = job.outputs()
+    assert len(seen) > 5 and seen[-1] == final
+    assert all(final.startswith(part) for part in seen)
+
+
+def test_loading_shows_step_and_validation_loss(client):
+    status = client.predict("run1/checkpoints/step_00000060.pt", api_name="/load")
+    assert "step 60" in status and "val loss" in status
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "escape/checkpoints/step_00000120.pt"])
+def test_the_server_refuses_paths_outside_its_directory(client, name):
+    with pytest.raises(Exception, match="outside the checkpoint directory"):
+        client.predict(name, PROMPT, *sampling(), api_name="/generate")
+    assert "outside the checkpoint directory" in client.predict(name, api_name="/load")
+
+
+def test_oversized_or_empty_prompts_and_too_many_new_tokens_are_refused_with_the_limit(client):
+    with pytest.raises(Exception, match=f"at most {MAX_PROMPT_TOKENS}"):
+        client.predict("run1", "stones " * 200, *sampling(), api_name="/generate")
+    with pytest.raises(Exception, match="prompt is empty"):
+        client.predict("run1", "", *sampling(), api_name="/generate")
+    with pytest.raises(Exception, match=f"maximum value {MAX_NEW_TOKENS}"):
+        client.predict("run1", PROMPT, *sampling(max_new_tokens=10_000), api_name="/generate")
+
+
+def test_a_corrupt_checkpoint_shows_an_error_and_the_next_request_works(client, runs):
+    assert "could not load" in client.predict("broken", api_name="/load")
+    with pytest.raises(Exception, match="not a loadable checkpoint"):
+        client.predict("broken", PROMPT, *sampling(), api_name="/generate")
+    want = expected_text(runs / "run1", PROMPT, SamplingParams(max_new_tokens=10, temperature=0.0))
+    assert client.predict("run1", PROMPT, *sampling(max_new_tokens=10), api_name="/generate") == want
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(client, runs):
+    assert "could not load" in client.predict("evil", api_name="/load")
+    assert not (runs.parent / "pwned").exists()
+
+
+def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_and_loss_curve(client, runs):
+    names = ["run1/checkpoints/step_00000060.pt", "run1/checkpoints/step_00000120.pt", "broken"]
+    out = client.predict(names, PROMPT, *sampling(max_new_tokens=12), api_name="/compare")
+    heads, texts, plot = out[:4], out[4:8], out[8]   # a header and a text per column (4), then the loss curves
+    assert "step 60" in heads[0] and "step 120" in heads[1] and "not a loadable checkpoint" in heads[2]
+    assert heads[3] == texts[2] == texts[3] == ""   # the fourth column stays hidden; the broken one says nothing
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    assert texts[0] == expected_text(runs / names[0], PROMPT, params)
+    assert texts[1] == expected_text(runs / names[1], PROMPT, params)
+    series = {row[2] for row in plot["data"]}
+    assert series == {"run1 · train", "run1 · validation"}
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+def test_in_chromium_typing_a_prompt_and_clicking_generate_shows_the_expected_text(server, runs, tmp_path):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} not found: the browser test needs Debian's Chromium "
+                    "(apt-get install -y chromium; .ci/run installs it)")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("the browser test needs Playwright's Python package: pip install -r requirements-dev.txt")
+    want = expected_text(runs / "run1", PROMPT, SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server)
+            page.get_by_label("Checkpoint").click()
+            page.get_by_role("option", name="run1 · newest").click()
+            expect(page.get_by_text("step 120")).to_be_visible(timeout=30_000)
+            page.locator("#temperature input[type=number]").fill("0")
+            page.locator("#max_new_tokens input[type=number]").fill(str(MAX_NEW_TOKENS))
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#generate").click()
+            expect(page.locator("#output textarea")).to_have_value(want, timeout=30_000)
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "app.png").stat().st_size > 10_000

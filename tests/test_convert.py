@@ -1,0 +1,224 @@
+"""Hugging Face interop: an exported checkpoint is a transformers model with our logits (and a tied head stored once),
+a save_pretrained directory imports into a checkpoint with HF's logits, and validate_params.py passes on a correct
+model, fails naming the check on a broken one, and refuses bad input in one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import convert_hf
+import validate_params
+from checkpoint import CheckpointError, checkpoint_name, load_checkpoint, load_model, save_atomic
+from config import config_from_dict, config_to_dict
+from model import SmolLM2
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. Once upon a time, 42."
+# a model-level bug validate_params must catch: RoPE in the interleaved (nanotron/Meta) layout on HF-layout weights
+INTERLEAVED_ROPE = """
+import sys, torch, model, validate_params
+def interleaved(x, cos, sin):
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half].repeat_interleave(2, -1), sin[..., :half].repeat_interleave(2, -1)
+    rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    return x * c + rotated * s
+model.apply_rotary = interleaved
+sys.exit(validate_params.main(sys.argv[1:]))
+"""
+
+
+def train_tokenizer(path: Path) -> Path:
+    """A ~300-token byte-level BPE with <|endoftext|> as id 0, like SmolLM2's tokenizer in miniature."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    tok.save(str(path))
+    return path
+
+
+def make_run(run_dir: Path, tied: bool = True) -> SmolLM2:
+    """A run directory as train.py leaves it: checkpoints/step_00000100.pt and the run's tokenizer.json."""
+    cfg = config_from_dict({
+        "model": {"init_method": {"std": 0.05},
+                  "model_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                   "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 320,
+                                   "max_position_embeddings": 128, "tie_word_embeddings": tied}},
+        "tokens": {"sequence_length": 128},
+        "tokenizer": {"tokenizer_name_or_path": str(run_dir / "tokenizer.json")}})
+    model = SmolLM2(cfg.model.model_config)
+    validate_params.parity_weights(model, 0.05, seed=0)
+    run_dir.mkdir(parents=True)
+    train_tokenizer(run_dir / "tokenizer.json")
+    save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
+                 "train_state": {"step": 100, "tokens_seen": 12800, "val_loss": 5.0}},
+                run_dir / "checkpoints" / checkpoint_name(100))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(our model, the HF directory convert_hf.py exported it to)."""
+    root = tmp_path_factory.mktemp("export")
+    model = make_run(root / "run")
+    assert convert_hf.main(["export", "--checkpoint_path", str(root / "run"), "--out", str(root / "hf")]) == 0
+    return model, root / "hf"
+
+
+def hf_llama_dir(path: Path, **changes) -> LlamaForCausalLM:
+    """A small Llama saved by transformers itself, as any HF checkpoint directory is."""
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, max_position_embeddings=96, rms_norm_eps=1e-6, rope_theta=500.0,
+                  bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**{**fields, **changes})).eval()
+    hf.save_pretrained(str(path))
+    return hf
+
+
+def tokens(vocab: int = 320) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    # one thread: these small matmuls gain little from a second, and on a busy machine OpenMP's waiting threads
+    # can make a run several times slower
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------- export
+
+
+@torch.no_grad()
+def test_export_loads_in_transformers_with_identical_logits(exported):
+    model, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
+    assert (hf(tokens()).logits - model(tokens())[0]).abs().max().item() <= 1e-6
+
+
+def test_export_stores_a_tied_head_once_and_transformers_reties_it(exported):
+    _, out = exported
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+
+
+def test_export_writes_generation_config_and_a_tokenizer_autotokenizer_reads(exported):
+    _, out = exported
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 0, "eos_token_id": 0}
+    auto, ours = AutoTokenizer.from_pretrained(str(out)), Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert auto(TEXT)["input_ids"] == ours.encode(TEXT).ids
+    assert (auto.eos_token, auto.eos_token_id) == ("<|endoftext|>", 0)
+
+
+@torch.no_grad()
+def test_untied_model_exports_its_own_head(tmp_path):
+    model = make_run(tmp_path / "run", tied=False)
+    assert convert_hf.main(["export", "--checkpoint_path", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" in set(f.keys())
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).float().eval()
+    assert (hf(tokens()).logits - model(tokens())[0]).abs().max().item() <= 1e-6
+
+
+def test_export_refuses_to_overwrite_without_force(exported, tmp_path, capsys):
+    _, out = exported
+    run = str(out.parent / "run")
+    assert convert_hf.main(["export", "--checkpoint_path", run, "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "already exists; pass --force" in err[0]
+    assert convert_hf.main(["export", "--checkpoint_path", run, "--out", str(out), "--force"]) == 0
+
+
+# ---------------------------------------------------------------- import
+
+
+@torch.no_grad()
+def test_import_of_a_save_pretrained_directory_gives_hf_logits(tmp_path):
+    hf = hf_llama_dir(tmp_path / "hf")
+    train_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    file = tmp_path / "run" / "checkpoints" / checkpoint_name(0)
+    ckpt = load_checkpoint(file)
+    assert set(ckpt) == {"model", "config", "train_state"} and ckpt["train_state"]["step"] == 0
+    model, cfg, info = load_model(tmp_path / "run")       # what generate.py and a resume both go through
+    assert (model(tokens())[0] - hf(tokens()).logits).abs().max().item() <= 1e-6
+    assert (cfg.model.model_config.rms_norm_eps, cfg.model.model_config.rope_theta) == (1e-6, 500.0)
+    assert info["tokenizer"] == str(tmp_path / "run" / "tokenizer.json")
+    assert cfg.tokens.sequence_length <= cfg.model.model_config.max_position_embeddings
+
+
+def test_import_refuses_to_overwrite_and_refuses_non_llama_directories(tmp_path, capsys):
+    hf_llama_dir(tmp_path / "hf")
+    out = str(tmp_path / "ckpt.pt")
+    assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", out]) == 0
+    assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", out]) == 2
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    assert convert_hf.main(["import", "--hf_model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "already exists; pass --force" in err[0] and "model_type 'gpt2' is not a Llama model" in err[1]
+
+
+def test_tied_config_with_a_different_head_in_the_file_is_refused(tmp_path):
+    hf_llama_dir(tmp_path / "hf", tie_word_embeddings=False)   # writes lm_head.weight of its own
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings is true but lm_head.weight differs"):
+        load_model(tmp_path / "hf")
+
+
+# ---------------------------------------------------------------- validate_params.py
+
+
+def test_validate_params_passes_on_the_tiny_config_and_prints_the_table():
+    result = run_script("validate_params.py", "--config", "config_tiny.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if " | " in line]
+    assert rows[0].split(" | ")[:2] == ["check                     ", "result"]
+    assert [r.split(" | ")[1].strip() for r in rows[1:]] == ["ok"] * 5
+    assert "all checks passed" in result.stdout
+
+
+def test_validate_params_passes_at_135M_with_the_published_parameter_count():
+    result = run_script("validate_params.py")   # the default: config_smollm2_135M.yaml
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SmolLM2-135M published 134,515,008" in result.stdout
+
+
+def test_validate_params_passes_against_an_exported_directory(exported, capsys):
+    _, out = exported
+    assert validate_params.main(["--hf_model", str(out)]) == 0
+    assert "logits (fp32)              | ok" in capsys.readouterr().out
+
+
+def test_validate_params_fails_naming_the_checks_when_rope_is_interleaved():
+    result = run_script("-c", INTERLEAVED_ROPE, "--config", "config_tiny.yaml")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED: logits (fp32), greedy generation" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hf_model", "no/such/dir"], "no/such/dir: no such directory"),
+    (["--config", "config_tiny.yaml", "model.model_config.num_attention_heads=5"], "must be divisible"),
+])
+def test_validate_params_bad_input_is_one_line_and_exit_2(args, message):
+    result = run_script("validate_params.py", *args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

@@ -1,0 +1,426 @@
+"""generate.py: KV-cache decoding, sampling filters, streaming text, and the command line with its error messages.
+
+Everything runs offline on a 2-layer model and a byte-level BPE tokenizer trained here on a few KB of text.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate as G
+from config import ModelConfig, config_from_dict, config_to_dict
+from generate import SamplingParams, TextStream, generate, warp_logits
+from model import SmolLM2
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ("The quick brown fox jumps over the lazy dog. Café déjà vu, naïve façade; Grüße aus Köln. "
+        "def main():\n    return 0\n\nimport os\nprint(os.getcwd())\n"
+        "日本語のテキスト、中文文本。🙂 🚀\n") * 40
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=128), **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> SmolLM2:
+    # a large init std makes the logits of a random model decisive, so greedy choices are not near-ties
+    torch.manual_seed(seed)
+    return SmolLM2(tiny_config(**overrides), init_std=0.3).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    """A 300-token byte-level BPE with <|endoftext|> as id 0, as data.py trains for real runs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_file):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(tokenizer_file))
+
+
+def save_checkpoint(run_dir: Path, model: SmolLM2, step: int, val_loss) -> Path:
+    """A training checkpoint in train.py's format."""
+    cfg = config_from_dict({"model": {"model_config": asdict(model.config)},
+                            "tokens": {"sequence_length": model.config.max_position_embeddings}})
+    path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg),
+                "train_state": {"step": step, "tokens_seen": step * 1000, "val_loss": val_loss}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer_file) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    (run / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    save_checkpoint(run, tiny_model(seed=1), 100, 4.5)
+    save_checkpoint(run, tiny_model(seed=2), 200, 3.25)
+    return run
+
+
+def hf_twin(model: SmolLM2):
+    """transformers' LlamaForCausalLM (SDPA attention) holding the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(LlamaConfig(**asdict(model.config), attn_implementation="sdpa"))
+    hf.load_state_dict(model.state_dict())
+    return hf.eval()
+
+
+def run_cli(*args: str, stdin: str = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """main() in this process (faster than a subprocess): exit code, stdout, stderr."""
+    code = G.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+GREEDY = SamplingParams(max_new_tokens=64, temperature=0)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_cached_decoding_equals_full_recomputation():
+    model = tiny_model()
+    prompt = [5, 17, 33, 2, 250, 9]
+    new = generate(model, [prompt], GREEDY)[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(new)):   # no cache: the whole sequence again for every token
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert new == ids[len(prompt):]
+    assert len(new) == 64
+
+
+def test_greedy_tokens_equal_transformers_generate():
+    model = tiny_model()
+    hf = hf_twin(model)
+    prompts = [[5, 17, 33, 2, 250, 9], [77, 3]]
+    ours = generate(model, prompts, GREEDY)
+    for prompt, row in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert row == ref[0, len(prompt):].tolist()
+
+
+def test_repetition_penalty_equals_transformers():
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.5)
+    prompt = [5, 17, 33, 5, 17]
+    ids = torch.tensor([prompt])
+    ref = hf_twin(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                  repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
+    assert generate(model, [prompt], params)[0] == ref[0, len(prompt):].tolist()
+
+
+def test_batch_of_different_lengths_equals_one_by_one():
+    model = tiny_model()
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [300, 12, 7]]
+    batched = generate(model, prompts, GREEDY)
+    assert batched == [generate(model, [p], GREEDY)[0] for p in prompts]
+
+
+def test_row_ends_at_eos_and_others_continue():
+    model = tiny_model()
+    prompts = [[5, 17, 33], [77, 3]]
+    free = generate(model, prompts, SamplingParams(max_new_tokens=20, temperature=0))
+    eos = free[0][4]   # a token row 0 produces early on
+    ended = generate(model, prompts, SamplingParams(max_new_tokens=20, temperature=0), eos_id=eos)
+    assert ended[0] == free[0][: free[0].index(eos) + 1]
+    assert ended[1] == (free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1])
+
+
+def test_same_seed_same_sample_other_seed_other_sample():
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.95)
+    first = generate(model, [[5, 17, 33]], params, seed=7)
+    assert generate(model, [[5, 17, 33]], params, seed=7) == first
+    assert generate(model, [[5, 17, 33]], params, seed=8) != first
+
+
+def test_generation_stops_at_the_context_length():
+    model = tiny_model()
+    out = generate(model, [[1] * 120], SamplingParams(max_new_tokens=50, temperature=0))
+    assert len(out[0]) == 128 - 120
+
+
+def test_decode_layout_changes_memory_order_only():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = generate(model, [[5, 17, 33]], GREEDY)
+    G.use_decode_layout(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not model.lm_head.weight.is_contiguous()
+    assert model.lm_head.weight is model.model.embed_tokens.weight   # still tied
+    assert generate(model, [[5, 17, 33]], GREEDY) == tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the decode step is a GPU feature")
+def test_compiled_decode_step_equals_eager_on_gpu():
+    model = tiny_model().cuda()
+    prompts = [[5, 17, 33, 2], [77]]
+    assert generate(model, prompts, GREEDY, compile=True) == generate(model, prompts, GREEDY)
+
+
+# ---------------------------------------------------------------- sampling filters
+
+
+def expected_survivors(logits: list[float], temperature: float, top_k, top_p) -> set[int]:
+    """top-k then top-p, written the slow obvious way."""
+    order = sorted(range(len(logits)), key=lambda i: -logits[i])
+    if top_k is not None:
+        order = order[:top_k]
+    if top_p is not None:
+        weights = [math.exp((logits[i] - logits[order[0]]) / temperature) for i in order]
+        total, mass, keep = sum(weights), 0.0, []
+        for i, w in zip(order, weights):
+            keep.append(i)
+            mass += w / total
+            if mass >= top_p:
+                break
+        order = keep
+    return set(order)
+
+
+def test_top_k_and_top_p_leave_only_the_allowed_tokens():
+    gen = torch.Generator().manual_seed(0)
+    for case in range(300):
+        V = int(torch.randint(2, 60, (1,), generator=gen))
+        logits = torch.randn(1, V, generator=gen) * float(torch.rand(1, generator=gen) * 5 + 0.1)
+        temperature = float(torch.rand(1, generator=gen) * 2 + 0.05)
+        top_k = int(torch.randint(1, V + 3, (1,), generator=gen)) if case % 3 != 1 else None
+        top_p = float(torch.rand(1, generator=gen) * 0.98 + 0.01) if case % 3 != 0 else None
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        kept = set(torch.isfinite(warp_logits(logits, params))[0].nonzero()[:, 0].tolist())
+        assert kept == expected_survivors(logits[0].tolist(), temperature, top_k, top_p), (case, params)
+        drawn = G.sample(logits.expand(64, V), params, torch.Generator().manual_seed(case))
+        assert set(drawn.tolist()) <= kept
+
+
+def test_invalid_sampling_values_are_refused():
+    for bad in (dict(top_p=0.0), dict(top_k=0), dict(temperature=-1.0), dict(max_new_tokens=0),
+                dict(repetition_penalty=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+# ---------------------------------------------------------------- text streaming
+
+
+def stream_pieces(tokenizer, ids: list[int], stop=()) -> tuple[list[str], str]:
+    pieces = []
+    stream = TextStream(tokenizer, 1, stop, eos_id=0, on_text=lambda row, text, done: pieces.append(text))
+    for t in ids:
+        if stream(torch.tensor([t])):
+            break
+    return pieces, stream.close()[0]
+
+
+def test_streaming_never_splits_a_multibyte_character(tokenizer):
+    text = "Ωμέγα ✓ 𝄞 naïve — 🙂!"
+    ids = tokenizer.encode(text).ids
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)   # the test needs characters spread over tokens
+    pieces, final = stream_pieces(tokenizer, ids)
+    assert final == text
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_string_ends_the_text_before_it(tokenizer):
+    ids = tokenizer.encode("def main():\n    return 0\n\nimport os").ids
+    pieces, final = stream_pieces(tokenizer, ids, stop=["\n\n"])
+    assert final == "def main():\n    return 0"
+    assert "".join(pieces) == final   # the first "\n" was held back until it was clear it starts the stop string
+
+
+def test_eos_ends_the_text(tokenizer):
+    ids = tokenizer.encode("fox").ids + [0] + tokenizer.encode(" dog").ids
+    assert stream_pieces(tokenizer, ids)[1] == "fox"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_stdout_carries_only_the_generated_text(run_dir, tokenizer):
+    proc = run_cli("--checkpoint_path", str(run_dir), "--prompt", "The quick", "--temperature", "0",
+                   "--max_new_tokens", "24")
+    assert proc.returncode == 0, proc.stderr
+    model = tiny_model(seed=2)   # the run's newest checkpoint
+    new = generate(model, [tokenizer.encode("The quick").ids], SamplingParams(max_new_tokens=24, temperature=0),
+                   eos_id=0)
+    assert proc.stdout == tokenizer.decode([t for t in new[0] if t != 0]) + "\n"
+    assert "tok/s" in proc.stderr and "step 200" in proc.stderr
+
+
+def test_cli_stop_string_cuts_the_completion(run_dir, capsys):
+    args = ["--checkpoint_path", str(run_dir), "--prompt", "The quick", "--temperature", "0", "--max_new_tokens", "40"]
+    code, full, _ = cli(capsys, *args)
+    assert code == 0
+    stop = full[5:8]   # a piece from the middle of what the model writes
+    code, cut, _ = cli(capsys, *args, "--stop", stop)
+    assert code == 0 and cut == full[: full.index(stop)] + "\n"
+
+
+def test_several_prompts_print_in_order_each_once(run_dir, capsys):
+    base = ["--checkpoint_path", str(run_dir), "--temperature", "0", "--max_new_tokens", "16"]
+    singles = [cli(capsys, *base, "--prompt", p)[1] for p in ("The quick", "def", "Café")]
+    code, out, err = cli(capsys, *base, "--prompt", "The quick", "--prompt", "def", "--prompt", "Café")
+    assert code == 0
+    assert out == "\n".join(singles)
+    assert err.count("--- prompt") == 3
+
+
+def test_prompt_file_holds_one_prompt_per_line(run_dir, tmp_path, capsys):
+    base = ["--checkpoint_path", str(run_dir), "--temperature", "0", "--max_new_tokens", "8"]
+    (tmp_path / "prompts.txt").write_text("The quick\n\ndef\n", encoding="utf-8")
+    from_flags = cli(capsys, *base, "--prompt", "The quick", "--prompt", "def")[1]
+    assert cli(capsys, *base, "--prompt_file", str(tmp_path / "prompts.txt"))[1] == from_flags
+
+
+def test_interactive_reads_prompts_until_eof(run_dir):
+    proc = run_cli("--checkpoint_path", str(run_dir), "--interactive", "--temperature", "0", "--max_new_tokens",
+                   "8", stdin="The quick\n\ndef\n")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) >= 2 and proc.stderr.count("tok/s") == 2
+
+
+def test_compare_lists_every_checkpoint_with_its_loss(run_dir, capsys):
+    code, out, _ = cli(capsys, "--compare", str(run_dir), "--prompt", "The quick", "--temperature", "0",
+                       "--max_new_tokens", "8")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == 'prompt: "The quick"'
+    assert lines[2].split()[:2] == ["100", "4.5000"] and lines[3].split()[:2] == ["200", "3.2500"]
+    completion = cli(capsys, "--checkpoint_path", str(run_dir / "checkpoints" / "step_00000100.pt"),
+                     "--prompt", "The quick", "--temperature", "0", "--max_new_tokens", "8")[1]
+    assert json.loads(lines[2].split(None, 2)[2]) == completion.rstrip("\n")
+
+
+def test_compare_skips_an_unreadable_checkpoint(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for f in [run_dir / "tokenizer.json", *sorted((run_dir / "checkpoints").glob("*.pt"))]:
+        (run / f.relative_to(run_dir)).write_bytes(f.read_bytes())
+    (run / "checkpoints" / "step_00000150.pt").write_bytes(b"truncated")
+    code, out, err = cli(capsys, "--compare", str(run), "--prompt", "def", "--max_new_tokens", "4")
+    assert code == 0 and "warning: skipped" in err and "step_00000150.pt" in err
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["100", "200"]
+
+
+def test_loads_a_hugging_face_directory(tmp_path, tokenizer_file, tokenizer, capsys):
+    model = tiny_model(seed=3)
+    hf_twin(model).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    code, out, err = cli(capsys, "--checkpoint_path", str(tmp_path), "--prompt", "def", "--temperature", "0",
+                         "--max_new_tokens", "20")
+    assert code == 0, err
+    ids = torch.tensor([tokenizer.encode("def").ids])
+    ref = hf_twin(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                                  eos_token_id=0, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert out == tokenizer.decode(ref) + "\n"
+
+
+# ---------------------------------------------------------------- bad input: one line on stderr, non-zero exit
+
+
+def assert_fails(capsys, needle: str, *args: str) -> None:
+    code, out, err = cli(capsys, *args)
+    assert code != 0 and out == ""
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and needle in last and "Traceback" not in err, err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert_fails(capsys, "no such checkpoint", "--checkpoint_path", str(tmp_path / "nope.pt"), "--prompt", "x")
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    (tmp_path / "step_00000001.pt").write_bytes(b"not a zip file at all")
+    assert_fails(capsys, "not a loadable checkpoint", "--checkpoint_path", str(tmp_path), "--prompt", "x")
+
+
+def test_checkpoint_whose_shapes_do_not_match_its_config(tmp_path, capsys):
+    path = save_checkpoint(tmp_path, tiny_model(), 1, None)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["model"]["model_config"]["intermediate_size"] = 96
+    torch.save(ckpt, path)
+    assert_fails(capsys, "shape mismatch", "--checkpoint_path", str(path), "--prompt", "x")
+
+
+def test_empty_prompt(run_dir, capsys):
+    assert_fails(capsys, "prompt 1 is empty", "--checkpoint_path", str(run_dir), "--prompt", "")
+
+
+def test_no_prompt(run_dir, capsys):
+    assert_fails(capsys, "no prompt", "--checkpoint_path", str(run_dir))
+
+
+def test_max_new_tokens_beyond_the_context(run_dir, capsys):
+    assert_fails(capsys, "use at most 127", "--checkpoint_path", str(run_dir), "--prompt", "x",
+                 "--max_new_tokens", "500")
+
+
+def test_bad_sampling_flag(run_dir, capsys):
+    assert_fails(capsys, "top_p must be in (0, 1]", "--checkpoint_path", str(run_dir), "--prompt", "x",
+                 "--top_p", "0")
+
+
+def test_missing_tokenizer_file(run_dir, tmp_path, capsys):
+    assert_fails(capsys, "file not found", "--checkpoint_path", str(run_dir), "--prompt", "x",
+                 "--tokenizer", str(tmp_path / "missing.json"))
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, tokenizer_file, capsys):
+    save_checkpoint(tmp_path, tiny_model(vocab_size=200), 1, None)
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    assert_fails(capsys, "the model has 200 tokens", "--checkpoint_path", str(tmp_path), "--prompt", "Ωμέγα ✓")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_requested_without_a_gpu(run_dir, capsys):
+    assert_fails(capsys, "no CUDA GPU", "--checkpoint_path", str(run_dir), "--prompt", "x", "--device", "cuda")
+
+
+def test_half_precision_refused_on_cpu(run_dir, capsys):
+    assert_fails(capsys, "runs in fp32", "--checkpoint_path", str(run_dir), "--prompt", "x", "--device", "cpu",
+                 "--dtype", "bf16")
+
+
+def test_prompt_longer_than_the_context_keeps_its_end(run_dir, tokenizer, capsys):
+    long = "The quick brown fox jumps over the lazy dog. " * 30
+    ids = tokenizer.encode(long).ids
+    assert len(ids) > 128
+    code, out, err = cli(capsys, "--checkpoint_path", str(run_dir), "--prompt", long, "--temperature", "0",
+                         "--max_new_tokens", "10")
+    assert code == 0 and "warning: prompt 1 has" in err and "dropped" in err
+    new = generate(tiny_model(seed=2), [ids[-118:]], SamplingParams(max_new_tokens=10, temperature=0), eos_id=0)
+    assert out == tokenizer.decode(new[0]) + "\n"
+
+
+def test_compile_on_cpu_says_it_runs_eagerly(run_dir, capsys):
+    code, out, err = cli(capsys, "--checkpoint_path", str(run_dir), "--prompt", "x", "--device", "cpu", "--compile",
+                         "--max_new_tokens", "4")
+    assert code == 0 and "--compile applies to GPU decoding only" in err

@@ -1,0 +1,196 @@
+"""model.py is SmolLM2: transformers' LlamaForCausalLM has its names, shapes, parameter count, logits and greedy text;
+its KV cache changes nothing; and its numerics (fp32 RMSNorm, the causal mask, the loss, recompute) are what
+training needs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+
+from config import ModelConfig, load_config
+from generate import SamplingParams, generate
+from model import RMSNorm, SmolLM2
+from validate_params import hf_from_config, pair_from_config, parity_weights
+
+TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                   num_hidden_layers=2, vocab_size=256, max_position_embeddings=256)
+SHIPPED = [("config_smollm2_135M.yaml", 134_515_008), ("config_smollm2_360M.yaml", 361_821_120),
+           ("config_smollm2_1.7B.yaml", 1_711_376_384)]
+
+
+def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> SmolLM2:
+    """A tiny model with parity weights: unit-gain layers and random norm gains, so every part of it matters."""
+    torch.manual_seed(seed)
+    model = SmolLM2(cfg, init_std=0.05)
+    parity_weights(model, 0.05, seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    ours = tiny_model()
+    hf = hf_from_config(TINY)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    return ours, hf
+
+
+def random_tokens(shape, vocab=TINY.vocab_size, seed=0):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- it is Hugging Face's Llama
+
+
+def test_state_dict_names_and_shapes_equal_hf(tiny_pair):
+    ours, hf = tiny_pair
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+
+
+@pytest.mark.parametrize("path,published", SHIPPED)
+def test_parameter_count_of_shipped_configs_equals_published_smollm2(path, published):
+    mcfg = load_config(path).model.model_config
+    with torch.device("meta"):   # shapes only: even 1.7B costs no memory
+        ours, hf = SmolLM2(mcfg), hf_from_config(mcfg)
+    assert ours.num_parameters() == published
+    assert sum(p.numel() for p in hf.parameters()) == published
+
+
+@torch.no_grad()
+def test_logits_match_hf_at_tiny_size(tiny_pair):
+    ours, hf = tiny_pair
+    tokens = random_tokens((3, 48))
+    assert (ours(tokens)[0] - hf(tokens).logits).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_logits_match_hf_at_135M_size():
+    ours, hf = pair_from_config(load_config("config_smollm2_135M.yaml"), seed=0)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    tokens = random_tokens((2, 32), vocab=ours.config.vocab_size)
+    assert (ours(tokens)[0] - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_greedy_64_tokens_match_hf(tiny_pair):
+    ours, hf = tiny_pair
+    prompt = random_tokens((1, 6)).tolist()[0]
+    mine = generate(ours, [prompt], SamplingParams(max_new_tokens=64, temperature=0.0))[0]
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=64, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 6, dtype=torch.long),
+                         generation_config=cfg)[0, 6:].tolist()
+    assert mine == theirs
+    assert len(set(mine)) > 8, "a near-constant continuation would not exercise positions"
+
+
+# ---------------------------------------------------------------- the KV cache changes nothing
+
+
+@torch.no_grad()
+def test_kv_cache_decode_equals_full_recomputation():
+    model, tokens = tiny_model(), random_tokens((2, 24))
+    full = model(tokens)[0]
+    model.setup_cache(2, 24)
+    steps = [model(tokens[:, :10], cache_pos=0)[0]]               # prefill, then one token at a time
+    steps += [model(tokens[:, t:t + 1], cache_pos=t)[0] for t in range(10, 24)]
+    model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_chunked_prefill_at_nonzero_cache_position_equals_full_recomputation():
+    model, tokens = tiny_model(), random_tokens((2, 20))
+    full = model(tokens)[0]
+    model.setup_cache(2, 20)
+    chunks = [model(tokens[:, :8], cache_pos=0)[0], model(tokens[:, 8:15], cache_pos=8)[0],
+              model(tokens[:, 15:], cache_pos=15)[0]]
+    model.clear_cache()
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_row_alone():
+    model = tiny_model()
+    prompts = [random_tokens((9,), seed=1).tolist(), random_tokens((4,), seed=2).tolist()]
+    ids = torch.tensor([prompts[0], [prompts[1][0]] * 5 + prompts[1]])
+    valid = torch.tensor([[True] * 9, [False] * 5 + [True] * 4])
+    padded = model(ids, valid=valid)[0]
+    torch.testing.assert_close(padded[1, 5:], model(torch.tensor([prompts[1]]))[0][0], atol=1e-5, rtol=1e-5)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    together = generate(model, prompts, params)
+    assert together == [generate(model, [p], params)[0] for p in prompts]
+
+
+# ---------------------------------------------------------------- numerics training relies on
+
+
+def test_rmsnorm_statistics_are_fp32_under_bf16_input():
+    norm = RMSNorm(576, eps=1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(8, 576) * 4 + 1).bfloat16()
+    out = norm(x)
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    in_bf16 = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, in_bf16), "this input must tell fp32 statistics from bf16 ones"
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["is_causal kernel", "boolean mask"])
+@torch.no_grad()
+def test_future_tokens_do_not_change_past_logits(masked):
+    model = tiny_model()
+    a = random_tokens((1, 32), seed=3)
+    b = a.clone()
+    b[:, 16:] = random_tokens((1, 16), seed=4)
+    valid = torch.ones(1, 32, dtype=torch.bool) if masked else None   # valid= takes the explicit-mask path
+    la, lb = model(a, valid=valid)[0], model(b, valid=valid)[0]
+    torch.testing.assert_close(la[:, :16], lb[:, :16], atol=1e-6, rtol=0)
+    assert not torch.allclose(la[:, 16:], lb[:, 16:]), "the changed tokens themselves must see the change"
+
+
+@torch.no_grad()
+def test_loss_skips_ignore_index_and_keeps_eos_as_a_target():
+    model, tokens = tiny_model(), random_tokens((2, 16))
+    eos = TINY.eos_token_id
+    targets = random_tokens((2, 16), seed=5)
+    targets[0, :4] = -100          # e.g. a prompt that is not trained on
+    targets[:, -1] = eos           # end of document: something the model must learn to predict
+    logits, loss = model(tokens, targets)
+    logp = F.log_softmax(logits.float(), -1)
+    keep = targets != -100
+    expected = -logp[keep].gather(-1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(loss, expected)
+    all_eos = model(tokens, torch.full_like(tokens, eos))[1]
+    torch.testing.assert_close(all_eos, -logp[..., eos].mean())
+
+
+def test_activation_checkpointing_gives_identical_gradients():
+    tokens, targets = random_tokens((2, 32)), random_tokens((2, 32), seed=6)
+    grads = []
+    for recompute in (False, True):
+        model = tiny_model().train()
+        model.gradient_checkpointing = recompute
+        model(tokens, targets)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_init_draws_from_init_std_with_depth_scaled_residual_projections():
+    cfg = ModelConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=8, vocab_size=1024, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model, std = SmolLM2(cfg, init_std=0.05), 0.05
+    out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.all(p == 1.0), name
+        else:
+            want = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            assert abs(p.std().item() - want) < 0.05 * want, name
+            assert abs(p.mean().item()) < 0.05 * want, name
+    assert model.lm_head.weight is model.model.embed_tokens.weight   # tied: one matrix, initialised once

@@ -1,0 +1,138 @@
+"""data.py prepare / verify and shards.py: the shard format, continuing after a kill, checksums, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import build_config, corpus
+
+import data
+import shards
+from config import config_to_dict
+from data import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.bin"))} | {
+        "manifest.jsonl": (folder / "manifest.jsonl").read_bytes()}
+
+
+def test_shards_store_uint16_while_the_vocab_fits_and_describe_themselves(tmp_path):
+    for vocab, dtype in ((2**16, np.uint16), (2**16 + 1, np.uint32)):
+        tokens = np.array([0, 5, vocab - 1], np.uint32)
+        row = shards.write_shard(str(tmp_path), f"s{vocab}.bin", "train", tokens, shards.token_dtype(vocab))
+        path = tmp_path / row["file"]
+        assert path.stat().st_size == shards.HEADER.size + 3 * np.dtype(dtype).itemsize
+        assert path.read_bytes()[:8] == b"SMOLTOKS"
+        read = shards.open_shard(str(path), vocab)
+        assert read.dtype == dtype and read.tolist() == tokens.tolist()
+
+
+def test_a_shard_with_ids_outside_the_model_vocab_is_refused_by_name(tmp_path):
+    shards.write_shard(str(tmp_path), "train_000000.bin", "train", np.array([1, 9000]), np.dtype(np.uint16))
+    with pytest.raises(DataError, match=r"train_000000.bin: holds token id 9000, outside .*vocab_size 8192"):
+        shards.open_shard(str(tmp_path / "train_000000.bin"), 8192)
+
+
+def test_a_truncated_shard_is_refused_by_name(tmp_path):
+    shards.write_shard(str(tmp_path), "a.bin", "train", np.arange(100), np.dtype(np.uint16))
+    with open(tmp_path / "a.bin", "r+b") as f:
+        f.truncate(shards.HEADER.size + 150)
+    with pytest.raises(DataError, match=r"a.bin: 182 bytes, but its header promises 100 tokens"):
+        shards.open_shard(str(tmp_path / "a.bin"), 512)
+
+
+@pytest.fixture
+def setup(tmp_path, bpe_path):
+    corpus(tmp_path / "text", "doc", 300)
+    return build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")}, shard_tokens=500)
+
+
+def test_prepare_writes_manifest_and_state_and_a_second_run_changes_nothing(setup, tmp_path):
+    first = data.prepare(setup, log=lambda _: None)
+    out = tmp_path / "shards"
+    rows = [json.loads(line) for line in open(out / "manifest.jsonl")]
+    assert rows == first["shards"] and first["done"]
+    assert [r["split"] for r in rows] == ["val"] + ["train"] * (len(rows) - 1)
+    assert all(r["tokens"] == 500 for r in rows[1:-1]), "every training shard but the last is full"
+    assert not list(out.glob("*.tmp")), "no temporary file is left behind"
+    before = snapshot(out)
+    data.prepare(setup, log=lambda _: None)
+    assert snapshot(out) == before
+    assert "shards ok" in shards.verify(str(out))
+
+
+def test_prepared_folder_of_other_settings_is_an_error_not_silently_reused(setup):
+    data.prepare(setup, log=lambda _: None)
+    setup.data_prep.shard_tokens = 400
+    with pytest.raises(DataError, match="made with other data settings or another tokenizer"):
+        data.prepare(setup, log=lambda _: None)
+    with pytest.raises(DataError, match="made with other data settings"):
+        data.train_loader(setup)
+
+
+def test_prepare_killed_at_any_point_continues_to_byte_identical_shards(tmp_path, bpe_path):
+    corpus(tmp_path / "text", "doc", 2000)
+    cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")}, shard_tokens=1000,
+                       output_dir=str(tmp_path / "killed"))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    state = tmp_path / "killed" / "state.json"
+    kills = 0
+    for at_least in (2, 30, 90):   # kill once it has committed this many shards (or later: wherever it is then)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "prepare", "--config", tmp_path / "cfg.yaml"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not (state.exists() and len(json.loads(state.read_text())["shards"]) >= at_least):
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        for p in (tmp_path / "killed").glob("*.bin"):   # what has a final name is never torn
+            shards.open_shard(str(p), 512)
+    assert kills == 3 and not json.loads(state.read_text())["done"], "the corpus must outlast the kills"
+    assert run_cli("prepare", "--config", tmp_path / "cfg.yaml").returncode == 0
+
+    cfg.data_prep.output_dir = str(tmp_path / "whole")
+    data.prepare(cfg, log=lambda _: None)
+    assert snapshot(tmp_path / "killed") == snapshot(tmp_path / "whole")
+
+
+def test_verify_names_the_shard_whose_checksum_is_wrong(setup, tmp_path):
+    data.prepare(setup, log=lambda _: None)
+    out = tmp_path / "shards"
+    assert run_cli("verify", out).returncode == 0
+    victim = out / "train_000002.bin"
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 1
+    victim.write_bytes(bytes(raw))
+    result = run_cli("verify", out)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "train_000002.bin: sha256 differs" in result.stderr
+
+
+def test_cli_prepares_with_overrides_and_reports_bad_input_in_one_line(setup, tmp_path):
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(setup)))
+    ok = run_cli("prepare", "--config", tmp_path / "cfg.yaml", f"data_prep.output_dir={tmp_path / 'cli'}")
+    assert ok.returncode == 0 and "ready" in ok.stdout and (tmp_path / "cli" / "manifest.jsonl").exists()
+    for args, message in ((("prepare", "--config", tmp_path / "missing.yaml"), "config file not found"),
+                          (("prepare", "--config", tmp_path / "cfg.yaml", "data_prep.shard_tokens=0"),
+                           "data_prep.shard_tokens: must be >= 1"),
+                          (("train-tokenizer", "--config", tmp_path / "cfg.yaml"), "exists; delete it"),
+                          (("verify", tmp_path / "nowhere"), "no manifest")):
+        result = run_cli(*args)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
 from config import config_from_dict
@@ -20,6 +21,17 @@ def corpus(folder, tag: str, n: int, seed: int = 0) -> list[str]:
         (folder / f"{tag}_{i:04d}.txt").write_text(text, encoding="utf-8")
         texts.append(text)
     return texts
+
+
+def byte_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE with <|endoftext|> as id 0, as data.py trains for real runs, in miniature."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.token_to_id("<|endoftext|>") == 0
+    return tok
 
 
 def build_config(tmp_path, tokenizer: str, dataset: dict, **data_prep):

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 import app
+from conftest import byte_bpe
 from checkpoint import CheckpointError, load_model, save_atomic
 from config import config_from_dict, config_to_dict
 from convert_hf import export_hf
@@ -37,17 +38,6 @@ the window and read its notebook again. Tomorrow, it said, there will be more st
 
 
 # ---------------------------------------------------------------- fixtures: a trained tiny model, a running app
-
-
-def train_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 4, trainer)
-    assert tok.token_to_id("<|endoftext|>") == 0
-    return tok
 
 
 def train_tiny_model(tok: Tokenizer, run_dir: Path) -> None:
@@ -98,7 +88,7 @@ def runs(tmp_path_factory) -> Path:
     tmp/outside: a valid checkpoint that must stay out of reach, also linked from runs/escape."""
     tmp = tmp_path_factory.mktemp("app")
     root = tmp / "runs"
-    tok = train_tokenizer()
+    tok = byte_bpe([TEXT] * 4, 320)
     train_tiny_model(tok, root / "run1")
     export_hf(str(root / "run1"), str(root / "export"))
     (root / "broken" / "checkpoints").mkdir(parents=True)

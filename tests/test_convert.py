@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import convert_hf
+from conftest import byte_bpe
 import validate_params
 from checkpoint import CheckpointError, checkpoint_name, load_checkpoint, load_model, save_atomic
 from config import config_from_dict, config_to_dict
@@ -38,14 +39,7 @@ sys.exit(validate_params.main(sys.argv[1:]))
 
 
 def train_tokenizer(path: Path) -> Path:
-    """A ~300-token byte-level BPE with <|endoftext|> as id 0, like SmolLM2's tokenizer in miniature."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 20, trainer)
-    tok.save(str(path))
+    byte_bpe([TEXT] * 20, 300).save(str(path))
     return path
 
 

@@ -1,9 +1,9 @@
 """Show a model to people: `python app.py --checkpoint_dir runs/` serves a page to pick a checkpoint, type a prompt and
 watch the text stream in, or to run one prompt through several checkpoints side by side next to their loss curves.
 
-It builds on generate.py: its loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
-exports, tensors read with weights_only so a crafted pickle runs no code), its tokenizer opener, generate() itself,
-the repository's one generation path, and TextStream, which turns generate()'s per-step tokens into text.
+It builds on generate.py's loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
+exports, tensors read with weights_only so a crafted pickle runs no code) and tokenizer opener, and on sampling.py's
+generate(), the repository's one generation path, with TextStream, which turns its per-step tokens into text.
 Safe by default: it listens on 127.0.0.1 unless --host or --share say otherwise, loads only what lies under
 --checkpoint_dir (its real path, symlinks resolved), and caps the prompt and the number of new tokens.
 """
@@ -25,10 +25,10 @@ import torch
 from tokenizers import Tokenizer
 
 from checkpoint import CheckpointError, is_hf_dir, list_checkpoints, resolve_checkpoint
-from generate import (InputError, SamplingParams, TextStream, generate, load, open_tokenizer, pick_device,
-                      pick_dtype)
+from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype
 from metrics import read_metrics
 from model import SmolLM2
+from sampling import SamplingParams, TextStream, generate
 
 COMPARE_SLOTS = 4   # columns of the compare view: Gradio needs its components declared up front
 CHARS_PER_TOKEN = 16   # a prompt longer than 16 characters per allowed token is refused before it is tokenized
@@ -118,10 +118,7 @@ class ModelCache:
                 return self.models[file]
             model, cfg, info = load(file, self.device, self.dtype)
             tokenizer = open_tokenizer(self.tokenizer or info["tokenizer"])
-            eos_id = cfg.model.model_config.eos_token_id   # as generate.py's command line picks it
-            if eos_id is None:
-                eos_id = tokenizer.token_to_id("<|endoftext|>")
-            self.models[file] = Loaded(model, tokenizer, eos_id, info, run_dir_of(file))
+            self.models[file] = Loaded(model, tokenizer, eos_id_for(cfg, tokenizer), info, run_dir_of(file))
             while len(self.models) > self.size:
                 self.models.popitem(last=False)
             return self.models[file]

@@ -32,7 +32,7 @@ import remote
 from checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint, load_state_into,
                         resolve_checkpoint, rotate_checkpoints, save_atomic)
 from config import Config, ConfigError, config_to_dict, load_config
-from generate import SamplingParams, generate
+from sampling import SamplingParams, generate
 from metrics import (MetricsLog, flops_per_token, format_train_line, human, peak_flops, plot_losses,
                      progress_bar)
 from model import SmolLM2

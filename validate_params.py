@@ -19,7 +19,8 @@ import torch
 from checkpoint import CheckpointError
 from config import Config, ConfigError, load_config
 from convert_hf import hf_config_dict, local_hf_dir
-from generate import SamplingParams, generate, load
+from generate import load
+from sampling import SamplingParams, generate
 from model import SmolLM2
 
 LOGIT_TOLERANCE = 1e-4

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import load_config   # noqa: E402
-from generate import SamplingParams, generate, use_decode_layout   # noqa: E402
+from sampling import SamplingParams, generate, use_decode_layout   # noqa: E402
 from model import SmolLM2   # noqa: E402
 
 PROMPT_TOKENS = 32

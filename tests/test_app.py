@@ -23,7 +23,7 @@ from conftest import byte_bpe
 from checkpoint import CheckpointError, load_model, save_atomic
 from config import config_from_dict, config_to_dict
 from convert_hf import export_hf
-from generate import SamplingParams, generate
+from sampling import SamplingParams, generate
 from model import SmolLM2
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from config import ModelConfig, load_config
-from generate import SamplingParams, generate
+from sampling import SamplingParams, generate
 from model import RMSNorm, SmolLM2
 from validate_params import hf_from_config, pair_from_config, parity_weights
 

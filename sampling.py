@@ -1,0 +1,215 @@
+"""Sampling and KV-cache decoding: the one generation path of the repository.
+
+`generate()` runs one prefill over the (left-padded) prompts, then one token per step from a preallocated KV cache;
+generate.py's command line, train.py's samples, validate_params.py's greedy check and app.py all call it.
+`sample()` picks a token from logits (repetition penalty, temperature, top-k, top-p) and `TextStream` turns the
+tokens into text as they arrive (streaming and stop strings).
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from model import SmolLM2
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0          # 0: greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        problems = [(self.max_new_tokens < 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+                    (self.temperature < 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}"),
+                    (self.top_k is not None and self.top_k < 1, f"top_k must be >= 1, got {self.top_k}"),
+                    (self.top_p is not None and not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+                    (self.repetition_penalty <= 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
+
+
+def warp_logits(logits: torch.Tensor, p: SamplingParams, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The logits (B, V) a token is drawn from, in Hugging Face's order: repetition penalty, temperature, top-k, top-p.
+
+    Repetition penalty divides the positive logits (multiplies the negative ones) of tokens already in `seen`;
+    top-k keeps the k largest logits; top-p keeps the smallest set of tokens whose probability reaches p.
+    Tokens filtered out get -inf. With temperature 0 (greedy) only the penalty applies.
+    """
+    logits = logits.float()
+    if seen is not None and p.repetition_penalty != 1.0:
+        picked = logits.gather(-1, seen)
+        picked = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        logits = logits.scatter(-1, seen, picked)
+    if p.temperature <= 0:
+        return logits
+    logits = logits / p.temperature
+    if p.top_k is not None and p.top_k < logits.size(-1):
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p is not None and p.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p        # the mass before this token already reached p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator] = None,
+           seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pick the next token from logits (B, V) -> (B,): the argmax when greedy, else a draw from warp_logits."""
+    logits = warp_logits(logits, p, seen)
+    if p.temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def use_decode_layout(model: SmolLM2) -> SmolLM2:
+    """Store each Linear weight column-major: the same values, shapes and names in a new memory order.
+
+    Decoding multiplies every weight matrix by one vector per row; at batch 1 those products are most of the time,
+    and on the CPU MKL streams a column-major matrix through them 1.3-1.7x faster than the row-major one training
+    leaves (135M shapes; see bench/bench_generate.py). Meant for a model that only generates: safetensors refuses
+    to save non-contiguous tensors.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):   # a tied lm_head re-lays the embedding with it, once
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
+def decode_step(model: SmolLM2, tok: torch.Tensor, pos: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """One new token per row (B,) written at cache slot `pos` -> next-token logits (B, 1, V)."""
+    return model(tok[:, None], cache_pos=pos, valid=valid)[0]
+
+
+@functools.cache
+def compiled_decode_step() -> Callable:
+    # dynamic=True: the attended cache grows by one slot per step, so shapes change every call; marking them dynamic
+    # up front gives one graph instead of a recompilation at the second step
+    return torch.compile(decode_step, dynamic=True)
+
+
+@torch.inference_mode()
+def generate(model: SmolLM2, prompts: list[list[int]], params: SamplingParams, eos_id: Optional[int] = None,
+             seed: Optional[int] = None, on_tokens: Optional[Callable[[torch.Tensor], bool]] = None,
+             compile: bool = False) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) by up to params.max_new_tokens tokens; return the new tokens.
+
+    Prompts of different lengths are left-padded; the padding is masked out and positions count real tokens only,
+    so each row comes out exactly as if it had been generated alone. A row ends at `eos_id` (kept in its output).
+    `on_tokens(tokens (B,))` is called after every step (for streaming); returning True stops generation.
+    `compile` runs the decode step through torch.compile (worth it on a GPU; the prefill stays eager).
+    """
+    if not prompts or any(len(t) == 0 for t in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    B, T = len(prompts), max(len(t) for t in prompts)
+    max_len = min(T + params.max_new_tokens, model.config.max_position_embeddings)
+    steps = max_len - T
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+    for i, toks in enumerate(prompts):
+        ids[i] = toks[0]   # padding repeats a real token, so a repetition penalty sees nothing foreign
+        ids[i, T - len(toks):] = torch.tensor(toks, device=device)
+        valid[i, T - len(toks):] = True
+    valid[:, T:] = True
+    padded = bool((~valid[:, :T]).any())
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    step_fn = compiled_decode_step() if compile else decode_step
+
+    was_training = model.training
+    model.eval()
+    model.setup_cache(B, max_len)
+    try:
+        out = []
+        seen = ids
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        logits, _ = model(ids, cache_pos=0, valid=valid if padded else None, last_only=True)
+        for step in range(steps):
+            tok = sample(logits[:, -1], params, generator, seen)
+            if eos_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+                done = done | (tok == eos_id)
+            out.append(tok)
+            if on_tokens is not None and on_tokens(tok):
+                break
+            if bool(done.all()) or step == steps - 1:
+                break
+            if params.repetition_penalty != 1.0:
+                seen = torch.cat([seen, tok[:, None]], dim=1)
+            logits = step_fn(model, tok, T + step, valid if padded else None)
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+    if not out:
+        return [[] for _ in prompts]
+    new = torch.stack(out, dim=1).tolist()
+    if eos_id is not None:   # cut each row after its first EOS
+        new = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in new]
+    return new
+
+
+class TextStream:
+    """generate()'s `on_tokens` hook: turns each row's tokens into text as they arrive and ends rows at stop strings.
+
+    Byte-level BPE splits a multi-byte character over several tokens, and decoding a list that ends inside one gives
+    U+FFFD. So every step decodes the row's whole list of new tokens and hands on only the part that can no longer
+    change: nothing from a trailing U+FFFD on, nor a tail that a stop string may still complete.
+    `on_text(row, new_text, done)` receives those pieces; `done` is True on a row's last call.
+    """
+
+    def __init__(self, tokenizer, batch: int, stop: Sequence[str] = (), eos_id: Optional[int] = None,
+                 on_text: Optional[Callable[[int, str, bool], None]] = None):
+        self.tokenizer, self.eos_id, self.on_text = tokenizer, eos_id, on_text
+        self.stop = [s for s in stop if s]
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.texts = [""] * batch        # each row's text so far, cut before its stop string
+        self.sent = [0] * batch          # how many characters of it on_text has received
+        self.done = [False] * batch
+
+    def __call__(self, tok: torch.Tensor) -> bool:
+        """Take one token per row; return True once every row has ended (EOS or a stop string)."""
+        for row, t in enumerate(tok.tolist()):
+            if self.done[row]:
+                continue
+            if t == self.eos_id:
+                self._finish(row)
+                continue
+            self.tokens[row].append(t)
+            text = self.tokenizer.decode(self.tokens[row])
+            cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+            self.texts[row] = text[:min(cuts)] if cuts else text
+            if cuts:
+                self._finish(row)
+            else:
+                self._release(row, self._settled(text))
+        return all(self.done)
+
+    def close(self) -> list[str]:
+        """End the rows still open (they reached the length limit) and return every row's text."""
+        for row, done in enumerate(self.done):
+            if not done:
+                self._finish(row)
+        return self.texts
+
+    def _settled(self, text: str) -> int:
+        end = len(text.rstrip("\ufffd"))
+        held = max((k for s in self.stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+        return end - held
+
+    def _finish(self, row: int) -> None:
+        self.done[row] = True
+        self._release(row, len(self.texts[row]), done=True)
+
+    def _release(self, row: int, end: int, done: bool = False) -> None:
+        new = self.texts[row][self.sent[row]:end]
+        self.sent[row] = max(self.sent[row], end)
+        if self.on_text is not None and (new or done):
+            self.on_text(row, new, done)

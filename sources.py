@@ -34,7 +34,8 @@ from config import Config, ConfigError
 from shards import DataError
 
 STDLIB = "builtin:python-stdlib"
-STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+# encodings/ is mostly generated codec tables ("LATIN CAPITAL LETTER A ..."), which a tiny model would learn to recite
+STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings"}
 TEXT_COLUMN_FIX = "set data_stages[0].data.dataset.text_column_name"
 
 

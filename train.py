@@ -9,15 +9,11 @@ RNG states, config), so a run killed at any moment resumes with the same losses 
 
 import argparse
 import contextlib
-import io
 import math
-import os
 import random
-import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,108 +28,16 @@ import remote
 from checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint, load_state_into,
                         resolve_checkpoint, rotate_checkpoints, save_atomic)
 from config import Config, ConfigError, config_to_dict, load_config
-from sampling import SamplingParams, generate
 from metrics import (MetricsLog, flops_per_token, format_train_line, human, peak_flops, plot_losses,
                      progress_bar)
 from model import SmolLM2
 from optimizer import build_optimizer, lr_at
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from runtime import Runtime, gather, memory_gb, mean_across_ranks, rng_state, set_rng_state, setup_runtime
+from sampling import SamplingParams, generate
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the message says why and what to try."""
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    precision: str          # bf16 | fp16 | fp32: the autocast dtype; weights and optimizer state stay fp32
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
-
-
-def resolve_precision(requested: str, model_dtype: str, device: torch.device) -> str:
-    """`auto`: the config's model.dtype on a GPU (bf16 falls back to fp16 + GradScaler where unsupported), fp32
-    elsewhere. An explicit choice is honoured, also on the CPU (bf16/fp16 autocast runs there, slowly)."""
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if requested == "bf16" and not bf16_ok:
-        raise ConfigError("run.precision: this GPU has no bf16 support; use run.precision=fp16 (or auto)")
-    if requested != "auto":
-        return requested
-    if device.type != "cuda" or model_dtype in ("float32", "fp32"):
-        return "fp32"
-    return "bf16" if bf16_ok else "fp16"
-
-
-def setup_runtime(cfg: Config) -> Runtime:
-    """Device, precision and, under torchrun, the process group (NCCL on GPUs, gloo on the CPU)."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    want = cfg.run.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: '{cfg.run.device}' asked for, but no CUDA GPU is visible; use run.device=cpu")
-    device = torch.device(f"cuda:{local}" if want == "cuda" else want)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, resolve_precision(cfg.run.precision, cfg.model.dtype, device), rank, world)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": list(np.random.get_state()), "torch": torch.get_rng_state()}
-    state["numpy"][1] = torch.from_numpy(state["numpy"][1].copy())   # plain tensors load under weights_only
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    np_state = list(state["numpy"])
-    np_state[1] = np_state[1].numpy()
-    np.random.set_state(tuple(np_state))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather(obj, rt: Runtime) -> list:
-    """Every rank's object, in rank order (a one-element list without torchrun)."""
-    if rt.world == 1:
-        return [obj]
-    # sent as torch.save bytes: all_gather_object's own pickling of tensors does not load back on every version
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    out = [None] * rt.world
-    dist.all_gather_object(out, buf.getvalue())
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
-
-
-def mean_across_ranks(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    if rt.world > 1:
-        dist.all_reduce(x)        # SUM: gloo has no AVG
-        x = x / rt.world
-    return x
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux reports kB
 
 
 @torch.no_grad()

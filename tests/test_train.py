@@ -84,18 +84,23 @@ def final_weights(run_dir: Path) -> dict:
     return load_checkpoint(list_checkpoints(run_dir)[-1])["model"]
 
 
+def assert_same_training(run: Path, reference: Path, steps: int) -> None:
+    """Same losses at every step and same final weights, up to float summation order."""
+    got, want = losses(run), losses(reference)
+    assert [s for s, _ in got] == list(range(1, steps + 1))
+    assert [x for _, x in got] == pytest.approx([x for _, x in want], abs=1e-5)
+    w_got, w_want = final_weights(run), final_weights(reference)
+    for key in w_want:
+        torch.testing.assert_close(w_got[key], w_want[key], atol=1e-5, rtol=1e-4)
+
+
 def test_k_micro_batches_of_b_equal_one_batch_of_k_times_b(tmp_path, corpus):
     a = make_config(tmp_path / "a", corpus, **{"tokens.micro_batch_size": 2,
                                                "tokens.batch_accumulation_per_replica": 4, "tokens.train_steps": 4})
     b = make_config(tmp_path / "b", corpus, **{"tokens.micro_batch_size": 8,
                                                "tokens.batch_accumulation_per_replica": 1, "tokens.train_steps": 4})
     run_train(a), run_train(b)
-    la, lb = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
-    assert [s for s, _ in la] == [1, 2, 3, 4]
-    assert [x for _, x in la] == pytest.approx([x for _, x in lb], abs=1e-5)
-    wa, wb = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
+    assert_same_training(tmp_path / "a" / "run", tmp_path / "b" / "run", steps=4)
 
 
 def test_lr_of_every_optimizer_step_equals_the_schedule_under_accumulation(tmp_path, corpus):
@@ -192,12 +197,7 @@ def test_torchrun_two_ranks_with_k_equal_one_process_with_2k(tmp_path, corpus):
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 x cpu" in proc.stdout and proc.stdout.count("| loss ") == 4   # only rank 0 logs
-    ls, ld = losses(tmp_path / "single" / "run"), losses(tmp_path / "ddp" / "run")
-    assert [s for s, _ in ld] == [1, 2, 3, 4]
-    assert [x for _, x in ld] == pytest.approx([x for _, x in ls], abs=1e-5)
-    ws, wd = final_weights(tmp_path / "single" / "run"), final_weights(tmp_path / "ddp" / "run")
-    for key in ws:
-        torch.testing.assert_close(wd[key], ws[key], atol=1e-5, rtol=1e-4)
+    assert_same_training(tmp_path / "ddp" / "run", tmp_path / "single" / "run", steps=4)
     sched = load_config(str(ddp)).optimizer.learning_rate_scheduler
     for r in read_metrics(tmp_path / "ddp" / "run" / "metrics.jsonl"):
         if r["kind"] == "train":

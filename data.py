@@ -281,20 +281,23 @@ class TokenLoader:
         self.step = state["consumed_micro_batches"] // self.world_size
 
 
-def train_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> TokenLoader:
-    return _loader(cfg, "train", rank, world_size)
+def train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
+                 tokenizer: Optional[Tokenizer] = None) -> TokenLoader:
+    return _loader(cfg, "train", rank, world_size, tokenizer)
 
 
-def val_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> TokenLoader:
+def val_loader(cfg: Config, rank: int = 0, world_size: int = 1,
+               tokenizer: Optional[Tokenizer] = None) -> TokenLoader:
     """The held-out split, cycling; call reset() before each evaluation so every evaluation sees the same batches."""
-    return _loader(cfg, "val", rank, world_size)
+    return _loader(cfg, "val", rank, world_size, tokenizer)
 
 
-def _loader(cfg: Config, split: str, rank: int, world_size: int) -> TokenLoader:
+def _loader(cfg: Config, split: str, rank: int, world_size: int, tok: Optional[Tokenizer]) -> TokenLoader:
     log = print if rank == 0 else (lambda _: None)
     if split == "train" and len(cfg.data_stages) > 1:
         log(f"data: reading data_stages[0] ('{cfg.data_stages[0].name}') only; later stages are not implemented")
-    tok = load_tokenizer(cfg)
+    if tok is None:   # a caller that already holds the tokenizer passes it, so it is not read again
+        tok = load_tokenizer(cfg)
     out, block = output_dir(cfg), cfg.tokens.sequence_length + 1
     state = shards.read_state(out, _fingerprint(cfg, tok))
     if not (state and state["done"]) and sources.all_local(sources.sources(cfg)):

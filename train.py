@@ -10,6 +10,7 @@ RNG states, config), so a run killed at any moment resumes with the same losses 
 import argparse
 import contextlib
 import math
+import os
 import random
 import signal
 import sys
@@ -97,15 +98,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     np.random.seed(cfg.general.seed)
     torch.manual_seed(cfg.general.seed + rt.rank)
 
-    if rt.main:                         # a tokenizer trained on first use is trained once, by rank 0
-        tokenizer = data.load_tokenizer(cfg)
-    if rt.world > 1:
-        dist.barrier()
-    if not rt.main:
-        tokenizer = data.load_tokenizer(cfg)
+    tokenizer = data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
     eos_id = data.eos_token_id(tokenizer)
-    train_data = data.train_loader(cfg, rt.rank, rt.world)
-    val_data = data.val_loader(cfg, rt.rank, rt.world)
+    train_data = data.train_loader(cfg, rt.rank, rt.world, tokenizer)
+    val_data = data.val_loader(cfg, rt.rank, rt.world, tokenizer)
 
     mcfg = cfg.model.model_config
     model = SmolLM2(mcfg, cfg.model.init_method.std).to(rt.device)
@@ -290,6 +286,8 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":   # under torchrun, rank 0 speaks for the run
+        return 0
     val = f"{result['val_loss']:.3f}" if result["val_loss"] is not None else "n/a"
     print(f"done: step {result['step']} | train loss {result['train_loss']:.3f} | val loss {val}", flush=True)
     return 0

@@ -143,7 +143,10 @@ def read_hf_state_dict(path) -> dict:
         raise CheckpointError(f"{path}: no .safetensors weights next to config.json")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:   # safetensors raises its own SafetensorError for a truncated or foreign file
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
     return state
 
 
@@ -187,8 +190,14 @@ def load_model(path, device="cpu") -> tuple[SmolLM2, Config, dict]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     if is_hf_dir(path):
-        with open(path / "config.json", encoding="utf-8") as f:
-            mcfg = model_config_from_hf(json.load(f), str(path / "config.json"))
+        where = path / "config.json"
+        try:
+            hf = json.loads(where.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{where}: expected a JSON object of config keys")
+        mcfg = model_config_from_hf(hf, str(where))
         cfg = Config()
         cfg.model.model_config = mcfg
         cfg.tokens.sequence_length = min(cfg.tokens.sequence_length, mcfg.max_position_embeddings)

@@ -58,13 +58,8 @@ def pick_dtype(device: torch.device, name: str) -> torch.dtype:
 
 
 def load(path, device: torch.device, dtype: torch.dtype):
-    """checkpoint.load_model, with every failure to read the user's file turned into one CheckpointError line."""
-    try:
-        model, cfg, info = load_model(path, device)
-    except CheckpointError:
-        raise
-    except Exception as e:   # e.g. an unreadable config.json or safetensors file in a HF directory
-        raise CheckpointError(f"{path}: could not be loaded ({type(e).__name__}: {e})") from None
+    """checkpoint.load_model (whose failures are CheckpointErrors naming the file), cast to `dtype`."""
+    model, cfg, info = load_model(path, device)
     return model.to(dtype), cfg, info
 
 

@@ -362,6 +362,16 @@ def test_corrupt_checkpoint(tmp_path, capsys):
     assert_fails(capsys, "not a loadable checkpoint", "--checkpoint_path", str(tmp_path), "--prompt", "x")
 
 
+def test_corrupt_hugging_face_directory_names_the_bad_file(tmp_path, capsys):
+    hf_twin(tiny_model()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert_fails(capsys, "model.safetensors: not a readable safetensors file", "--checkpoint_path", str(tmp_path),
+                 "--prompt", "x")
+    (tmp_path / "config.json").write_text("{ not json")
+    assert_fails(capsys, "config.json: not valid JSON", "--checkpoint_path", str(tmp_path), "--prompt", "x")
+
+
 def test_checkpoint_whose_shapes_do_not_match_its_config(tmp_path, capsys):
     path = save_checkpoint(tmp_path, tiny_model(), 1, None)
     ckpt = torch.load(path, weights_only=True)

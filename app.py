@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import CheckpointError, is_hf_dir, list_checkpoints, resolve_checkpoint
+from checkpoint import CheckpointError, is_hf_dir, list_checkpoints, resolve_checkpoint, run_dir_of
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype
 from metrics import read_metrics
 from model import SmolLM2
@@ -74,13 +74,6 @@ def resolve_under(root: Path, name: str) -> Path:
     return path
 
 
-def run_dir_of(path: Path) -> Path:
-    """The run directory a checkpoint file belongs to (where metrics.jsonl is); a directory is its own."""
-    if path.is_file():
-        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return path
-
-
 @dataclass
 class Loaded:
     model: SmolLM2
@@ -118,7 +111,8 @@ class ModelCache:
                 return self.models[file]
             model, cfg, info = load(file, self.device, self.dtype)
             tokenizer = open_tokenizer(self.tokenizer or info["tokenizer"])
-            self.models[file] = Loaded(model, tokenizer, eos_id_for(cfg, tokenizer), info, run_dir_of(file))
+            self.models[file] = Loaded(model, tokenizer, eos_id_for(cfg, tokenizer), info,
+                                       run_dir_of(file) if file.is_file() else file)   # an HF dir is its own
             while len(self.models) > self.size:
                 self.models.popitem(last=False)
             return self.models[file]

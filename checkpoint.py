@@ -60,6 +60,12 @@ def list_checkpoints(run_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def run_dir_of(file) -> Path:
+    """The run directory a checkpoint file belongs to: <run>/checkpoints/step_N.pt -> <run>, else the file's folder."""
+    file = Path(file)
+    return file.parent.parent if file.parent.name == "checkpoints" else file.parent
+
+
 def latest_checkpoint(run_dir) -> Optional[Path]:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -218,7 +224,7 @@ def load_model(path, device="cpu") -> tuple[SmolLM2, Config, dict]:
         model = SmolLM2(cfg.model.model_config)
         load_state_into(model, ckpt["model"], str(file))
         state = ckpt.get("train_state", {})
-        run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+        run_dir = run_dir_of(file)
         tok = run_dir / "tokenizer.json"
         info = {"source": str(file), "step": state.get("step"), "val_loss": state.get("val_loss"),
                 "tokenizer": str(tok) if tok.is_file() else cfg.tokenizer.tokenizer_name_or_path}

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint import CheckpointError, checkpoint_name, save_atomic
+from checkpoint import CheckpointError, checkpoint_name, run_dir_of, save_atomic
 from config import ModelConfig, config_to_dict
 from generate import load
 
@@ -134,7 +134,7 @@ def import_hf(hf_model: str, out: str, force: bool = False) -> Path:
     _refuse_existing(file, force)
     source = local_hf_dir(hf_model)
     model, cfg, info = load(source, torch.device("cpu"), torch.float32)
-    run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+    run_dir = run_dir_of(file)
     if info["tokenizer"] is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(info["tokenizer"], run_dir / "tokenizer.json")

@@ -17,6 +17,7 @@ import torch
 
 from config import Config, ConfigError, ModelConfig, config_from_dict
 from model import SmolLM2
+from quantize import quantize_model
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -179,8 +180,12 @@ def load_state_into(model: SmolLM2, state: dict, where: str) -> None:
     model.load_state_dict(state)
 
 
-def load_model(path, device="cpu") -> tuple[SmolLM2, Config, dict]:
+def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None,
+               quantize: Optional[str] = None) -> tuple[SmolLM2, Config, dict]:
     """Load a model from a training checkpoint, a run directory or a HF directory -> (model, config, info).
+
+    The model comes on `device`, in `dtype` (default: as stored, fp32), and with `quantize="int8"` its matrices in
+    int8 for decoding (quantize.py), which the file itself never holds.
 
     info holds `source` (the file read), `step` and `val_loss` when known, and `tokenizer` (a tokenizer.json found
     beside the weights, or the config's tokenizer name). An s3:// path (a run's prefix or one checkpoint's key) is
@@ -228,4 +233,4 @@ def load_model(path, device="cpu") -> tuple[SmolLM2, Config, dict]:
         tok = run_dir / "tokenizer.json"
         info = {"source": str(file), "step": state.get("step"), "val_loss": state.get("val_loss"),
                 "tokenizer": str(tok) if tok.is_file() else cfg.tokenizer.tokenizer_name_or_path}
-    return model.to(device).eval(), cfg, info
+    return quantize_model(model.to(device, dtype).eval(), quantize), cfg, info

@@ -184,7 +184,7 @@ class SmolLM2(nn.Module):
 
     # ---- KV cache
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
-        p = self.lm_head.weight
+        p = self.model.norm.weight   # the compute dtype, also when the matrices are stored quantized
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch, attn.n_kv, max_len, attn.head_dim, dtype or p.dtype, device or p.device)

@@ -19,12 +19,12 @@ compute dtype.
 The tied embedding is the head's matrix: row t is token t's vector, so one int8 copy with one scale per token serves
 both the lookup (the rows looked up are multiplied back by their scales, exactly) and the head (a Linear over it).
 
-The kernel is `torch.ops.aten._weight_int8pack_mm(x (M, K), q (N, K) int8, s (N,))`. On x86 CPUs its vectorized
-path reads and writes bf16 (fp32 activations take a scalar loop ten times slower), so each int8 matmul rounds its
-input and its output to bf16, a relative error of at most 2^-9 each and smaller than what rounding the weights to
-int8 costs, and its result returns to the compute dtype at once; the scales are bf16 values, so the kernel reads
-them exactly. The kernel needs K to be a multiple of 16: a layer that is not (none in the SmolLM2 shapes)
-dequantizes its weight for an ordinary matmul instead, as does a GPU whose PyTorch build lacks the op.
+The kernel is `torch._weight_int8pack_mm(x (M, K), q (N, K) int8, s (N,))` (aten::_weight_int8pack_mm). On x86
+CPUs its vectorized path reads and writes bf16 (fp32 activations take a scalar loop ten times slower), so each int8
+matmul rounds its input and its output to bf16, a relative error of at most 2^-9 each and smaller than what rounding
+the weights to int8 costs, and its result returns to the compute dtype at once; the scales are bf16 values, so the
+kernel reads them exactly. The kernel needs K to be a multiple of 16: a layer that is not (none in the SmolLM2
+shapes) dequantizes its weight for an ordinary matmul instead, as does a GPU whose PyTorch build lacks the op.
 bench/bench_quantize.py measures what the whole scheme costs in perplexity and greedy agreement.
 
 Quantization is a transform at load time (`checkpoint.load_model(..., quantize="int8")`): checkpoints, parameter
@@ -48,8 +48,8 @@ class QuantizedModelError(RuntimeError):
 
 
 def refuse(what: str) -> QuantizedModelError:
-    return QuantizedModelError(f"this model's weights are int8 (quantized at load time for decoding): it cannot {what}. "
-                               "Load the checkpoint again without quantize (generate.py: no --quantize) to do that")
+    return QuantizedModelError(f"this model's weights are int8 (quantized at load time for decoding): it cannot "
+                               f"{what}. Load the checkpoint again without quantize (generate.py: no --quantize)")
 
 
 @torch.no_grad()
@@ -105,9 +105,9 @@ class Int8Linear(Int8Weight):
         K = x.shape[-1]
         if K % KERNEL_K_MULTIPLE or not _has_kernel(x.device):
             return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        dtype = kernel_dtype(x.device, x.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K).to(dtype).contiguous(), self.weight,
-                                               self.scales.to(dtype))                        # (M, N)
+        # activations in the kernel's dtype, the scales' (Int8Weight.of); the kernel reads rows densely packed
+        x2 = x.reshape(-1, K).to(self.scales.dtype, memory_format=torch.contiguous_format)         # (M, K)
+        y = torch._weight_int8pack_mm(x2, self.weight, self.scales)                                # (M, N)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 

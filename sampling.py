@@ -69,24 +69,55 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Ge
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def use_decode_layout(model: SmolLM2) -> SmolLM2:
-    """Store each Linear weight column-major: the same values, shapes and names in a new memory order.
+COLUMN_MAJOR_BELOW = 2   # CPU batches smaller than this decode fastest from column-major weights (see decode_layout)
 
-    Decoding multiplies every weight matrix by one vector per row; at batch 1 those products are most of the time,
-    and on the CPU MKL streams a column-major matrix through them 1.3-1.7x faster than the row-major one training
-    leaves (135M shapes; see bench/bench_generate.py). Meant for a model that only generates: safetensors refuses
-    to save non-contiguous tensors.
+
+def decode_layout(batch: int, device: torch.device) -> str:
+    """The memory order of the Linear weights that decodes `batch` rows per step fastest: "column" or "row".
+
+    A decode step multiplies every weight matrix by `batch` activation rows. On the CPU, one row makes it a
+    matrix-vector product, which MKL streams faster from a column-major matrix; from two rows on it runs a
+    matrix-matrix kernel, which is faster on the row-major matrix training leaves. bench/bench_generate.py times both
+    layouts at batch 1 and 8 and marks the one chosen here. On a GPU, cuBLAS reads either order alike: rows stay.
     """
+    return "column" if device.type == "cpu" and batch < COLUMN_MAJOR_BELOW else "row"
+
+
+@torch.no_grad()
+def use_decode_layout(model: SmolLM2, batch: int) -> SmolLM2:
+    """Store each Linear weight in the memory order `decode_layout` picks for `batch`: same values, shapes, names.
+
+    Calling it again for another batch size re-lays only what differs. Meant for a model that only generates
+    (safetensors refuses to save non-contiguous tensors); quantized weights have one layout and are left alone.
+    """
+    column = decode_layout(batch, model.lm_head.weight.device) == "column"
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):   # a tied lm_head re-lays the embedding with it, once
-            module.weight.data = module.weight.data.t().contiguous().t()
+            w = module.weight.data
+            if column and not w.t().is_contiguous():
+                module.weight.data = w.t().contiguous().t()
+            elif not column and not w.is_contiguous():
+                module.weight.data = w.contiguous()
     return model
 
 
 def decode_step(model: SmolLM2, tok: torch.Tensor, pos: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
     """One new token per row (B,) written at cache slot `pos` -> next-token logits (B, 1, V)."""
     return model(tok[:, None], cache_pos=pos, valid=valid)[0]
+
+
+def compile_unavailable(device: torch.device) -> Optional[str]:
+    """Why torch.compile cannot build the decode step for this device, or None when it can."""
+    import torch._dynamo
+    if not torch._dynamo.is_inductor_supported():
+        return "torch.compile (inductor) does not support this Python or platform"
+    if device.type == "cpu":   # inductor writes C++ for the CPU and builds it with the system's compiler
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        try:
+            get_cpp_compiler()
+        except Exception:
+            return "on the CPU inductor needs a C++ compiler and none was found (install g++)"
+    return None
 
 
 @functools.cache
@@ -105,7 +136,7 @@ def generate(model: SmolLM2, prompts: list[list[int]], params: SamplingParams, e
     Prompts of different lengths are left-padded; the padding is masked out and positions count real tokens only,
     so each row comes out exactly as if it had been generated alone. A row ends at `eos_id` (kept in its output).
     `on_tokens(tokens (B,))` is called after every step (for streaming); returning True stops generation.
-    `compile` runs the decode step through torch.compile (worth it on a GPU; the prefill stays eager).
+    `compile` runs the decode step through torch.compile (the prefill stays eager); see compile_unavailable.
     """
     if not prompts or any(len(t) == 0 for t in prompts):
         raise ValueError("every prompt needs at least one token")

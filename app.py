@@ -28,7 +28,7 @@ from checkpoint import CheckpointError, is_hf_dir, list_checkpoints, resolve_che
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype
 from metrics import read_metrics
 from model import SmolLM2
-from sampling import SamplingParams, TextStream, generate
+from sampling import SamplingParams, TextStream, generate, use_decode_layout
 
 COMPARE_SLOTS = 4   # columns of the compare view: Gradio needs its components declared up front
 CHARS_PER_TOKEN = 16   # a prompt longer than 16 characters per allowed token is refused before it is tokenized
@@ -87,35 +87,39 @@ class Loaded:
         step, val = self.info.get("step"), self.info.get("val_loss")
         return " · ".join(["step unknown" if step is None else f"step {step}",
                            "no val loss" if val is None else f"val loss {val:.3f}",
-                           f"{self.model.num_parameters() / 1e6:.1f}M params",
+                           f"{self.model.num_parameters() / 1e6:.1f}M params"
+                           + (f" in {self.info['quantized']}" if self.info.get("quantized") else ""),
                            f"context {self.model.config.max_position_embeddings} tokens"])
 
 
 class ModelCache:
     """The most recently used models, so that switching back to a checkpoint is instant. Keyed by the file a name
-    resolves to: two names of one checkpoint share it, and a run directory that gained a newer checkpoint loads it."""
+    resolves to (two names of one checkpoint share it, and a run directory that gained a newer checkpoint loads it)
+    and by the quantization asked for (None or "int8": quantize.py), which is applied as the file is loaded."""
 
     def __init__(self, root: Path, size: int, device: torch.device, dtype: torch.dtype,
                  tokenizer: Optional[str] = None):
         self.root, self.size, self.device, self.dtype, self.tokenizer = root, size, device, dtype, tokenizer
-        self.models: OrderedDict[Path, Loaded] = OrderedDict()
+        self.models: OrderedDict[tuple[Path, Optional[str]], Loaded] = OrderedDict()
         self.lock = threading.Lock()   # two requests for one checkpoint load it once
 
-    def get(self, name: str) -> Loaded:
+    def get(self, name: str, quantize: Optional[str] = None) -> Loaded:
         """The loaded checkpoint; raises one of LOAD_ERRORS, whose message is meant for the page."""
         path = resolve_under(self.root, name)
         file = path if is_hf_dir(path) else resolve_checkpoint(path)
+        key = (file, quantize)
         with self.lock:
-            if file in self.models:
-                self.models.move_to_end(file)
-                return self.models[file]
-            model, cfg, info = load(file, self.device, self.dtype)
+            if key in self.models:
+                self.models.move_to_end(key)
+                return self.models[key]
+            model, cfg, info = load(file, self.device, self.dtype, quantize)
+            use_decode_layout(model, 1)   # the app generates for one prompt at a time
             tokenizer = open_tokenizer(self.tokenizer or info["tokenizer"])
-            self.models[file] = Loaded(model, tokenizer, eos_id_for(cfg, tokenizer), info,
-                                       run_dir_of(file) if file.is_file() else file)   # an HF dir is its own
+            self.models[key] = Loaded(model, tokenizer, eos_id_for(cfg, tokenizer), {**info, "quantized": quantize},
+                                      run_dir_of(file) if file.is_file() else file)   # an HF dir is its own
             while len(self.models) > self.size:
                 self.models.popitem(last=False)
-            return self.models[file]
+            return self.models[key]
 
 
 # ---------------------------------------------------------------- generation, streamed
@@ -172,6 +176,14 @@ def loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
 # ---------------------------------------------------------------- the page
 
 
+FULL = "none"   # the weights switch's value for "as stored"
+
+
+def quantized(weights: str) -> Optional[str]:
+    """The weights switch -> checkpoint.load_model's quantize argument (Gradio has refused values not offered)."""
+    return None if weights == FULL else weights
+
+
 def sampling_params(temperature, top_k, top_p, max_new_tokens, repetition_penalty,
                     seed) -> tuple[SamplingParams, int]:
     """The sampling controls -> (SamplingParams, seed); a slider at 0 (top-k) or 1 (top-p) means off. Gradio has
@@ -182,9 +194,9 @@ def sampling_params(temperature, top_k, top_p, max_new_tokens, repetition_penalt
 
 
 def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tokens: int) -> gr.Blocks:
-    def get(name: str) -> Loaded:
+    def get(name: str, weights: str) -> Loaded:
         try:
-            return cache.get(name)
+            return cache.get(name, quantized(weights))
         except LOAD_ERRORS as e:
             raise UserError(str(e)) from None
 
@@ -200,20 +212,22 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
             raise UserError(f"the prompt is {len(ids)} tokens; this app accepts at most {limit} (--max_prompt_tokens)")
         return ids
 
-    def status(name: str) -> str:
+    def status(name: str, weights: str = FULL) -> str:
         t0 = time.perf_counter()
         try:
-            loaded = cache.get(name)
+            loaded = cache.get(name, quantized(weights))
         except LOAD_ERRORS as e:
             return f"⚠️ **could not load this checkpoint**: {e}"
         return f"**{name}** · {loaded.describe()} · ready in {time.perf_counter() - t0:.1f}s"
 
-    def run(name, prompt, *sampling):
-        loaded = get(name)
+    def run(name, prompt, *controls):
+        *sampling, weights = controls
+        loaded = get(name, weights)
         ids = encode_prompt(loaded, prompt)
         yield from stream_text(loaded, ids, *sampling_params(*sampling))
 
-    def compare(names, prompt, *sampling):
+    def compare(names, prompt, *controls):
+        *sampling, weights = controls
         names = list(dict.fromkeys(names or []))
         if not 2 <= len(names) <= COMPARE_SLOTS:
             raise UserError(f"pick between 2 and {COMPARE_SLOTS} checkpoints to compare")
@@ -223,7 +237,7 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         runs, jobs = {}, []
         for i, name in enumerate(names):   # a checkpoint that fails to load says so in its column; the rest go on
             try:
-                loaded = cache.get(name)
+                loaded = cache.get(name, quantized(weights))
             except LOAD_ERRORS as e:
                 heads[i] = f"⚠️ **could not load this checkpoint**: {e}"
                 continue
@@ -281,19 +295,24 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
                                        label="Max new tokens", elem_id="max_new_tokens")
                 repetition = gr.Slider(1, 2, value=1.0, step=0.05, label="Repetition penalty", info="1 = off")
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed", info="same seed, same text")
-        sampling = [temperature, top_k, top_p, new_tokens, repetition, seed]
+                gr.Markdown("### Weights")
+                weights = gr.Radio([("as stored", FULL), ("int8: faster on a CPU", "int8")], value=FULL,
+                                   show_label=False, elem_id="weights",
+                                   info="int8 quantizes every matrix as the checkpoint loads (quantize.py)")
+        controls = [temperature, top_k, top_p, new_tokens, repetition, seed, weights]   # sampling, then weights
 
         def list_checkpoints_api() -> list[str]:
             return [value for _, value in find_checkpoints(root)]
 
         gr.api(list_checkpoints_api, api_name="list_checkpoints")
-        picked.change(status, picked, info, api_name="load")
+        picked.change(status, [picked, weights], info, api_name="load")
+        weights.change(status, [picked, weights], info, api_visibility="private")
         rescan.click(lambda: [gr.Dropdown(choices=find_checkpoints(root))] * 2, None, [picked, several],
                      api_visibility="private")
-        started = go.click(run, [picked, prompt, *sampling], output, api_name="generate")
-        submitted = prompt.submit(run, [picked, prompt, *sampling], output, api_visibility="private")
+        started = go.click(run, [picked, prompt, *controls], output, api_name="generate")
+        submitted = prompt.submit(run, [picked, prompt, *controls], output, api_visibility="private")
         halt.click(None, cancels=[started, submitted])
-        go2.click(compare, [several, prompt2, *sampling], [*columns, *heads, *texts, plot],
+        go2.click(compare, [several, prompt2, *controls], [*columns, *heads, *texts, plot],
                   api_name="compare")
     return app
 

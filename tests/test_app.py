@@ -139,9 +139,9 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def expected_text(checkpoint: Path, prompt: str, params: SamplingParams, seed: int = 0) -> str:
+def expected_text(checkpoint: Path, prompt: str, params: SamplingParams, seed: int = 0, quantize=None) -> str:
     """What generate.py's own functions produce for this checkpoint: the app must show exactly this."""
-    model, _, info = load_model(checkpoint)
+    model, _, info = load_model(checkpoint, quantize=quantize)
     tok = Tokenizer.from_file(info["tokenizer"])
     out = generate(model, [tok.encode(prompt).ids], params, eos_id=tok.token_to_id("<|endoftext|>"), seed=seed)
     return tok.decode(out[0])
@@ -177,6 +177,8 @@ def test_switching_back_to_a_checkpoint_reuses_the_loaded_model_and_the_oldest_i
     cache.get("export")                         # a third model evicts the least recently used (step 60)
     assert cache.get("run1/checkpoints/step_00000060.pt") is not a
     assert b.info["step"] == 120 and b.info["val_loss"] is not None
+    quantized = cache.get("run1", "int8")       # the same file quantized is another model
+    assert quantized is not cache.get("run1") and quantized.model.lm_head.weight.dtype == torch.int8
 
 
 # ---------------------------------------------------------------- over HTTP, against the real server
@@ -200,6 +202,17 @@ def test_sampled_text_follows_the_seed_and_the_controls(client, runs):
     controls = sampling(1.2, 20, 0.9, 30, 1.3, seed=7)
     assert client.predict("run1", PROMPT, *controls, api_name="/generate") == \
         expected_text(runs / "run1", PROMPT, params, seed=7)
+
+
+def test_the_int8_switch_generates_with_the_checkpoint_quantized_at_load(client, runs):
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    want = expected_text(runs / "run1", PROMPT, params, quantize="int8")
+    assert len(want.strip()) > 20
+    assert client.predict("run1", PROMPT, *sampling(), "int8", api_name="/generate") == want
+    assert "in int8" in client.predict("run1", "int8", api_name="/load")
+    assert "int8" not in client.predict("run1", api_name="/load")   # the switch's default: weights as stored
+    with pytest.raises(Exception, match="not in the list of choices"):
+        client.predict("run1", PROMPT, *sampling(), "int4", api_name="/generate")
 
 
 def test_text_streams_in_token_by_token(client):

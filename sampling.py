@@ -7,6 +7,7 @@ tokens into text as they arrive (streaming and stop strings).
 """
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -69,36 +70,67 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Ge
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-COLUMN_MAJOR_BELOW = 2   # CPU batches smaller than this decode fastest from column-major weights (see decode_layout)
+LAYOUTS = ("row", "column")
+_chosen_layouts: dict = {}   # (batch, threads, weight shapes) -> the layout calibrate_layout measured fastest
 
 
-def decode_layout(batch: int, device: torch.device) -> str:
-    """The memory order of the Linear weights that decodes `batch` rows per step fastest: "column" or "row".
+def decode_layout(model: SmolLM2, batch: int) -> str:
+    """The memory order of the Linear weights that decodes `batch` rows per step fastest: "row" or "column".
 
-    A decode step multiplies every weight matrix by `batch` activation rows. On the CPU, one row makes it a
-    matrix-vector product, which MKL streams faster from a column-major matrix; from two rows on it runs a
-    matrix-matrix kernel, which is faster on the row-major matrix training leaves. bench/bench_generate.py times both
-    layouts at batch 1 and 8 and marks the one chosen here. On a GPU, cuBLAS reads either order alike: rows stay.
+    A decode step multiplies every weight matrix by `batch` activation rows. MKL runs that product from the
+    row-major matrix training leaves or from a column-major copy at speeds that depend on the batch, the thread count
+    and the machine (on our 2-core machine column-major wins at batch 1, and at batch 8 too with one thread but not
+    with two), so the CPU's choice is measured once per batch size and thread count (calibrate_layout).
+    On a GPU, cuBLAS reads either order alike: rows stay.
     """
-    return "column" if device.type == "cpu" and batch < COLUMN_MAJOR_BELOW else "row"
+    shapes: dict[tuple, list] = {}   # (N, K) -> the weights of that shape (none when int8: quantize.py has one layout)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes.setdefault(tuple(module.weight.shape), []).append(module.weight)
+    if not shapes or model.lm_head.weight.device.type != "cpu":
+        return "row"
+    key = (batch, torch.get_num_threads(), tuple((s, len(ws)) for s, ws in shapes.items()))
+    if key not in _chosen_layouts:
+        _chosen_layouts[key] = calibrate_layout({s: (ws[0], len(ws)) for s, ws in shapes.items()}, batch)
+    return _chosen_layouts[key]
 
 
 @torch.no_grad()
-def use_decode_layout(model: SmolLM2, batch: int) -> SmolLM2:
-    """Store each Linear weight in the memory order `decode_layout` picks for `batch`: same values, shapes, names.
+def calibrate_layout(weights: dict, batch: int, repeats: int = 5) -> str:
+    """Time one decode step's matrix products in each layout: weights maps (N, K) -> (one weight of that shape,
+    how many the model has). Each product's time is the best of `repeats`, the layouts alternating, so a busy machine
+    slows both alike; a few hundred milliseconds at the 135M shape."""
+    best = {(shape, layout): float("inf") for shape in weights for layout in LAYOUTS}
+    for shape, (w, _) in weights.items():
+        x = torch.randn(batch, shape[1], dtype=w.dtype)
+        laid = {"row": w.contiguous(), "column": w.t().contiguous().t()}
+        for _ in range(repeats):
+            for layout in LAYOUTS:
+                t0 = time.perf_counter()
+                torch.nn.functional.linear(x, laid[layout])
+                best[shape, layout] = min(best[shape, layout], time.perf_counter() - t0)
+    step = {layout: sum(best[shape, layout] * n for shape, (_, n) in weights.items()) for layout in LAYOUTS}
+    return min(LAYOUTS, key=step.get)
 
-    Calling it again for another batch size re-lays only what differs. Meant for a model that only generates
-    (safetensors refuses to save non-contiguous tensors); quantized weights have one layout and are left alone.
-    """
-    column = decode_layout(batch, model.lm_head.weight.device) == "column"
+
+@torch.no_grad()
+def lay_out(model: SmolLM2, layout: str) -> SmolLM2:
+    """Store each Linear weight row-major (as training leaves it) or column-major: same values, shapes and names.
+    Only what differs is copied; a tied lm_head re-lays the embedding with it."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):   # a tied lm_head re-lays the embedding with it, once
+        if isinstance(module, torch.nn.Linear):
             w = module.weight.data
-            if column and not w.t().is_contiguous():
+            if layout == "column" and not w.t().is_contiguous():
                 module.weight.data = w.t().contiguous().t()
-            elif not column and not w.is_contiguous():
+            elif layout == "row" and not w.is_contiguous():
                 module.weight.data = w.contiguous()
     return model
+
+
+def use_decode_layout(model: SmolLM2, batch: int) -> SmolLM2:
+    """Lay the model out the way `decode_layout` finds fastest for `batch` rows per step. Meant for a model that only
+    generates (safetensors refuses to save non-contiguous tensors); a training model keeps its layout."""
+    return lay_out(model, decode_layout(model, batch))
 
 
 def decode_step(model: SmolLM2, tok: torch.Tensor, pos: int, valid: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,14 +1,21 @@
 """Decode speed: our generate() against transformers' generate() on the same weights, greedy, on the CPU.
 
     python bench/bench_generate.py                                # 135M shape, batch 1 and 8, 64 new tokens
-    python bench/bench_generate.py --batches 1 --new_tokens 32 --repeats 3
+    python bench/bench_generate.py --batches 1 2 4 8 --no_compile --repeats 5
 
-Both run in this one process on the same random weights (the 135M shape of config_smollm2_135M.yaml; HF loads our
-state dict), the same 32-token prompt and the same number of new tokens (HF's EOS is switched off so it never stops
-early). Decode tokens/s leaves the prefill out: each side is timed generating 1 and N new tokens, and the rate is
-batch x (N - 1) / (t_N - t_1). Runs alternate between the contenders and each time is the best of --repeats, so a
-busy machine slows all of them alike. "ours" is the command line's path: generate() on a model in decode layout;
-"ours, training layout" is the same without use_decode_layout(), to show what the layout is worth.
+Every contender runs in this one process on the same random weights (the 135M shape of config_smollm2_135M.yaml;
+HF loads our state dict), the same 32-token prompt and the same number of new tokens (HF's EOS is switched off so it
+never stops early). Decode tokens/s leaves the prefill out: each side is timed generating 1 and N new tokens, and
+the rate is batch x (N - 1) / (t_N - t_1). Runs alternate between the contenders and each time is the best of
+--repeats, so a busy machine slows all of them alike.
+
+The contenders: our fp32 model in each weight layout ("row-major" is the layout training leaves, "column-major" the
+re-laid one; `*` marks the one sampling.decode_layout measures fastest for the batch, which generate.py and the app
+use), our
+int8 model (quantize.py), and, where inductor can build CPU code, both of ours with the decode step compiled (the
+compile time is printed, not counted). "tokens" compares each contender's greedy tokens with transformers': fp32
+must be identical; int8 gives the share of tokens equal up to the first difference (bench/bench_quantize.py
+measures int8's quality properly).
 """
 
 import argparse
@@ -24,27 +31,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import load_config   # noqa: E402
-from sampling import SamplingParams, generate, use_decode_layout   # noqa: E402
 from model import SmolLM2   # noqa: E402
+from quantize import quantize_model   # noqa: E402
+from sampling import SamplingParams, compile_unavailable, decode_layout, generate, lay_out   # noqa: E402
 
 PROMPT_TOKENS = 32
 
 
-def contenders(config_path: str) -> dict:
-    """name -> fn(prompt (B, T), new_tokens) -> new token ids, all holding the same weights."""
+def our_models(config_path: str) -> tuple[SmolLM2, dict]:
+    """The fp32 model (random weights, training init) and name -> a model of ours holding the same weights."""
     cfg = load_config(config_path)
     mc = cfg.model.model_config
     torch.manual_seed(0)
-    plain = SmolLM2(mc, cfg.model.init_method.std).eval()
-    ours = SmolLM2(mc).eval()
-    ours.load_state_dict(plain.state_dict())
-    use_decode_layout(ours)
-    hf = LlamaForCausalLM(LlamaConfig(**asdict(mc), attn_implementation="sdpa")).eval()
-    hf.load_state_dict(plain.state_dict())
-    hf.generation_config.eos_token_id = None
+    fp32 = SmolLM2(mc, cfg.model.init_method.std).eval()
+    column = SmolLM2(mc).eval()
+    column.load_state_dict(fp32.state_dict())
+    lay_out(column, "column")
+    int8 = SmolLM2(mc).eval()
+    int8.load_state_dict(fp32.state_dict())
+    quantize_model(int8, "int8")
+    return fp32, {"fp32 row-major": fp32, "fp32 column-major": column, "int8": int8}
 
-    def run_ours(model):
-        return lambda prompt, n: generate(model, prompt.tolist(), SamplingParams(max_new_tokens=n, temperature=0))
+
+def transformers_twin(model: SmolLM2) -> LlamaForCausalLM:
+    hf = LlamaForCausalLM(LlamaConfig(**asdict(model.config), attn_implementation="sdpa")).eval()
+    hf.load_state_dict(model.state_dict())
+    hf.generation_config.eos_token_id = None
+    return hf
+
+
+def contenders(fp32: SmolLM2, ours: dict, batch: int, compiled: bool) -> dict:
+    """name -> fn(prompt (B, T), new_tokens) -> new token ids, for this batch size."""
+    hf = transformers_twin(fp32)
+    chosen = {"row": "fp32 row-major", "column": "fp32 column-major"}[decode_layout(fp32, batch)]
+
+    def run_ours(model, compile=False):
+        return lambda prompt, n: generate(model, prompt.tolist(), SamplingParams(max_new_tokens=n, temperature=0),
+                                          compile=compile)
 
     @torch.inference_mode()
     def run_hf(prompt, n):
@@ -52,12 +75,26 @@ def contenders(config_path: str) -> dict:
                           pad_token_id=0)
         return out[:, prompt.shape[1]:].tolist()
 
-    return {"ours": run_ours(ours), "ours, training layout": run_ours(plain), "transformers": run_hf}
+    fns = {"transformers": run_hf}
+    fns.update({name + (" *" if name == chosen else ""): run_ours(model) for name, model in ours.items()})
+    if compiled:
+        fns["fp32 compiled *"] = run_ours(ours[chosen], compile=True)
+        fns["int8 compiled"] = run_ours(ours["int8"], compile=True)
+    return fns
 
 
-def measure(fns: dict, batch: int, new_tokens: int, repeats: int, vocab_size: int) -> dict:
+def warm_up(fns: dict, prompt: torch.Tensor) -> None:
+    """One short run each, so first-call costs (and compilation, timed here) stay out of the measurement."""
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn(prompt, 3)
+        if "compiled" in name:
+            print(f"       ({name}: compiled in {time.perf_counter() - t0:.0f} s, not counted)", flush=True)
+
+
+def measure(fns: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     """name -> (decode tok/s, end-to-end tok/s, new tokens of the last run)."""
-    prompt = torch.randint(1, vocab_size, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch))
+    batch = prompt.shape[0]
     best = {name: {1: float("inf"), new_tokens: float("inf")} for name in fns}
     tokens = {}
     for _ in range(repeats):
@@ -70,26 +107,45 @@ def measure(fns: dict, batch: int, new_tokens: int, repeats: int, vocab_size: in
                    tokens[name]) for name, t in best.items()}
 
 
+def agreement(tokens: list, ref: list) -> str:
+    """'same' when every row is identical, else the share of tokens equal before each row's first difference."""
+    if tokens == ref:
+        return "same"
+    prefix = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(tokens, ref))
+    return f"{prefix}/{sum(len(r) for r in ref)} before a difference"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "config_smollm2_135M.yaml"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads for every contender (default: torch's choice)")
+    ap.add_argument("--no_compile", action="store_true", help="leave out the compiled contenders (slow to build)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    fns = contenders(args.config)
-    vocab_size = load_config(args.config).model.model_config.vocab_size
+    fp32, ours = our_models(args.config)
+    why_not = None if args.no_compile else compile_unavailable(torch.device("cpu"))
+    compiled = not args.no_compile and why_not is None
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; {PROMPT_TOKENS}-token prompt, "
-          f"{args.new_tokens} new tokens, greedy, best of {args.repeats}")
-    print(f"{'batch':>5}  {'contender':<22} {'decode tok/s':>12} {'end-to-end tok/s':>16}  {'vs transformers':>15}  "
-          "same tokens")
+          f"{args.new_tokens} new tokens, greedy, best of {args.repeats}"
+          + (f"; no compiled contenders: {why_not}" if why_not else ""))
+    print(f"{'batch':>5}  {'contender':<21} {'decode tok/s':>12} {'end-to-end':>10}  {'vs transformers':>15}  "
+          f"{'vs ours fp32 *':>14}  tokens vs transformers")
     for batch in args.batches:
-        results = measure(fns, batch, args.new_tokens, args.repeats, vocab_size)
+        prompt = torch.randint(1, fp32.config.vocab_size, (batch, PROMPT_TOKENS),
+                               generator=torch.Generator().manual_seed(batch))
+        fns = contenders(fp32, ours, batch, compiled)
+        warm_up(fns, prompt)
+        results = measure(fns, prompt, args.new_tokens, args.repeats)
         ref_rate, _, ref_tokens = results["transformers"]
+        ours_rate = next(rate for name, (rate, _, _) in results.items() if name.startswith("fp32") and "*" in name)
         for name, (rate, e2e, tokens) in results.items():
-            print(f"{batch:>5}  {name:<22} {rate:>12.1f} {e2e:>16.1f}  {rate / ref_rate:>14.2f}x  "
-                  f"{'yes' if tokens == ref_tokens else 'NO'}")
+            print(f"{batch:>5}  {name:<21} {rate:>12.1f} {e2e:>10.1f}  {rate / ref_rate:>14.2f}x  "
+                  f"{rate / ours_rate:>13.2f}x  {agreement(tokens, ref_tokens)}", flush=True)
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -166,22 +167,54 @@ def test_generation_stops_at_the_context_length():
     assert len(out[0]) == 128 - 120
 
 
-def test_decode_layout_changes_memory_order_only_and_keeps_the_plain_layouts_tokens_at_batch_1_and_8():
+def test_either_layout_changes_memory_order_only_and_keeps_the_plain_layouts_tokens_at_batch_1_and_8():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = {1: [[5, 17, 33]], 8: [[5, 17, 33, 2, 250, 9][:n] for n in range(1, 7)] + [[77, 3], [300]]}
     plain = {b: generate(model, prompts, GREEDY) for b, prompts in batches.items()}
-    for batch, prompts in batches.items():
-        sampling.use_decode_layout(model, batch)
-        column = sampling.decode_layout(batch, torch.device("cpu")) == "column"
+    for layout in ("column", "row"):
+        sampling.lay_out(model, layout)
         weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        assert all(w.t().is_contiguous() == column and w.is_contiguous() != column for w in weights)
-        assert generate(model, prompts, GREEDY) == plain[batch]
-        other = batches[9 - batch]   # and the other batch size in this layout: the tokens never depend on it
-        assert generate(model, other, GREEDY) == plain[9 - batch]
+        assert all(w.t().is_contiguous() == (layout == "column") != w.is_contiguous() for w in weights)
+        assert {b: generate(model, prompts, GREEDY) for b, prompts in batches.items()} == plain
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert model.lm_head.weight is model.model.embed_tokens.weight   # still tied
+
+
+def test_decoding_uses_the_layout_measured_fastest_for_its_batch_size(monkeypatch):
+    model = tiny_model()
+    timed = []
+
+    def calibrate(weights, batch):   # stands in for the timing: column for one row, rows for more
+        timed.append(batch)
+        return "column" if batch == 1 else "row"
+    monkeypatch.setattr(sampling, "calibrate_layout", calibrate)
+    monkeypatch.setattr(sampling, "_chosen_layouts", {})
+    sampling.use_decode_layout(model, 1)
+    assert not model.lm_head.weight.is_contiguous()
+    sampling.use_decode_layout(model, 8)
+    assert model.lm_head.weight.is_contiguous()
+    sampling.use_decode_layout(model, 1)
+    assert not model.lm_head.weight.is_contiguous() and timed == [1, 8]   # measured once per batch size
+
+
+def test_the_layout_calibration_picks_the_layout_with_the_faster_step(monkeypatch):
+    linear = torch.nn.functional.linear
+    slow = {}   # (N, K, layout) -> seconds a product takes beyond the real one
+
+    def timed_linear(x, w):
+        time.sleep(slow.get((*w.shape, "row" if w.is_contiguous() else "column"), 0.0))
+        return linear(x, w)
+    monkeypatch.setattr(torch.nn.functional, "linear", timed_linear)
+    weights = {(32, 16): (torch.randn(32, 16), 10), (64, 16): (torch.randn(64, 16), 1)}
+    slow.update({(32, 16, "column"): 0.002})
+    assert sampling.calibrate_layout(weights, 1) == "row"
+    slow.update({(32, 16, "column"): 0.0, (32, 16, "row"): 0.002})
+    assert sampling.calibrate_layout(weights, 1) == "column"
+    # the step counts each shape as often as the model holds it: 10 products 1 ms slower outweigh one 4 ms slower
+    slow.update({(32, 16, "row"): 0.001, (64, 16, "column"): 0.004})
+    assert sampling.calibrate_layout(weights, 1) == "column"
 
 
 def test_compiled_decode_step_equals_eager():

@@ -1,9 +1,13 @@
-"""Shared fixtures: small text corpora, a small byte-level tokenizer trained on them, and configs reading them."""
+"""Shared fixtures: small text corpora, a small byte-level tokenizer trained on them, and configs reading them;
+a recorder of the largest tensor an operation creates."""
 
 import random
 
 import pytest
+import torch
+import torch.utils._pytree as pytree
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 from config import config_from_dict
@@ -56,3 +60,19 @@ def bpe_path(tmp_path_factory) -> str:
     path = str(root / "tokenizer.json")
     data.train_tokenizer(build_config(root, path, {"dataset_folder": str(root / "text")}))
     return path
+
+
+class LargestTensor(TorchDispatchMode):
+    """`with LargestTensor() as rec:` records in rec.numel the element count of the largest tensor any operation
+    returns inside the block, backward included (on the CPU autograd runs the backward on the calling thread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out

@@ -7,6 +7,7 @@ TensorBoard and Weights & Biases receive the same numbers only when installed an
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,9 +15,30 @@ import torch
 
 from config import ModelConfig
 
-# Dense bf16/fp16 tensor-core peak, in TFLOP/s, by substring of torch.cuda.get_device_name(); first match wins.
-PEAK_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0),
-               ("L40", 181.0), ("L4", 121.0), ("4090", 165.0), ("3090", 71.0), ("V100", 125.0), ("T4", 65.0)]
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU as its vendor's data sheet gives it: memory, and the dense bf16 tensor-core peak (no sparsity; the
+    data sheets' headline figure with sparsity is twice this). V100 and T4 have no bf16: their fp16 peak."""
+    key: str            # the name `--plan --gpu` takes
+    match: str          # a substring of torch.cuda.get_device_name()
+    memory_gib: float
+    bf16_tflops: float
+
+
+# One table for MFU (metrics) and the planner. gpu_by_name() takes the first entry whose `match` is in the device
+# name, so the more specific names come first (H100 PCIe before H100, A10G before A10, L40S before L40 before L4).
+GPUS = [GPU("h200", "H200", 141, 989.0), GPU("h100-pcie", "H100 PCIe", 80, 756.0),
+        GPU("h100-nvl", "H100 NVL", 94, 835.0), GPU("h100", "H100", 80, 989.0),
+        GPU("a100-80", "A100", 80, 312.0), GPU("a100-40", "A100", 40, 312.0),
+        GPU("a10g", "A10G", 24, 70.0), GPU("a10", "A10", 24, 125.0), GPU("l40s", "L40S", 48, 362.0),
+        GPU("l40", "L40", 48, 181.0), GPU("l4", "L4", 24, 121.0), GPU("rtx4090", "4090", 24, 165.2),
+        GPU("rtx3090", "3090", 24, 71.0), GPU("v100", "V100", 16, 125.0), GPU("t4", "T4", 16, 65.0)]
+
+
+def gpu_by_name(device_name: str) -> Optional[GPU]:
+    """The GPUS entry for a torch.cuda.get_device_name() string, e.g. 'NVIDIA A10G'; None when unknown."""
+    return next((gpu for gpu in GPUS if gpu.match in device_name), None)
 
 
 def peak_flops(device: torch.device) -> tuple[Optional[float], str]:
@@ -24,10 +46,10 @@ def peak_flops(device: torch.device) -> tuple[Optional[float], str]:
     if device.type != "cuda":
         return None, f"no MFU on {device.type}"
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12, f"{name}: {tflops:.0f} TFLOP/s dense bf16 peak"
-    return None, f"{name}: peak FLOP/s unknown, MFU not reported"
+    gpu = gpu_by_name(name)
+    if gpu is None:
+        return None, f"{name}: peak FLOP/s unknown, MFU not reported"
+    return gpu.bf16_tflops * 1e12, f"{name}: {gpu.bf16_tflops:g} TFLOP/s dense bf16 peak"
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from config import Config, ConfigError, ModelConfig
+from distributed import accumulation
 from metrics import GPU, GPUS, duration, flops_per_token, human
 from model import LOSS_CHUNK_TOKENS, SmolLM2
 
@@ -112,15 +113,15 @@ def memory(cfg: Config, nproc: int, micro_batch: int, recompute: bool, compute: 
     """Bytes per GPU by what holds them, and the peak. compute: 2 for bf16/fp16, 4 for fp32."""
     m, zero = cfg.model.model_config, cfg.optimizer.zero_stage
     p = p or count_parameters(m)
-    shards = nproc if zero >= 1 else 1
+    shards = nproc if zero >= 1 and nproc > 1 else 1   # as distributed.sharded(): one process never shards
     held = {"weights (fp32)": 4 * p.total // shards, "gradients (fp32)": 4 * p.total // shards,
             "AdamW moments (fp32)": 8 * p.total // shards}
     if zero == 0 and nproc > 1:
         held["DDP gradient buckets"] = 4 * p.total
-    if zero >= 1:   # FSDP2 gathers weights in the compute dtype, and holds one layer's unsharded gradient to reduce it
+    if shards > 1:   # FSDP2 gathers weights in the compute dtype, and holds one layer's unsharded gradient to reduce it
         gathered = p.total if zero < 3 else 2 * p.layer + (p.total - m.num_hidden_layers * p.layer)
         held["FSDP2 gathered weights"] = compute * gathered + (compute + 4) * p.layer
-    residual = 4 if zero == 0 else compute   # FSDP2's bf16 weights make a bf16 residual stream
+    residual = compute if shards > 1 else 4   # FSDP2's bf16 weights make a bf16 residual stream
     parts, step_peak = step_bytes(m, micro_batch * cfg.tokens.sequence_length, compute, residual, recompute, p)
     return {**held, **parts}, sum(held.values()) + step_peak
 
@@ -196,21 +197,19 @@ def precision(cfg: Config) -> str:
 
 
 def plan(cfg: Config, gpu: str = "a10g", nproc: int = 1, price_per_gpu_hour: Optional[float] = None,
-         mfu: float = 0.4) -> Plan:
-    """Everything `--plan` prints, for `nproc` GPUs of kind `gpu` (a key of metrics.GPUS)."""
+         mfu: float = 0.4, explicit_accumulation: bool = False) -> Plan:
+    """Everything `--plan` prints, for `nproc` GPUs of kind `gpu` (a key of metrics.GPUS). The accumulation is the
+    one train.py would use: the config's global batch kept, unless the command line set it (explicit)."""
     spec = find_gpu(gpu)
     if nproc < 1 or not 0 < mfu <= 1:
         raise ConfigError(f"--nproc must be >= 1 and --mfu in (0, 1], got {nproc} and {mfu}")
     t, recompute = cfg.tokens, cfg.parallelism.recompute_layer
-    per_step = cfg.parallelism.dp * t.batch_accumulation_per_replica   # the config's global batch, in micro-batches
-    if per_step % nproc:
-        raise ConfigError(f"--nproc {nproc}: the config's global batch of parallelism.dp x batch_accumulation_per_"
-                          f"replica = {per_step} micro-batches does not split over {nproc} processes")
+    k = accumulation(cfg, nproc, explicit_accumulation)[0]
     compute = 4 if precision(cfg) == "fp32" else 2
     p = count_parameters(cfg.model.model_config)
     lines, peak = memory(cfg, nproc, t.micro_batch_size, recompute, compute, p)
     other = memory(cfg, nproc, t.micro_batch_size, not recompute, compute, p)[0]["activations kept"]
-    return Plan(cfg, spec, nproc, mfu, price_per_gpu_hour, p.total, per_step // nproc, lines, peak, other,
+    return Plan(cfg, spec, nproc, mfu, price_per_gpu_hour, p.total, k, lines, peak, other,
                 samples_kv_bytes(cfg),
                 usable_bytes(spec), largest_micro_batch(cfg, nproc, spec, recompute, compute, p),
                 largest_micro_batch(cfg, nproc, spec, not recompute, compute, p))
@@ -219,7 +218,7 @@ def plan(cfg: Config, gpu: str = "a10g", nproc: int = 1, price_per_gpu_hour: Opt
 def format_plan(p: Plan) -> str:
     cfg, t, g = p.cfg, p.cfg.tokens, p.gpu
     zero, rec = cfg.optimizer.zero_stage, cfg.parallelism.recompute_layer
-    mode = "DDP" if zero == 0 else ("FSDP2, ZeRO-3" if zero >= 3 else "FSDP2, ZeRO-2")
+    mode = "DDP" if zero == 0 or p.nproc == 1 else ("FSDP2, ZeRO-3" if zero >= 3 else "FSDP2, ZeRO-2")
     on = lambda r: f"recompute_layer {str(r).lower()}"
     row = lambda name, n, note="": f"  {name:<30}{n / GiB:7.2f} GiB{note}"
     lines = [f"plan: {human(p.parameters)} parameters on {p.nproc} x {g.key} "
@@ -258,5 +257,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="with --plan: model FLOPs utilisation to assume")
 
 
-def report(cfg: Config, args: argparse.Namespace) -> str:
-    return format_plan(plan(cfg, args.gpu, args.nproc, args.price_per_gpu_hour, args.mfu))
+def report(cfg: Config, args: argparse.Namespace, explicit_accumulation: bool = False) -> str:
+    return format_plan(plan(cfg, args.gpu, args.nproc, args.price_per_gpu_hour, args.mfu, explicit_accumulation))

@@ -27,6 +27,7 @@ import yaml
 
 import data
 import distributed
+import planner
 import remote
 from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_checkpoint,
                         load_state_into, resolve_checkpoint, rotate_checkpoints, save_atomic)
@@ -394,10 +395,14 @@ def main(argv=None) -> int:
                         help="continue from the newest checkpoint of the run (no value; the bucket's when the run dir "
                              "has none), from this checkpoint file, or from s3://bucket/prefix[/checkpoints/step_N.pt]")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokens.micro_batch_size=4")
+    planner.add_arguments(parser)
     args = parser.parse_args(argv)
     explicit = any(o.split("=", 1)[0].strip() == "tokens.batch_accumulation_per_replica" for o in args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.plan:   # memory, fit, time and cost of this config on --gpu; nothing is trained or loaded
+            print(planner.report(cfg, args, explicit))
+            return 0
         result = train(cfg, args.resume, explicit)
     except (ConfigError, CheckpointError, data.DataError, remote.RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)

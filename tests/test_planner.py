@@ -1,12 +1,14 @@
 """planner.py's memory model is what PyTorch does: its activation estimate is within 20% of peaks measured on the CPU
 at three shapes, with and without recompute, in fp32, under bf16 autocast and with bf16 weights; its weights,
 gradients and optimizer state follow the exact parameter count and divide over FSDP2 ranks; its largest micro-batch
-fits and the next does not."""
+fits and the next does not; `train.py --plan` prints it in seconds, allocating no weights and reading no data."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import planner
+import train
 from conftest import LargestTensor
 from config import ModelConfig, load_config
 from metrics import GPUS, flops_per_token, gpu_by_name
@@ -164,3 +167,28 @@ def test_device_names_resolve_to_their_data_sheet_entry():
              "NVIDIA GeForce RTX 4090": "rtx4090", "Tesla T4": "t4", "Tesla V100-SXM2-16GB": "v100"}
     assert {name: gpu_by_name(name).key for name in names} == names   # A100s share one peak: the first entry's
     assert gpu_by_name("Some Future GPU") is None
+
+
+# ---------------------------------------------------------------- the command
+
+
+def peak_resident_kb() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def test_plan_prints_in_seconds_without_data_or_weights(capsys, monkeypatch):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("--plan must not train"))
+    Path("/proc/self/clear_refs").write_text("5")   # the high-water mark starts from here
+    start, before = time.perf_counter(), peak_resident_kb()
+    rc = train.main(["--config", str(ROOT / "config_smollm2_1.7B.yaml"), "--plan", "--gpu", "l4", "--nproc", "4",
+                     "--price_per_gpu_hour", "0.8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and time.perf_counter() - start < 30
+    assert peak_resident_kb() - before < 200_000, "1.7B weights would be 6.8 GB; --plan must allocate none"
+    assert "4 x l4" in out and "peak" in out and "largest micro-batch that fits" in out and "$" in out
+
+
+def test_plan_of_an_unknown_gpu_is_a_one_line_error(capsys):
+    assert train.main(["--config", str(ROOT / "config_tiny.yaml"), "--plan", "--gpu", "b200x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gpu b200x: unknown GPU; one of h200,") and err.count("\n") == 1

@@ -478,8 +478,6 @@ def _validate_nanotron_values(cfg: Config) -> None:
          "model.model_config.vocab_size to a multiple of it"),
         (cfg.general.benchmark_csv_path is not None, "general.benchmark_csv_path: not supported, set it to null; "
          "throughput is logged to metrics.jsonl"),
-        (cfg.optimizer.zero_stage != 0, f"optimizer.zero_stage: {cfg.optimizer.zero_stage} is not supported on this "
-         "code path; set it to 0 (data parallelism with DDP)"),
     ]
     for refused, message in refusals:
         if refused:

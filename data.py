@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,7 +41,7 @@ from config import Config, ConfigError, data_dir, load_config, stage_view
 from shards import DataError
 
 EOS = "<|endoftext|>"
-POOLED = "all sources"   # the name of a validation split not kept per source, and of the training split
+POOLED = "all sources"   # what a split of all sources together is called
 EOS_SPELLINGS = (EOS, "</s>", "<|end_of_text|>", "<eos>")
 
 
@@ -129,7 +129,7 @@ def _fingerprint(cfg: Config, tok: Tokenizer) -> str:
 
 
 def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], None] = print) -> dict:
-    """Write the validation and training shards to output_dir(cfg), continuing an interrupted run; return the state.
+    """Write the validation and training shards to data_dir(cfg), continuing an interrupted run; return the state.
 
     The held-out documents are kept in memory until the validation split is complete, then written per source; from
     then on the state (committed after each shard, once the shard itself is in place) holds the mixer's position and
@@ -308,7 +308,7 @@ def _split(cfg: Config, split: str, rank: int, tok: Optional[Tokenizer]):
         state = prepare(cfg, tok, log)
     if state and state["done"]:
         vocab = cfg.model.model_config.vocab_size
-        groups = {}   # shards prepared before validation was kept per source hold one pooled split
+        groups = {}   # by source; the training split, and validation prepared before it was kept apart, pooled
         for r in state["shards"]:
             if r["split"] == split:
                 groups.setdefault(r.get("source", POOLED), []).append(shards.open_shard(os.path.join(out, r["file"]),

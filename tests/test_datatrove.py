@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build_config, corpus
+from conftest import build_config, byte_bpe, corpus
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.tokens import DocumentTokenizer
@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 import data
 import datatrove_folder
+import shards
 import sources
 from data import DataError
 
@@ -34,7 +35,6 @@ def prepared_documents(cfg, tok) -> list[list[int]]:
     data.prepare(cfg, tok, log=lambda _: None)
     out = cfg.data_prep.output_dir
     rows = [json.loads(line) for line in open(f"{out}/manifest.jsonl")]
-    import shards
     stream = np.concatenate([shards.open_shard(f"{out}/{r['file']}", 2**16) for r in rows]).tolist()
     docs, start = [], 0
     for i, t in enumerate(stream):
@@ -74,7 +74,6 @@ def test_a_datatrove_folder_mixes_with_text_by_weight_and_trains(tmp_path, bpe_p
 
 
 def test_a_datatrove_folder_of_another_tokenizer_is_refused_by_name(tmp_path, bpe_path, texts):
-    from conftest import byte_bpe
     other = tmp_path / "other.json"
     byte_bpe(texts, 280).save(str(other))
     datatrove_tokenize(texts, tmp_path / "tokens", str(other), tasks=1)

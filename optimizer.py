@@ -18,8 +18,8 @@ def lr_at(step: int, s: LRSchedulerArgs, train_steps: int) -> float:
 
     warmup     step <= W:            lr * step / W (linear: 0 for the very first update) or lr (constant)
     stable     W < step < D:         lr
-    decay      D <= step < D + N:    min + (lr - min) * f,  with k = step - D
-                                     f = (N - k) / N (linear), (1 + cos(pi k / N)) / 2 (cosine), 1 - sqrt(k / N) (1-sqrt)
+    decay      D <= step < D + N:    min + (lr - min) * f, k = step - D; f = (N - k) / N (linear),
+                                     (1 + cos(pi k / N)) / 2 (cosine) or 1 - sqrt(k / N) (1-sqrt)
     after      step >= D + N:        min
     W = lr_warmup_steps; D = lr_decay_starting_step, default W; N = lr_decay_steps, default train_steps - W (nanotron's
     default, even when D is set); min = min_decay_lr, default lr (no decay at all). A late D with a short N is

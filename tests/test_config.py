@@ -11,16 +11,16 @@ import yaml
 from config import NO_EFFECT, ConfigError, config_from_dict, data_dir, load_config, notes, stage_view
 from model import SmolLM2
 
-OFFICIAL = {"135M": "tests/fixtures/smollm2/config_smollm2_135M.yaml", "360M": "tests/fixtures/smollm2/config_smollm2_360M.yaml",
-            "1.7B": "tests/fixtures/smollm2/config_smollm2_1B.yaml"}
+OFFICIAL = {size: f"tests/fixtures/smollm2/config_smollm2_{name}.yaml"   # 1B is the file of the 1.7B run
+            for size, name in (("135M", "135M"), ("360M", "360M"), ("1.7B", "1B"))}
 PUBLISHED = {"135M": 134_515_008, "360M": 361_821_120, "1.7B": 1_711_376_384}   # the released models' safetensors
 OUR_SECTIONS = {"run", "sampling", "data_prep", "s3"}
 SHIPPED = ["config_smollm2_135M.yaml", "config_smollm2_360M.yaml", "config_smollm2_1.7B.yaml"]
 # What this repository does with each key of the official files. "refused" keys are refused for any value other
 # than the ones implemented (test_values_not_implemented_are_refused_by_key); NO_EFFECT keys are in config.NO_EFFECT
 # and the README; every other key changes the run as it does in nanotron.
-REFUSED_OTHERWISE = {"general.benchmark_csv_path", "model.make_vocab_size_divisible_by", "model.model_config.hidden_act",
-                     "model.model_config.pretraining_tp", "model.model_config.rope_scaling",
+REFUSED_OTHERWISE = {"general.benchmark_csv_path", "model.make_vocab_size_divisible_by",
+                     "model.model_config.hidden_act", "model.model_config.pretraining_tp", "model.model_config.rope_scaling",
                      "optimizer.accumulate_grad_in_fp32", "optimizer.optimizer_factory.name",
                      "parallelism.expert_parallel_size", "parallelism.pp", "parallelism.tp", "profiler"}
 HONOURED = {

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from checkpoint import CheckpointError, checkpoint_step, is_hf_dir, list_checkpoints, resolve_checkpoint, run_dir_of
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype
-from metrics import read_metrics
+from metrics import read_metrics, short_names, val_curves
 from model import SmolLM2
 from sampling import SamplingParams, TextStream, generate
 
@@ -162,11 +162,18 @@ def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, s
 
 
 def loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
-    """Train and validation loss of each run (label -> run directory), from its metrics.jsonl, for a gr.LinePlot."""
+    """Train and validation loss of each run (label -> run directory), and each data source's validation loss where
+    a run has several, from its metrics.jsonl, for a gr.LinePlot."""
     kinds = {"train": "train", "val": "validation"}
-    rows = [{"step": r["step"], "loss": r["loss"], "series": f"{label} · {kinds[r['kind']]}"}
-            for label, run_dir in runs.items() for r in read_metrics(run_dir / "metrics.jsonl")
-            if r.get("kind") in kinds and "loss" in r]
+    rows = []
+    for label, run_dir in runs.items():
+        records = read_metrics(run_dir / "metrics.jsonl")
+        rows += [{"step": r["step"], "loss": r["loss"], "series": f"{label} · {kinds[r['kind']]}"}
+                 for r in records if r.get("kind") in kinds and "loss" in r]
+        per_source = val_curves(records)
+        names = short_names(per_source)
+        rows += [{"step": step, "loss": loss, "series": f"{label} · validation · {names[name]}"}
+                 for name, points in per_source.items() for step, loss in points]
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 

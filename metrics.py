@@ -1,11 +1,13 @@
 """What a training run tells its user: log lines, throughput and MFU, a metrics JSONL file and a loss-curve PNG.
 
-Everything is appended to `<run dir>/metrics.jsonl` (one JSON object per line, `kind` = train | val | sample);
-TensorBoard and Weights & Biases receive the same numbers only when installed and asked for in the config.
+Everything is appended to `<run dir>/metrics.jsonl` (one JSON object per line, `kind` = train | val | sample; train
+and val records name the data `stage`, val records hold each source's loss in `sources`); TensorBoard and Weights &
+Biases receive the same numbers only when installed and asked for in the config.
 """
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,22 @@ def format_train_line(r: dict) -> str:
     return " | ".join(parts)
 
 
+def short_names(names) -> dict[str, str]:
+    """Source name -> what a log line or a legend shows: the last part of a path or hub id, the whole name where
+    two sources would read alike."""
+    short = {name: os.path.basename(name.rstrip("/")) or name for name in names}
+    return {name: s if list(short.values()).count(s) == 1 else name for name, s in short.items()}
+
+
+def format_val_line(r: dict) -> str:
+    """step 500 | val loss 3.412 | ppl 30.3 | web 3.301 · code 2.957 (each source's loss when there are several)."""
+    line = f"step {r['step']} | val loss {r['loss']:.3f} | ppl {r['ppl']:.1f}"
+    if len(r.get("sources") or {}) > 1:
+        names = short_names(r["sources"])
+        line += " | " + " · ".join(f"{names[n]} {loss:.3f}" for n, loss in r["sources"].items())
+    return line
+
+
 def progress_bar(step: int, total: int, width: int = 30) -> str:
     filled = width * step // max(total, 1)
     return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
@@ -129,6 +147,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
                    if isinstance(v, (int, float)) and k not in ("step", "kind")}
+        names = short_names(record.get("sources") or {})
+        scalars.update({f"{record['kind']}/loss/{names[n]}": v for n, v in (record.get("sources") or {}).items()})
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, record["step"])
@@ -149,11 +169,23 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def val_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Each source's validation loss against step ({} with a single source: the total is its curve)."""
+    curves = {}
+    for r in records:
+        if r.get("kind") == "val" and len(r.get("sources") or {}) > 1:
+            for name, loss in r["sources"].items():
+                curves.setdefault(name, []).append((r["step"], loss))
+    return curves
+
+
 def plot_losses(metrics_path, out_png) -> Optional[Path]:
-    """Train and validation loss against step, as a PNG; None when matplotlib is missing or nothing is logged."""
+    """Train and validation loss against step, each source's validation loss dashed, as a PNG; None when matplotlib
+    is missing or nothing is logged."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     val = [(r["step"], r["loss"]) for r in records if r.get("kind") == "val"]
+    per_source = val_curves(records)
     if not train and not val:
         return None
     try:
@@ -167,6 +199,9 @@ def plot_losses(metrics_path, out_png) -> Optional[Path]:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+    names = short_names(per_source)
+    for name, points in per_source.items():
+        ax.plot(*zip(*points), "--", label=f"validation · {names[name]}", linewidth=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

@@ -29,10 +29,11 @@ import data
 import distributed
 import planner
 import remote
+import stages
 from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_checkpoint,
                         load_state_into, resolve_checkpoint, rotate_checkpoints, save_atomic)
-from config import Config, ConfigError, config_to_dict, load_config
-from metrics import (MetricsLog, flops_per_token, format_train_line, human, peak_flops, plot_losses,
+from config import Config, ConfigError, config_to_dict, load_config, notes
+from metrics import (MetricsLog, flops_per_token, format_train_line, format_val_line, human, peak_flops, plot_losses,
                      progress_bar)
 from model import SmolLM2
 from optimizer import build_optimizer, lr_at
@@ -56,8 +57,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     tokenizer: object
-    train_data: data.TokenLoader
-    val_data: data.TokenLoader
+    train_data: stages.StagedLoader         # every data stage's batches, and the running stage's validation sources
     accumulation: int                       # micro-batches per optimizer step on each rank
     accumulation_note: str                  # why it differs from the config's, if it does
     uploader: Optional[remote.Uploader] = None
@@ -120,8 +120,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     np.random.seed(cfg.general.seed)
 
     tokenizer = data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
-    train_data = data.train_loader(cfg, rt.rank, rt.world, tokenizer)
-    val_data = data.val_loader(cfg, rt.rank, rt.world, tokenizer)
+    train_data = stages.StagedLoader(cfg, rt.rank, rt.world, tokenizer)
 
     torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
     model = SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
@@ -134,12 +133,15 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     net = distributed.wrap(model, cfg, rt)
     # fused AdamW on GPUs; sharded parameters use the foreach kernels, which every DTensor op supports
     fused = rt.device.type == "cuda" and cfg.optimizer.optimizer_factory.torch_adam_is_fused
-    optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt))
+    optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt),
+                                cfg.run.weight_decay_exclude_1d)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, val_data, k, k_note,
-              uploader)
+    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, uploader)
     if ckpt is not None:
         restore(run, ckpt_path, ckpt)
+    train_data.begin_step(run.step + 1)   # the stage of the next step, at its position (the start line names it)
+    if cfg.tokens.limit_val_batches > 0:
+        train_data.validation()   # its held-out data is read (or found missing) now, not at the first validation
     if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -177,7 +179,7 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
              f"= {run.tokens_per_step:,} tokens/step"]
     parts += [note] if note else []
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
-              peak_flops(rt.device)[1]]
+              f"data {stages.describe(cfg, stages.stage_at(cfg, run.step + 1))}", peak_flops(rt.device)[1]]
     parts += [f"resumed from {ckpt_path} at step {run.step}"] if ckpt_path else []
     return " | ".join(parts)
 
@@ -253,8 +255,8 @@ def log_progress(run: Run, progress: Progress, loss: float, grad_norm: float, lr
     tok_s = progress.steps_since_log * run.tokens_per_step / max(now - progress.t_log, 1e-9)
     rate = (run.step - progress.start_step) / max(now - progress.t_start, 1e-9)
     peak, _ = peak_flops(rt.device)
-    record = {"kind": "train", "step": run.step, "train_steps": steps, "loss": loss, "lr": lr,
-              "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tok_per_s": tok_s,
+    record = {"kind": "train", "step": run.step, "train_steps": steps, "stage": run.train_data.name, "loss": loss,
+              "lr": lr, "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tok_per_s": tok_s,
               "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
               if peak else None,
               "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device)}
@@ -263,25 +265,37 @@ def log_progress(run: Run, progress: Progress, loss: float, grad_norm: float, lr
     progress.t_log, progress.steps_since_log = now, 0
 
 
+def validation_due(cfg: Config, step: int) -> bool:
+    """nanotron's keys: tokens.limit_val_batches 0 means no validation; otherwise every tokens.val_check_interval
+    steps (<= 0: never on an interval) and after the last step."""
+    interval = cfg.tokens.val_check_interval
+    return cfg.tokens.limit_val_batches > 0 and (
+        (interval > 0 and step % interval == 0) or step == cfg.tokens.train_steps)
+
+
 @torch.no_grad()
 def validate(run: Run) -> float:
-    """Mean loss over the first run.val_batches batches of the held-out split (the same batches every time); every
-    rank takes part (each reads its own share, and FSDP's forward needs them all)."""
+    """Each source's mean loss over the first tokens.limit_val_batches micro-batches of its held-out documents (the
+    same batches every time), and their mean weighted by the running stage's mixing weights. Every rank takes part
+    (each reads its own share, and FSDP's forward needs them all)."""
     run.net.eval()
-    loader, batches = run.val_data, run.cfg.run.val_batches
-    loader.reset()
-    total = torch.zeros((), device=run.rt.device)
-    for _ in range(batches):
-        x, y = loader.next_batch()
-        with run.rt.autocast():
-            _, loss = run.net(x.to(run.rt.device), y.to(run.rt.device))
-        total += loss.float()
+    batches, losses, weights = run.cfg.tokens.limit_val_batches, {}, {}
+    for name, weight, loader in run.train_data.validation():
+        loader.reset()
+        total = torch.zeros((), device=run.rt.device)
+        for _ in range(batches):
+            x, y = loader.next_batch()
+            with run.rt.autocast():
+                _, loss = run.net(x.to(run.rt.device), y.to(run.rt.device))
+            total += loss.float()
+        losses[name], weights[name] = mean_across_ranks(total / batches, run.rt).item(), weight
     run.net.train()
-    run.val_loss = mean_across_ranks(total / batches, run.rt).item()
+    run.val_loss = sum(weights[n] * losses[n] for n in losses) / sum(weights.values())
     if run.rt.main:
-        ppl = math.exp(min(run.val_loss, 50))
-        print(f"step {run.step} | val loss {run.val_loss:.3f} | val ppl {ppl:.1f}", flush=True)
-        run.log.write({"kind": "val", "step": run.step, "loss": run.val_loss, "ppl": ppl})
+        record = {"kind": "val", "step": run.step, "stage": run.train_data.name, "loss": run.val_loss,
+                  "ppl": math.exp(min(run.val_loss, 50)), "sources": losses}
+        print(format_val_line(record), flush=True)
+        run.log.write(record)
         plot_losses(run.log.path, run.run_dir / "loss.png")
     return run.val_loss
 
@@ -339,13 +353,19 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
     run, ckpt_path = setup(cfg, resume, explicit_accumulation)
     rt, steps = run.rt, cfg.tokens.train_steps
     if rt.main:
+        for line in notes(cfg):
+            print(line, file=sys.stderr, flush=True)
         print(start_line(run, ckpt_path), flush=True)
+    if ckpt_path is None and cfg.checkpoints.save_initial_state:
+        save(run, "initial state")
     stop_signal = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
     progress = Progress(run.step)
     show_bar = rt.main and sys.stderr.isatty()
     run.net.train()
     while run.step < steps:
+        if run.train_data.begin_step(run.step + 1) and rt.main:   # a new data stage starts with this step
+            print(f"data: {stages.describe(cfg, stages.stage_at(cfg, run.step + 1))} starts", flush=True)
         loss, grad_norm, lr = optimizer_step(run, progress)
         run.step += 1
         run.tokens_seen += run.tokens_per_step
@@ -359,7 +379,7 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
             if show_bar:
                 sys.stderr.write("\r\033[K")   # clear the bar; the log line takes its place
             log_progress(run, progress, loss, grad_norm, lr)
-        if run.step % cfg.tokens.val_check_interval == 0 or last:
+        if validation_due(cfg, run.step):
             validate(run)
         if cfg.sampling.interval and (run.step % cfg.sampling.interval == 0 or last):
             write_samples(run)

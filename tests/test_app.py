@@ -64,7 +64,8 @@ def train_tiny_model(tok: Tokenizer, run_dir: Path) -> None:
             metrics.append({"kind": "train", "step": step, "loss": loss.item()})
             if step % 60 == 0:
                 val = loss.item() + 0.05   # a stand-in: the fixture has no held-out text
-                metrics.append({"kind": "val", "step": step, "loss": val})
+                metrics.append({"kind": "val", "step": step, "loss": val, "stage": "stable",
+                                "sources": {"data/web": val - 0.1, "data/code": val + 0.1}})
                 save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
                              "train_state": {"step": step, "tokens_seen": step * 16 * 32, "val_loss": val}},
                             run_dir / "checkpoints" / f"step_{step:08d}.pt")
@@ -253,8 +254,8 @@ def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_and_loss_
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
     assert texts[0] == expected_text(runs / names[0], PROMPT, params)
     assert texts[1] == expected_text(runs / names[1], PROMPT, params)
-    series = {row[2] for row in plot["data"]}
-    assert series == {"run1 · train", "run1 · validation"}
+    series = {row[2] for row in plot["data"]}   # each data source's validation loss too
+    assert series == {"run1 · train", "run1 · validation", "run1 · validation · web", "run1 · validation · code"}
 
 
 # ---------------------------------------------------------------- in a real browser

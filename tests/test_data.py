@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 import data
 import shards
 import sources
+import streaming
 from config import ConfigError
 from data import DataError
 from sources import Mixer, Source
@@ -24,6 +25,11 @@ def stream_of(out) -> np.ndarray:
     """The whole token stream (validation first, then training) of a prepared folder."""
     rows = [json.loads(line) for line in open(out / "manifest.jsonl")]
     return np.concatenate([shards.open_shard(str(out / r["file"]), 2**16) for r in rows]).astype(np.int64)
+
+
+def texts_of(cfg, source: int = 0) -> list[str]:
+    """The texts of one source of the config, in the order they are read."""
+    return [text for text, _ in sources.documents(sources.sources(cfg)[source], cfg)]
 
 
 def documents_of(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
@@ -94,13 +100,13 @@ def test_config_names_sources_in_nanotrons_forms_with_weights_and_checked_caps(t
 
 def test_builtin_corpus_is_the_standard_library_without_its_tests(tmp_path, bpe_path):
     cfg = build_config(tmp_path, bpe_path, {"hf_dataset_or_datasets": "builtin:python-stdlib"})
-    texts = list(itertools.islice(sources.documents(sources.sources(cfg)[0], cfg), 20))
+    texts = [text for text, _ in itertools.islice(sources.documents(sources.sources(cfg)[0], cfg), 20)]
     assert len(texts) == 20 and all(("def " in t or "import " in t or '"""' in t) for t in texts)
 
 
 def test_mixing_follows_the_weights_to_within_one_document_and_stops_at_caps():
     def stream(tag, n):
-        return (np.full(10 + i % 7, tag) for i in range(n))
+        return ((np.full(10 + i % 7, tag), i) for i in range(n))
     srcs = [Source("a", 3.0, None, True), Source("b", 1.0, None, True), Source("c", 1.0, 200, True)]
     mixer = Mixer([stream(1, 1000), stream(2, 1000), stream(3, 1000)], srcs)
     for _ in itertools.islice(mixer, 500):   # taken/weight of the active sources stay within one document (<= 16)
@@ -113,14 +119,16 @@ def test_mixing_follows_the_weights_to_within_one_document_and_stops_at_caps():
 
 
 def test_mixing_continues_exactly_from_its_saved_position():
-    def stream(tag, skip=0):
-        return itertools.islice((np.full(5 + i % 3, tag) for i in range(100)), skip, None)
+    def stream(tag, after=None):   # (document, position): the position is the document's index
+        start = 0 if after is None else after + 1
+        return ((np.full(5 + i % 3, tag), i) for i in range(start, 100))
     srcs = [Source("a", 2.0, None, True), Source("b", 1.0, 150, True)]
     whole = [d.tolist() for d in Mixer([stream(1), stream(2)], srcs)]
     first = Mixer([stream(1), stream(2)], srcs)
     head = [d.tolist() for d in itertools.islice(first, 37)]
-    rest = [d.tolist() for d in Mixer([stream(1, first.docs[0]), stream(2, first.docs[1])], srcs, first.docs,
-                                      first.taken)]
+    state = first.state()
+    rest = [d.tolist() for d in Mixer([stream(1, state["positions"][0]), stream(2, state["positions"][1])], srcs,
+                                      state)]
     assert head + rest == whole
 
 
@@ -148,7 +156,7 @@ def test_files_are_shuffled_by_the_seed_and_each_read_exactly_once(tmp_path, bpe
     for seed in (1, 1, 2):
         cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")})
         cfg.data_stages[0].data.seed = seed
-        orders.append(list(sources.documents(sources.sources(cfg)[0], cfg)))
+        orders.append(texts_of(cfg))
     assert orders[0] == orders[1] != orders[2]
     assert sorted(orders[0]) == sorted(orders[2]) == sorted(texts)
 
@@ -158,7 +166,7 @@ def test_jsonl_and_parquet_rows_are_documents(tmp_path, bpe_path):
     (tmp_path / "rows" / "a.jsonl").write_text('{"body": "one"}\n\n{"body": "two"}\n{"body": null}\n')
     pq.write_table(pa.table({"body": ["three", "  ", "four"]}), tmp_path / "rows" / "b.parquet")
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "rows"), "text_column_name": "body"})
-    assert sorted(sources.documents(sources.sources(cfg)[0], cfg)) == ["four", "one", "three", "two"]
+    assert sorted(texts_of(cfg)) == ["four", "one", "three", "two"]
 
 
 def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_blocks_as_prepared_shards(
@@ -169,13 +177,13 @@ def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_block
     pq.write_table(pa.table({"content": texts[80:]}), tmp_path / "hub" / "data" / "train-00001-of-00002.parquet")
     cfg = build_config(tmp_path, bpe_path, {"hf_dataset_or_datasets": str(tmp_path / "hub"),
                                             "hf_dataset_splits": "train", "text_column_name": "content"})
-    assert list(sources.documents(sources.sources(cfg)[0], cfg)) == texts
+    assert texts_of(cfg) == texts
 
     streamed = data.train_loader(cfg)   # a datasets source is streamed when it has not been prepared
-    assert isinstance(streamed.blocks, data._Stream)
-    streamed_val = data.val_loader(cfg)
+    assert isinstance(streamed.blocks, streaming.StreamedBlocks)
+    [streamed_val] = data.val_loaders(cfg).values()
     data.prepare(cfg, log=lambda _: None)
-    prepared, prepared_val = data.train_loader(cfg), data.val_loader(cfg)
+    prepared, [prepared_val] = data.train_loader(cfg), data.val_loaders(cfg).values()
     assert isinstance(prepared.blocks, data._Blocks)
     for _ in range(prepared.blocks.n_blocks // 2 + 3):   # into the second epoch
         assert all(torch.equal(a, b) for a, b in zip(streamed.next_batch(), prepared.next_batch()))
@@ -183,7 +191,7 @@ def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_block
 
     pq.write_table(pa.table({"content": ["a test row"]}), tmp_path / "hub" / "data" / "test-00000-of-00001.parquet")
     cfg.data_stages[0].data.dataset.hf_dataset_splits = ["test", "train"]
-    assert list(sources.documents(sources.sources(cfg)[0], cfg)) == ["a test row"] + texts
+    assert texts_of(cfg) == ["a test row"] + texts
 
     cfg.data_stages[0].data.dataset.text_column_name = "text"
     with pytest.raises(DataError, match="no column 'text' .*it has content"):
@@ -305,7 +313,7 @@ def test_loader_cycles_through_epochs_and_validation_restarts_on_reset(prepared)
     first = blocks_of(loader, 1)
     blocks_of(loader, loader.blocks.n_blocks - 1)   # n_blocks micro-batches of 2 blocks: two whole epochs
     assert blocks_of(loader, 1) == first
-    val = data.val_loader(cfg)
+    [val] = data.val_loaders(cfg).values()
     once = blocks_of(val, 3)
     val.reset()
     assert blocks_of(val, 3) == once

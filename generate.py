@@ -63,17 +63,23 @@ def load(path, device: torch.device, dtype: torch.dtype):
     return model.to(dtype), cfg, info
 
 
-def open_tokenizer(name: Optional[str]) -> Tokenizer:
-    """A tokenizer.json file, a directory holding one, or a Hugging Face hub name (downloaded once, then cached)."""
-    if not name:
-        raise InputError("no tokenizer.json beside the checkpoint and none named in its config; pass --tokenizer FILE")
+def tokenizer_file(name: str) -> Optional[Path]:
+    """The local file a tokenizer name means: the file itself, or a directory's tokenizer.json; None for a hub name."""
     path = Path(name)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file() and name.endswith(".json"):
         raise InputError(f"tokenizer {path}: file not found; pass --tokenizer FILE")
+    return path if path.is_file() else None
+
+
+def open_tokenizer(name: Optional[str]) -> Tokenizer:
+    """A tokenizer.json file, a directory holding one, or a Hugging Face hub name (downloaded once, then cached)."""
+    if not name:
+        raise InputError("no tokenizer.json beside the checkpoint and none named in its config; pass --tokenizer FILE")
+    path = tokenizer_file(name)
     try:
-        return Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_pretrained(name)
+        return Tokenizer.from_file(str(path)) if path is not None else Tokenizer.from_pretrained(name)
     except Exception as e:
         raise InputError(f"tokenizer '{name}' could not be loaded ({e}); pass --tokenizer FILE") from None
 

@@ -223,6 +223,10 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
     def encode_prompt(loaded: Loaded, prompt) -> list[int]:
         if not isinstance(prompt, str):
             raise UserError(f"the prompt must be text, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate, which JSON can carry
+            raise UserError("the prompt is not valid UTF-8 text") from None
         limit = min(max_prompt_tokens, loaded.model.config.max_position_embeddings - 1)
         if len(prompt) > CHARS_PER_TOKEN * limit:
             raise UserError(f"the prompt is {len(prompt):,} characters; this app accepts at most {limit} tokens "

@@ -156,6 +156,10 @@ def real_path(path: Path, name: str) -> Path:
     if "\0" in name:
         raise CheckpointError(f"{shown!r}: a name with a NUL byte is not a path")
     try:
+        os.fsencode(name)   # file names from disk that are not UTF-8 arrive surrogate-escaped and pass
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{shown!r}: not valid UTF-8, so not a file name") from None
+    try:
         path = path.resolve()
         path.exists()   # raises for a name the file system refuses (too long, ...)
     except RuntimeError:   # Python 3.11 reports a link that leads back to itself this way

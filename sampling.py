@@ -7,7 +7,6 @@ tokens into text as they arrive (streaming and stop strings).
 """
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -17,6 +16,9 @@ from model import SmolLM2
 
 
 MAX_SEED = 2**64 - 1   # torch.Generator takes a 64-bit seed
+# the smallest and largest temperature, top_p and repetition penalty accepted: past them, fp32 logits divided or
+# multiplied by the value overflow (or the value itself rounds to 0 in fp32), and the probabilities become NaN
+LOW, HIGH = 1e-6, 1e6
 
 
 @dataclass
@@ -30,12 +32,13 @@ class SamplingParams:
     def __post_init__(self):
         # written as `not (good)` so that NaN, which fails every comparison, is refused too
         problems = [(not self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-                    (not 0 <= self.temperature < math.inf,
-                     f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}"),
+                    (not (self.temperature == 0 or LOW <= self.temperature <= HIGH),
+                     f"temperature must be 0 (greedy) or a number from {LOW:g} to {HIGH:g}, got {self.temperature}"),
                     (self.top_k is not None and not self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
-                    (self.top_p is not None and not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-                    (not 0 < self.repetition_penalty < math.inf,
-                     f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")]
+                    (self.top_p is not None and not LOW <= self.top_p <= 1,
+                     f"top_p must be a number from {LOW:g} to 1, got {self.top_p}"),
+                    (not LOW <= self.repetition_penalty <= HIGH,
+                     f"repetition_penalty must be a number from {LOW:g} to {HIGH:g}, got {self.repetition_penalty}")]
         for bad, message in problems:
             if bad:
                 raise ValueError(message)

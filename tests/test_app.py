@@ -325,6 +325,8 @@ REFUSED = [
     ([["run1"], PROMPT, *sampling()], "no checkpoint picked"),
     (["run1", None, *sampling()], "the prompt must be text"),
     (["run1", ["a", "b"], *sampling()], "the prompt must be text"),
+    (["run1", "The \ud800 robot", *sampling()], "not valid UTF-8"),
+    (["run1\ud800", PROMPT, *sampling()], "not valid UTF-8"),
 ]
 
 

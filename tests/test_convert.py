@@ -260,6 +260,12 @@ def test_validate_params_passes_against_an_exported_directory(exported, capsys):
     assert "logits (fp32)              | ok" in capsys.readouterr().out
 
 
+def test_validate_params_says_what_it_is_doing_before_each_slow_step(capsys):
+    assert validate_params.main(["--config", "config_tiny.yaml", "--new_tokens", "8"]) == 0
+    steps = [line for line in capsys.readouterr().err.splitlines() if line.startswith("... ")]
+    assert [s.split()[1] for s in steps] == ["building", "logits", "8"], steps
+
+
 def test_validate_params_fails_naming_the_checks_when_rope_is_interleaved():
     result = run_script("-c", INTERLEAVED_ROPE, "--config", "config_tiny.yaml")
     assert result.returncode == 1, result.stdout + result.stderr

@@ -136,3 +136,56 @@ def test_cli_prepares_with_overrides_and_reports_bad_input_in_one_line(setup, tm
         result = run_cli(*args)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the loader checks each shard against the manifest
+
+
+def flip_a_token(path: Path) -> None:
+    """Change one token in place to another id that is still in the vocabulary: the header stays valid."""
+    raw = bytearray(path.read_bytes())
+    raw[shards.HEADER.size + 10] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+def test_the_loader_refuses_a_shard_changed_after_prepare_even_with_ids_in_range(setup, tmp_path):
+    data.prepare(setup, log=lambda _: None)
+    data.train_loader(setup)   # verified once, and remembered
+    flip_a_token(tmp_path / "shards" / "train_000001.bin")
+    with pytest.raises(DataError, match=r"train_000001.bin: sha256 differs from manifest.jsonl.*python data.py prepare"):
+        data.train_loader(setup)
+    data.val_loader(setup)   # the validation split does not read that shard
+
+
+def test_the_loader_refuses_a_same_size_shard_from_another_tokenizer(setup, tmp_path, bpe_path):
+    data.prepare(setup, log=lambda _: None)
+    other = tmp_path / "other_tok.json"
+    setup.tokenizer.tokenizer_name_or_path = str(other)
+    setup.data_prep.tokenizer_vocab_size = 280
+    setup.data_prep.output_dir = str(tmp_path / "other")
+    data.prepare(setup, log=lambda _: None)   # trains the other tokenizer first
+    mine, theirs = tmp_path / "shards" / "train_000001.bin", tmp_path / "other" / "train_000001.bin"
+    assert mine.stat().st_size == theirs.stat().st_size and mine.read_bytes() != theirs.read_bytes()
+    os.replace(theirs, mine)   # a rename keeps the file's own mtime
+    setup.tokenizer.tokenizer_name_or_path = bpe_path
+    setup.data_prep.output_dir = str(tmp_path / "shards")
+    setup.data_prep.tokenizer_vocab_size = 300
+    with pytest.raises(DataError, match=r"train_000001.bin: sha256 differs"):
+        data.train_loader(setup)
+
+
+def test_each_shard_is_hashed_once_and_again_only_after_it_changes(setup, tmp_path, monkeypatch):
+    data.prepare(setup, log=lambda _: None)
+    hashed = []
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    rows = [json.loads(line) for line in open(tmp_path / "shards" / "manifest.jsonl")]
+    train = sorted(r["file"] for r in rows if r["split"] == "train")
+    data.train_loader(setup)
+    assert sorted(hashed) == train
+    hashed.clear()
+    data.train_loader(setup)
+    assert hashed == [], "a shard seen unchanged since its check is not read again"
+    os.utime(tmp_path / "shards" / train[0])   # touched: its size may match, its bytes need a new look
+    data.train_loader(setup)
+    assert hashed == [train[0]]

@@ -29,16 +29,45 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
+class _Writes:
+    """A file's write(), remembering the OSError (a full disk, ...) that torch.save turns into an opaque RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, fsync, then rename: a kill mid-save leaves the previous file intact."""
+    """torch.save to a temp file, fsync, then rename: a kill mid-save leaves the previous file intact. A save the
+    disk refuses (full, read-only, ...) is a CheckpointError naming the reason, with the temp file removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    writes = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)   # whatever was left there, a link included, is never written through
+        with open(tmp, "xb") as f:
+            writes = _Writes(f)
+            torch.save(obj, writes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = writes.error if writes is not None and writes.error is not None else e
+        tmp.unlink(missing_ok=True)
+        if not isinstance(cause, OSError):   # torch.save failing for another reason than the disk: a bug
+            raise
+        raise CheckpointError(f"{path}: could not be written ({cause.strerror or cause}); nothing was replaced and no "
+                              "partial file is left") from None
     dir_fd = os.open(path.parent, os.O_RDONLY)   # make the rename itself durable
     try:
         os.fsync(dir_fd)

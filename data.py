@@ -183,6 +183,7 @@ def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], N
             state["shards"] += rows
             state.update(docs=mixer.docs, taken=mixer.taken, split=w.split, carry=w.carry().tolist(), done=done)
             shards.write_state(out, state)
+            shards.remember_written(out, rows)
             for row in rows:
                 log(f"data: wrote {os.path.join(out, row['file'])}  {row['tokens']:,} tokens  "
                     f"({(sum(mixer.taken) - taken0) / (time.time() - t0):,.0f} tokens/s)")

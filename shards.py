@@ -47,14 +47,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def atomic_write(path: str, *chunks) -> None:
-    """Write bytes-like chunks to `path` via a temporary file, fsync'ed, then renamed over the final name."""
+    """Write bytes-like chunks to `path` via a temporary file, fsync'ed, then renamed over the final name. A write
+    the disk refuses (full, ...) is a DataError naming the reason, with the temporary file removed."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)   # whatever was left there, a link included, is never written through
+        with open(tmp, "xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise DataError(f"{path}: could not be written ({e.strerror or e}); nothing was replaced and no partial file "
+                        "is left") from None
 
 
 @contextlib.contextmanager
@@ -208,18 +217,13 @@ def check_shards(directory: str, rows: list[dict], log: Callable[[str], None] = 
     size it implies, the token count and the sha256, so that a shard damaged after prepare, or swapped in from
     another tokenizer, is refused by name instead of trained on.
 
-    Hashing reads every byte (about 0.3 s per 100 MB shard on one slow core), so a shard whose sha256 matched is
+    Hashing reads every byte (0.3 to 1.2 s per 100 MB shard on one shared core), so a shard whose sha256 matched is
     remembered in checked.json with its identity (size, mtime, ctime, inode) and hashed again only once that
-    changes: the first start after prepare reads the data once, every later start costs a stat per shard. Under
-    torchrun the first rank hashes while the others wait, then find the shards remembered.
+    changes; prepare remembers the shards it writes. Only a folder copied from elsewhere is read once, at its first
+    start; every other start costs a stat per shard. Under torchrun the first rank hashes while the others wait.
     """
-    path = os.path.join(directory, CHECKED)
     with exclusive(os.path.join(directory, ".lock"), needed=False):
-        try:
-            with open(path, encoding="utf-8") as f:
-                checked = json.load(f)
-        except (OSError, ValueError):
-            checked = {}
+        checked = _read_checked(directory)
         todo = [r for r in rows if not _remembered(checked, directory, r)]
         if sum(r["tokens"] for r in todo) > 50_000_000:
             log(f"data: checking {len(todo)} shard(s) of {directory} against {MANIFEST} (sha256, once per change)")
@@ -239,13 +243,34 @@ def check_shards(directory: str, rows: list[dict], log: Callable[[str], None] = 
             else:
                 checked[row["file"]] = {"identity": identity, "sha256": row["sha256"]}
         if todo:
-            try:
-                atomic_write(path, json.dumps(checked).encode())
-            except OSError:   # a read-only data folder: checked again next time
-                pass
+            _write_checked(directory, checked)
     if bad:
         raise DataError(f"{len(bad)} shard(s) of {directory} do not match {MANIFEST}: " + "; ".join(bad)
                         + "; prepare the data again (`python data.py prepare`) or restore the files")
+
+
+def remember_written(directory: str, rows: list[dict]) -> None:
+    """Remember shards prepare has just written as checked (their sha256 is that of the bytes it wrote), so the
+    first training start does not read them all again. The caller holds the folder's lock."""
+    checked = _read_checked(directory)
+    for row in rows:
+        checked[row["file"]] = {"identity": _identity(os.path.join(directory, row["file"])), "sha256": row["sha256"]}
+    _write_checked(directory, checked)
+
+
+def _read_checked(directory: str) -> dict:
+    try:
+        with open(os.path.join(directory, CHECKED), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):   # none yet, or unreadable: every shard is checked again
+        return {}
+
+
+def _write_checked(directory: str, checked: dict) -> None:
+    try:
+        atomic_write(os.path.join(directory, CHECKED), json.dumps(checked).encode())
+    except (OSError, DataError):   # a read-only data folder: checked again next time
+        pass
 
 
 def _remembered(checked: dict, directory: str, row: dict) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import build_config, corpus
+from conftest import build_config, corpus, run_on_a_full_disk
 
 import data
 import shards
@@ -174,13 +174,17 @@ def test_the_loader_refuses_a_same_size_shard_from_another_tokenizer(setup, tmp_
         data.train_loader(setup)
 
 
-def test_each_shard_is_hashed_once_and_again_only_after_it_changes(setup, tmp_path, monkeypatch):
-    data.prepare(setup, log=lambda _: None)
+def test_each_shard_is_hashed_only_when_it_changed_since_prepare_wrote_or_a_loader_checked_it(setup, tmp_path,
+                                                                                              monkeypatch):
     hashed = []
     real = shards.file_sha256
     monkeypatch.setattr(shards, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    data.prepare(setup, log=lambda _: None)
     rows = [json.loads(line) for line in open(tmp_path / "shards" / "manifest.jsonl")]
     train = sorted(r["file"] for r in rows if r["split"] == "train")
+    data.train_loader(setup)
+    assert hashed == [], "prepare remembers what it wrote: the first start reads nothing again"
+    (tmp_path / "shards" / shards.CHECKED).unlink()   # as in a folder copied from another machine
     data.train_loader(setup)
     assert sorted(hashed) == train
     hashed.clear()
@@ -189,3 +193,14 @@ def test_each_shard_is_hashed_once_and_again_only_after_it_changes(setup, tmp_pa
     os.utime(tmp_path / "shards" / train[0])   # touched: its size may match, its bytes need a new look
     data.train_loader(setup)
     assert hashed == [train[0]]
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(setup, tmp_path):
+    setup.data_prep.shard_tokens = 20_000   # 40 KB shards
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(setup)))
+    out = tmp_path / "shards"
+    code, _, err, files, reason = run_on_a_full_disk(out, [sys.executable, ROOT / "data.py", "prepare", "--config",
+                                                           tmp_path / "cfg.yaml"], ROOT, size_kb=64, file_limit_kb=16)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and f"could not be written ({reason}); nothing was replaced" in err
+    assert not [f for f in files if f.endswith(".tmp")], files

@@ -179,14 +179,21 @@ def print_table(checks: list[Check]) -> None:
         print(f"{c.name:<{width}} | {'ok' if c.ok else 'FAIL':<6} | {c.detail}")
 
 
+def count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="config_smollm2_135M.yaml", help="YAML config (nanotron schema)")
     parser.add_argument("--hf_model", default=None, help="a local HF Llama directory, or a hub id (needs network)")
     parser.add_argument("--seed", type=int, default=0, help="for the random weights and tokens")
-    parser.add_argument("--batch", type=int, default=2, help="rows of random tokens for the logits check")
-    parser.add_argument("--seq_len", type=int, default=64, help="tokens per row for the logits check")
-    parser.add_argument("--new_tokens", type=int, default=64, help="greedy tokens generated per prompt")
+    parser.add_argument("--batch", type=count, default=2, help="rows of random tokens for the logits check")
+    parser.add_argument("--seq_len", type=count, default=64, help="tokens per row for the logits check")
+    parser.add_argument("--new_tokens", type=count, default=64, help="greedy tokens generated per prompt")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.model_config.num_hidden_layers=2")
     args = parser.parse_args(argv)
     try:

@@ -280,3 +280,11 @@ def test_validate_params_bad_input_is_one_line_and_exit_2(args, message):
     result = run_script("validate_params.py", *args)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--new_tokens", "--seq_len", "--batch"])
+def test_validate_params_counts_below_one_are_refused_by_argparse(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        validate_params.main(["--config", "config_tiny.yaml", flag, "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: must be a whole number >= 1, got '0'" in err

@@ -170,10 +170,28 @@ def read_state(directory: str, fingerprint: str) -> Optional[dict]:
         return None
     except ValueError as e:
         raise DataError(f"{path}: unreadable ({e}); delete {directory} to prepare again") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: damaged (not a JSON object); delete {directory} to prepare again")
     if state.get("fingerprint") != fingerprint:
         raise DataError(f"{directory} holds shards made with other data settings or another tokenizer; delete it to "
                         "prepare again, or set data_prep.output_dir to another folder")
+    if not isinstance(state.get("shards"), list) or not isinstance(state.get("done"), bool):
+        raise DataError(f"{path}: damaged (no list of shards or no done flag); delete {directory} to prepare again")
+    _check_rows(state["shards"], f"{path}: damaged: shards")
     return state
+
+
+ROW = {"file": str, "split": str, "tokens": int, "sha256": str}   # a manifest row's keys and types
+
+
+def _check_rows(rows: list, where: str) -> list[dict]:
+    """Rows of a manifest or state.json, each refused unless it has ROW's keys and names a file of the folder
+    itself (no path: a damaged or crafted manifest must not send a reader elsewhere)."""
+    for i, row in enumerate(rows, 1):
+        ok = isinstance(row, dict) and all(isinstance(row.get(k), t) for k, t in ROW.items())
+        if not ok or row["file"] != os.path.basename(row["file"]) or row["file"] in ("", ".", ".."):
+            raise DataError(f"{where} {i}: not a shard row ({str(row)[:80]}); prepare the data again")
+    return rows
 
 
 def write_state(directory: str, state: dict) -> None:
@@ -188,9 +206,11 @@ def write_manifest(directory: str, rows: list[dict]) -> None:
 
 def read_manifest(directory: str) -> list[dict]:
     path = os.path.join(directory, MANIFEST)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise DataError(f"{directory}: not a folder of shards; give the folder `data.py prepare` wrote")
     try:
         with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return _check_rows([json.loads(line) for line in f if line.strip()], f"{path} line")
     except FileNotFoundError:
         raise DataError(f"{path}: no manifest; run `python data.py prepare --config CFG` first") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -261,9 +281,10 @@ def remember_written(directory: str, rows: list[dict]) -> None:
 def _read_checked(directory: str) -> dict:
     try:
         with open(os.path.join(directory, CHECKED), encoding="utf-8") as f:
-            return json.load(f)
+            checked = json.load(f)
     except (OSError, ValueError):   # none yet, or unreadable: every shard is checked again
         return {}
+    return checked if isinstance(checked, dict) else {}
 
 
 def _write_checked(directory: str, checked: dict) -> None:

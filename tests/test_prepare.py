@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,3 +205,45 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(setup, 
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and f"could not be written ({reason}); nothing was replaced" in err
     assert not [f for f in files if f.endswith(".tmp")], files
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda out: (out / "manifest.jsonl").write_text("{}\n"), r"manifest.jsonl line 1: not a shard row"),
+    (lambda out: (out / "manifest.jsonl").write_text("[1, 2]\n"), r"manifest.jsonl line 1: not a shard row"),
+    (lambda out: (out / "manifest.jsonl").write_text('{"file": "../../etc/hostname", "split": "train", "tokens": 1, '
+                                                     '"sha256": "00"}\n'), r"line 1: not a shard row"),
+    (lambda out: (out / "manifest.jsonl").write_bytes(b"\xff\xfe\n"), r"manifest.jsonl: unreadable manifest"),
+])
+def test_verify_names_a_damaged_manifest_in_one_line(setup, tmp_path, damage, message):
+    data.prepare(setup, log=lambda _: None)
+    damage(tmp_path / "shards")
+    result = run_cli("verify", tmp_path / "shards")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_verify_of_a_file_instead_of_a_folder_is_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("x: 1\n")
+    result = run_cli("verify", tmp_path / "a.yaml")
+    assert result.returncode == 2 and "a.yaml: not a folder of shards" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("state", [[], {"done": True}, {"done": True, "fingerprint": "x", "shards": [{"file": 3}]},
+                                   "not json"])
+def test_a_damaged_state_file_is_one_error_naming_it(setup, tmp_path, state):
+    data.prepare(setup, log=lambda _: None)
+    fingerprint = json.loads((tmp_path / "shards" / "state.json").read_text())["fingerprint"]
+    if isinstance(state, dict):
+        state = {**state, "fingerprint": fingerprint}
+    (tmp_path / "shards" / "state.json").write_text(state if isinstance(state, str) else json.dumps(state))
+    with pytest.raises(DataError, match=r"state.json: (unreadable|damaged)"):
+        data.train_loader(setup)
+
+
+def test_a_damaged_record_of_checked_shards_means_checking_them_again(setup, tmp_path):
+    data.prepare(setup, log=lambda _: None)
+    for junk in ("[1]", '{"train_000001.bin": 5}', "garbage"):
+        (tmp_path / "shards" / shards.CHECKED).write_text(junk)
+        data.train_loader(setup)
+        assert json.loads((tmp_path / "shards" / shards.CHECKED).read_text())["train_000001.bin"]["sha256"]

@@ -392,6 +392,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # prepare has committed every finished shard
+        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -247,3 +247,20 @@ def test_a_damaged_record_of_checked_shards_means_checking_them_again(setup, tmp
         (tmp_path / "shards" / shards.CHECKED).write_text(junk)
         data.train_loader(setup)
         assert json.loads((tmp_path / "shards" / shards.CHECKED).read_text())["train_000001.bin"]["sha256"]
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_the_same_command_continues(tmp_path, bpe_path):
+    corpus(tmp_path / "text", "doc", 2000)
+    cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")}, shard_tokens=1000)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    state = tmp_path / "shards" / "state.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "prepare", "--config", tmp_path / "cfg.yaml"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (state.exists() and len(json.loads(state.read_text())["shards"]) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "interrupted: run the same command again to continue where it stopped"], err
+    assert run_cli("prepare", "--config", tmp_path / "cfg.yaml").returncode == 0
+    assert "shards ok" in shards.verify(str(tmp_path / "shards"))

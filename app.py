@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import (CheckpointError, all_inside, files_inside, files_to_load, is_hf_dir, list_checkpoints,
-                        real_path, run_dir_of)
+from checkpoint import (CheckpointError, all_inside, checkpoint_step, files_inside, files_to_load, is_hf_dir,
+                        list_checkpoints, real_path, resolve_checkpoint, run_dir_of)
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype, tokenizer_file
 from metrics import read_metrics
 from model import SmolLM2
@@ -48,16 +48,18 @@ def find_checkpoints(root: Path) -> list[tuple[str, str]]:
     runs, exports = set(), []
     for dirpath, dirnames, filenames in os.walk(root):   # symlinked folders are listed but not entered
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # a step_N/ folder is a sharded checkpoint: a checkpoint of this run, not a folder to search
+        steps = [d for d in dirnames if checkpoint_step(d) is not None] + [f for f in filenames if f.endswith(".pt")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and checkpoint_step(d) is None)
         if is_hf_dir(here):
             exports.append(here)
             dirnames.clear()
-        elif any(f.startswith("step_") and f.endswith(".pt") for f in filenames):
+        elif any(checkpoint_step(f) is not None for f in steps):
             runs.add(here.parent if here.name == "checkpoints" else here)
     found = []
     for run in sorted(runs):
         files = list_checkpoints(run)
-        kept = [f for f in files if all_inside(root, [f])]
+        kept = [f for f in files if all_inside(root, files_to_load(f))]
         if files and kept and kept[-1] == files[-1]:
             found.append((f"{run.relative_to(root)} · newest", str(run.relative_to(root))))
         found += [(str(f.relative_to(root)),) * 2 for f in reversed(kept)]
@@ -109,8 +111,8 @@ class ModelCache:
     def get(self, name: str) -> Loaded:
         """The loaded checkpoint; raises one of LOAD_ERRORS, whose message is meant for the page."""
         path = resolve_under(self.root, name)
-        files = files_inside(self.root, files_to_load(path))   # every file the load opens, each checked, links followed
-        file = path if is_hf_dir(path) else files[0]
+        files_inside(self.root, files_to_load(path))   # every file the load opens, each checked, links followed
+        file = path if is_hf_dir(path) else resolve_checkpoint(path).resolve()
         with self.lock:
             if file in self.models:
                 self.models.move_to_end(file)

@@ -250,13 +250,22 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 
 
 def files_to_load(path) -> list[Path]:
-    """Every file load_model(path) reads from a local path: a checkpoint file (a run directory's newest), or a
-    Hugging Face directory's config.json and safetensors weights. A caller that must keep reads inside one folder
-    checks these before loading (app.py does); a new checkpoint layout lists its files here."""
+    """Every file load_model(path) reads from a local path: a checkpoint file (a run directory's newest), a sharded
+    checkpoint's index, train_state.pt and every shard file the index names, or a Hugging Face directory's
+    config.json and safetensors weights. A caller that must keep reads inside one folder checks these before loading
+    (app.py does); a new checkpoint layout lists its files here."""
     path = Path(path)
     if is_hf_dir(path):
         return [path / "config.json", *hf_weight_files(path)]
-    return [resolve_checkpoint(path)]
+    file = resolve_checkpoint(path)
+    if not is_sharded(file):
+        return [file]
+    try:   # the index through the same allow-list as SafeReader: reading it runs no code
+        with open(file / ".metadata", "rb") as f:
+            names = {info.relative_path for info in _MetadataUnpickler(io.BytesIO(f.read())).load().storage_data.values()}
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: its .metadata is not a readable checkpoint index ({e})") from None
+    return [file / ".metadata", file / TRAIN_STATE, *(file / name for name in sorted(names))]
 
 
 def real_path(path: Path, name: str) -> Path:

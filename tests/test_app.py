@@ -6,6 +6,7 @@ generates must equal what generate.generate gives for the same checkpoint and se
 
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,31 @@ def lay_traps(root: Path, outside: Path) -> None:
     (root / "metlink" / "metrics.jsonl").symlink_to(outside / "metrics.jsonl")
     # a link to itself: resolving it loops
     (root / "loop").symlink_to(root / "loop")
+    # sharded checkpoints (torch.distributed.checkpoint folders): one whole, one whose shard file is a link out, one
+    # whose index names a shard file outside
+    step60 = torch.load(run1 / "checkpoints" / "step_00000060.pt", weights_only=True)
+    for name in ("sharded", "sharded_link", "sharded_index"):
+        save_sharded_checkpoint(step60, root / name / "checkpoints" / "step_00000060")
+        shutil.copy(run1 / "tokenizer.json", root / name)
+    shard = root / "sharded_link" / "checkpoints" / "step_00000060" / "__0_0.distcp"
+    shutil.move(shard, outside / "__0_0.distcp")
+    shard.symlink_to(outside / "__0_0.distcp")
+    index = root / "sharded_index" / "checkpoints" / "step_00000060" / ".metadata"
+    metadata = pickle.loads(index.read_bytes())
+    shutil.move(index.parent / "__0_0.distcp", outside / "index_target.distcp")
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../../../outside/index_target.distcp"
+    index.write_bytes(pickle.dumps(metadata))
+
+
+def save_sharded_checkpoint(ckpt: dict, folder: Path) -> None:
+    """A checkpoint as distributed.py writes it, from one process: the model's shards by torch.distributed.checkpoint
+    beside train_state.pt, which holds the other parts."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # no process group: DCP says it assumes one process, which is the intent
+        dcp.save({"model": ckpt["model"]}, checkpoint_id=str(folder))
+    torch.save({k: v for k, v in ckpt.items() if k != "model"}, folder / "train_state.pt")
 
 
 def free_port() -> int:
@@ -200,6 +227,7 @@ def test_listing_names_runs_their_checkpoints_and_hf_exports_but_not_what_lies_o
                      "evil", "evil/step_00000001.pt", "linked/checkpoints/step_00000060.pt",   # not its linked newest
                      "metlink", "metlink/checkpoints/step_00000120.pt", "metlink/checkpoints/step_00000060.pt",
                      "run1", "run1/checkpoints/step_00000120.pt", "run1/checkpoints/step_00000060.pt",
+                     "sharded", "sharded/checkpoints/step_00000060",
                      "toklink", "toklink/checkpoints/step_00000060.pt", "export"]
 
 
@@ -212,7 +240,7 @@ def test_paths_that_resolve_outside_the_checkpoint_dir_are_refused(runs, name):
 
 # every name here lies inside the folder, but a file its load would open lies outside, through a link
 LINKED_OUT = ["linked", "linked/checkpoints/step_00000500.pt", "dirlink", "dirlink/checkpoints/step_00000120.pt",
-              "hf_weights_link", "hf_config_link", "toklink", "cfgtok"]
+              "hf_weights_link", "hf_config_link", "toklink", "cfgtok", "sharded_link", "sharded_index"]
 
 
 @pytest.mark.parametrize("name", LINKED_OUT)
@@ -220,6 +248,15 @@ def test_a_load_that_would_open_a_file_outside_through_a_link_is_refused(runs, n
     cache = app.ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
         cache.get(name)
+
+
+def test_a_sharded_checkpoint_inside_loads_and_generates_what_its_file_twin_does(runs):
+    cache = app.ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
+    sharded, twin = cache.get("sharded"), cache.get("run1/checkpoints/step_00000060.pt")
+    assert sharded.info["step"] == 60
+    ids = twin.tokenizer.encode(PROMPT).ids
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    assert generate(sharded.model, [ids], params) == generate(twin.model, [ids], params)
 
 
 def test_a_run_whose_metrics_file_links_outside_loads_but_its_curve_is_not_read(runs):

@@ -201,8 +201,9 @@ def checked(key: str, value, high=None) -> float:
     high, whole = top if high is None else high, key in WHOLE
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (number and low <= value <= high and (not whole or value == int(value))):
-        raise UserError(f"{label}: {str(value)[:40]!r} refused; give {'a whole' if whole else 'a'} number from {low} to "
-                        f"{high}" + (" (--max_new_tokens)" if key == "max_new_tokens" else ""))
+        kind = "a whole number" if whole else "a number"
+        raise UserError(f"{label}: {str(value)[:40]!r} refused; give {kind} from {low} to {high}"
+                        + (" (--max_new_tokens)" if key == "max_new_tokens" else ""))
     return int(value) if whole else float(value)
 
 

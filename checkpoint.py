@@ -38,7 +38,7 @@ def checkpoint_name(step: int) -> str:
 
 
 class _Writes:
-    """A file's write(), remembering the OSError (a full disk, ...) that torch.save turns into an opaque RuntimeError."""
+    """A file's write(), remembering the OSError (a full disk...) that torch.save turns into an opaque RuntimeError."""
 
     def __init__(self, file):
         self.file, self.error = file, None
@@ -69,10 +69,10 @@ def save_atomic(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:   # a second Ctrl-C included: no temp file stays behind
         cause = writes.error if writes is not None and writes.error is not None else e
         tmp.unlink(missing_ok=True)
-        if not isinstance(cause, OSError):   # torch.save failing for another reason than the disk: a bug
+        if not isinstance(cause, OSError):   # interrupted, or torch.save failing for another reason than the disk
             raise
         raise CheckpointError(f"{path}: could not be written ({cause.strerror or cause}); nothing was replaced and no "
                               "partial file is left") from None
@@ -146,6 +146,17 @@ def load_checkpoint(path) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first[:200]}); it may be truncated, corrupt or "
                               "not a checkpoint of this repository — pick another one") from None
+
+
+def training_checkpoint(path) -> dict:
+    """load_checkpoint, refusing a file that is not one train.py or `convert_hf.py import` wrote (a bare
+    state_dict, ...): every reader of it expects its config and, unless sharded, its model part."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or ("model" not in ckpt and not is_sharded(path)):
+        raise CheckpointError(f"{path}: not a training checkpoint of this repository (it lacks its model, config and "
+                              "train_state parts; a bare state_dict cannot be resumed); give a step_*.pt that "
+                              "train.py or `convert_hf.py import` wrote")
+    return ckpt
 
 
 # Everything the .metadata file of a checkpoint written by distributed.py holds. torch.distributed.checkpoint's own
@@ -262,7 +273,8 @@ def files_to_load(path) -> list[Path]:
         return [file]
     try:   # the index through the same allow-list as SafeReader: reading it runs no code
         with open(file / ".metadata", "rb") as f:
-            names = {info.relative_path for info in _MetadataUnpickler(io.BytesIO(f.read())).load().storage_data.values()}
+            index = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        names = {info.relative_path for info in index.storage_data.values()}
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: its .metadata is not a readable checkpoint index ({e})") from None
     return [file / ".metadata", file / TRAIN_STATE, *(file / name for name in sorted(names))]
@@ -393,9 +405,7 @@ def _from_hf_dir(path: Path) -> tuple[SmolLM2, Config, dict]:
 
 def _from_training_checkpoint(file: Path) -> tuple[SmolLM2, Config, dict]:
     """A step_N.pt file, or a sharded step_N/ directory whose shards are consolidated into one model."""
-    ckpt = load_checkpoint(file)
-    if ("model" not in ckpt and not is_sharded(file)) or "config" not in ckpt:
-        raise CheckpointError(f"{file}: not a training checkpoint of this repository (no model/config parts)")
+    ckpt = training_checkpoint(file)
     try:
         cfg = config_from_dict(ckpt["config"])
     except ConfigError as e:

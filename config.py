@@ -461,7 +461,8 @@ def _validate_ranges(cfg: Config) -> None:
         ("model.init_method.std", cfg.model.init_method.std, lambda v: v > 0, "> 0"),
         ("model.model_config.rms_norm_eps", cfg.model.model_config.rms_norm_eps, lambda v: v > 0, "> 0"),
         ("model.model_config.rope_theta", cfg.model.model_config.rope_theta, lambda v: v > 0, "> 0"),
-        ("run.keep_last_checkpoints", cfg.run.keep_last_checkpoints, lambda v: v >= 0, ">= 0 (0 keeps every checkpoint)"),
+        ("run.keep_last_checkpoints", cfg.run.keep_last_checkpoints, lambda v: v >= 0,
+         ">= 0 (0 keeps every checkpoint)"),
         ("run.loss_spike_factor", cfg.run.loss_spike_factor, lambda v: v > 1, "> 1 (a spike is a loss this many times "
                                                                               "the recent average)"),
         ("general.seed", cfg.general.seed, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seed range)"),
@@ -534,7 +535,8 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> Config:
         raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8") from None
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return config_from_dict(apply_overrides(data, overrides or []))

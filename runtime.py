@@ -105,6 +105,15 @@ def mean_across_ranks(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return x
 
 
+def any_across_ranks(flag: bool, rt: Runtime) -> bool:
+    """True on every rank when it is True on any: a signal may reach the ranks between two different steps."""
+    if rt.world == 1:
+        return flag
+    x = torch.tensor(float(flag), device=rt.device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())
+
+
 def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9

@@ -353,7 +353,8 @@ def offline(tmp_path) -> dict:
 
 def test_the_135M_config_with_no_network_fails_at_once_naming_the_tokenizer_and_the_dataset(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "config_smollm2_135M.yaml",
-                           f"checkpoints.checkpoints_path={tmp_path / 'run'}", f"data_prep.output_dir={tmp_path / 'd'}"],
+                           f"checkpoints.checkpoints_path={tmp_path / 'run'}",
+                           f"data_prep.output_dir={tmp_path / 'd'}"],
                           cwd=ROOT, env=offline(tmp_path), capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr

@@ -329,9 +329,9 @@ def test_interactive_reads_prompts_until_eof(run_dir):
 
 
 def test_interactive_skips_a_line_that_is_not_utf8_and_goes_on(run_dir):
-    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(run_dir), "--interactive",
-                           "--temperature", "0", "--max_new_tokens", "8"], input=b"The quick\ncaf\xe9 \xff\ndef\n",
-                          capture_output=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(run_dir),
+                           "--interactive", "--temperature", "0", "--max_new_tokens", "8"],
+                          input=b"The quick\ncaf\xe9 \xff\ndef\n", capture_output=True, cwd=ROOT, timeout=120)
     err = proc.stderr.decode()
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert "error: line 2 is not valid UTF-8 (byte 0xe9 at position 3); skipped" in err

@@ -12,9 +12,7 @@ import pytest
 import torch
 import yaml
 
-import shards
 import train
-from conftest import run_on_a_full_disk
 from checkpoint import list_checkpoints, load_checkpoint, save_atomic
 from config import load_config
 from metrics import read_metrics
@@ -286,30 +284,3 @@ def test_bad_config_and_restarting_a_finished_run_are_one_line_errors(tmp_path, 
     proc = run_train(bad, check=False)                     # same run dir, no --resume: refuse, touch nothing
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
-
-
-
-def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary_file(tmp_path, corpus):
-    run = tmp_path / "run"
-    config = make_config(tmp_path, corpus, **{"tokens.train_steps": 12, "checkpoints.checkpoint_interval": 4})
-    # a 2 MB disk holds the step-4 checkpoint (~1.3 MB with Adam's moments) but not the step-8 one beside it; a
-    # 500 KB file-size limit holds the tokenizer and logs but no checkpoint
-    code, _, err, files, reason = run_on_a_full_disk(run, [sys.executable, ROOT / "train.py", "--config", config],
-                                                     ROOT, size_kb=2048, file_limit_kb=500)
-    step = 8 if reason == "No space left on device" else 4
-    assert code == 2 and err.strip().splitlines() == [
-        f"error: {run}/checkpoints/step_{step:08d}.pt: could not be written ({reason}); nothing was replaced and no "
-        "partial file is left"], err
-    assert [f for f in files if f.startswith("checkpoints/")] == [f"checkpoints/step_{s:08d}.pt" for s in range(4, step, 4)]
-
-
-def test_a_link_left_at_the_temporary_name_is_replaced_not_written_through(tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    (tmp_path / "step_00000001.pt.tmp").symlink_to(victim)
-    save_atomic({"model": {"w": torch.zeros(3)}}, tmp_path / "step_00000001.pt")
-    (tmp_path / "manifest.jsonl.tmp").symlink_to(victim)
-    shards.atomic_write(str(tmp_path / "manifest.jsonl"), b"{}\n")
-    assert victim.read_text() == "precious"
-    assert not (tmp_path / "step_00000001.pt").is_symlink() and not (tmp_path / "manifest.jsonl").is_symlink()
-    assert load_checkpoint(tmp_path / "step_00000001.pt")["model"]["w"].tolist() == [0.0, 0.0, 0.0]

@@ -119,6 +119,9 @@ def generate(model: SmolLM2, prompts: list[list[int]], params: SamplingParams, e
     """
     if not prompts or any(len(t) == 0 for t in prompts):
         raise ValueError("every prompt needs at least one token")
+    if (longest := max(len(t) for t in prompts)) >= model.config.max_position_embeddings:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the context of "
+                         f"{model.config.max_position_embeddings}; keep its newest tokens")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed}")
     device = model.lm_head.weight.device

@@ -319,7 +319,8 @@ def write_samples(run: Run) -> None:
     if not (run.rt.main or distributed.sharded(run.cfg, run.rt)):
         return
     s = run.cfg.sampling
-    prompts = [run.tokenizer.encode(p).ids for p in s.prompts]
+    room = max(1, run.cfg.model.model_config.max_position_embeddings - s.max_new_tokens)
+    prompts = [run.tokenizer.encode(p).ids[-room:] for p in s.prompts]   # a long prompt keeps its newest tokens
     with run.rt.autocast():
         outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=data.eos_token_id(run.tokenizer),
                         seed=run.cfg.general.seed)

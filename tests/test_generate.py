@@ -166,6 +166,11 @@ def test_generation_stops_at_the_context_length():
     assert len(out[0]) == 128 - 120
 
 
+def test_a_prompt_that_fills_the_context_is_refused_by_name():
+    with pytest.raises(ValueError, match="a prompt of 128 tokens leaves no room in the context of 128"):
+        generate(tiny_model(), [[5] * 10, [5] * 128], GREEDY)
+
+
 def test_decode_layout_changes_memory_order_only():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

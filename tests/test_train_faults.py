@@ -119,6 +119,14 @@ def test_without_a_terminal_a_long_logging_interval_still_shows_progress(tmp_pat
     assert [line.split(" |")[0] for line in out if "still running" in line][:3] == ["step 1/6", "step 2/6", "step 3/6"]
 
 
+def test_a_sample_prompt_longer_than_the_context_keeps_its_newest_tokens(tmp_path, corpus, capsys):
+    config = load_config(str(make_config(tmp_path, corpus, **{"tokens.train_steps": 2, "sampling.interval": 2,
+                                                               "sampling.prompts": ["def f(x): return x " * 40]})))
+    train.train(config)   # the context is 64 tokens
+    samples = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "sample"]
+    assert len(samples) == 1 and samples[0]["text"]
+
+
 def test_the_start_line_gives_the_cpu_threads_in_use(tmp_path, corpus, capsys):
     config = load_config(str(make_config(tmp_path, corpus, **{"tokens.train_steps": 1})))
     train.train(config)

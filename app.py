@@ -317,7 +317,8 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
                                        title="Loss curves of the compared runs", y_title="loss (nats/token)")
             with gr.Column(scale=1, min_width=240):
                 gr.Markdown("### Sampling")
-                sampling = [gr.Slider(low, high or max_new_tokens, value=min(default, high or max_new_tokens),
+                top = max(2, max_new_tokens)   # a slider needs its maximum above its minimum; requests are capped
+                sampling = [gr.Slider(low, high or top, value=min(default, high or max_new_tokens),
                                       step=1 if key in WHOLE else 0.05, label=label, info=hint, elem_id=key)
                             if key != "seed" else gr.Number(default, precision=0, minimum=low, label=label, info=hint)
                             for key, (label, low, high, default, hint) in CONTROLS.items()]   # sampling_params' order
@@ -347,17 +348,17 @@ def main(argv=None) -> None:
                         "can be loaded")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 is this machine only, "
                         "0.0.0.0 every network it is on")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=whole(1, 65535), default=7860)
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     parser.add_argument("--tokenizer", help="tokenizer.json or hub name for every checkpoint (default: the one found "
                         "with each checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 (or fp16) on a GPU, fp32 on CPU")
-    parser.add_argument("--cache_size", type=int, default=3, help="models kept loaded (in fp32, 135M takes 0.5 GB, "
+    parser.add_argument("--cache_size", type=whole(1, 1000), default=3, help="models kept loaded (in fp32, 135M takes 0.5 GB, "
                         "1.7B 7 GB)")
-    parser.add_argument("--max_prompt_tokens", type=int, default=1024, help="longer prompts are refused")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="the most one request may ask for")
+    parser.add_argument("--max_prompt_tokens", type=whole(1, 10**6), default=1024, help="longer prompts are refused")
+    parser.add_argument("--max_new_tokens", type=whole(1, 10**6), default=512, help="the most one request may ask for")
     args = parser.parse_args(argv)
     root = Path(args.checkpoint_dir).resolve()
     if not root.is_dir():
@@ -369,11 +370,24 @@ def main(argv=None) -> None:
         parser.error(str(e))
     if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
         print("note: the app is reachable from other machines; anyone who reaches it can run the models")
-    cache = ModelCache(root, max(1, args.cache_size), device, dtype, args.tokenizer)
+    cache = ModelCache(root, args.cache_size, device, dtype, args.tokenizer)
     app = build_app(root, cache, args.max_prompt_tokens, args.max_new_tokens)
     # fonts the browser already has: the page must not reach out to a font server, which may be unreachable
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme)
+    try:
+        app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme)
+    except OSError as e:   # the port is taken, or the address is not this machine's
+        parser.error(f"--port {args.port}: cannot listen there on {args.host} ({str(e).split('.')[0]}); pick another "
+                     "--port")
+
+
+def whole(low: int, high: int):
+    """An argparse type: a whole number from low to high."""
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+    return parse
 
 
 if __name__ == "__main__":

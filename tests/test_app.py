@@ -17,6 +17,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -412,6 +413,40 @@ def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_and_loss_
     assert texts[1] == expected_text(runs / names[1], PROMPT, params)
     series = {row[2] for row in plot["data"]}
     assert series == {"run1 · train", "run1 · validation"}
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def run_app(*args: str) -> subprocess.CompletedProcess:
+    """app.py as a user starts it; one that would serve instead of refusing its flags is stopped after a minute."""
+    return subprocess.run([sys.executable, "app.py", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--port", "70000", "--port: must be a whole number from 1 to 65535, got '70000'"),
+    ("--max_new_tokens", "0", "--max_new_tokens: must be a whole number from 1 to"),
+    ("--max_prompt_tokens", "-5", "--max_prompt_tokens: must be a whole number from 1 to"),
+    ("--cache_size", "0", "--cache_size: must be a whole number from 1 to"),
+])
+def test_bad_flags_are_one_line_before_anything_starts(runs, capsys, monkeypatch, flag, value, message):
+    def launch(*args, **kwargs):
+        raise AssertionError("the app started serving with a flag it should have refused")
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    with pytest.raises(SystemExit) as exit_:
+        app.main(["--checkpoint_dir", str(runs), flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_port_already_in_use_is_one_line(runs):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_app("--checkpoint_dir", str(runs), "--port", str(port))
+    assert proc.returncode == 2 and f"--port {port}: cannot listen there" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------- in a real browser

@@ -4,8 +4,9 @@ watch the text stream in, or to run one prompt through several checkpoints side 
 It builds on generate.py's loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
 exports, tensors read with weights_only so a crafted pickle runs no code) and tokenizer opener, and on sampling.py's
 generate(), the repository's one generation path, with TextStream, which turns its per-step tokens into text.
-Safe by default: it listens on 127.0.0.1 unless --host or --share say otherwise, loads only what lies under
---checkpoint_dir (its real path, symlinks resolved), and caps the prompt and the number of new tokens.
+Safe by default: it listens on 127.0.0.1 unless --host or --share say otherwise, reads only what lies under
+--checkpoint_dir (confine.py: every file a load opens, symlinks resolved), checks every value a request sends, and
+caps the prompt and the number of new tokens.
 """
 
 import argparse
@@ -24,8 +25,9 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import (CheckpointError, all_inside, checkpoint_step, files_inside, files_to_load, is_hf_dir,
-                        list_checkpoints, real_path, resolve_checkpoint, run_dir_of)
+from checkpoint import (CheckpointError, checkpoint_step, files_to_load, is_hf_dir, list_checkpoints,
+                        resolve_checkpoint, run_dir_of)
+from confine import all_inside, files_inside, resolve_under
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype, tokenizer_file
 from metrics import read_metrics
 from model import SmolLM2
@@ -66,19 +68,6 @@ def find_checkpoints(root: Path) -> list[tuple[str, str]]:
     found += [(f"{e.relative_to(root)} · Hugging Face export", str(e.relative_to(root))) for e in sorted(exports)
               if all_inside(root, files_to_load(e))]
     return found
-
-
-def resolve_under(root: Path, name: str) -> Path:
-    """A checkpoint named relative to root (itself resolved) -> its real path; whatever lies outside root is refused."""
-    if not isinstance(name, str) or not name.strip():
-        raise CheckpointError("no checkpoint picked: choose one from the list")
-    path = real_path(root / name, name)   # `..`, an absolute name and symlinks are all resolved before the check
-    if not path.is_relative_to(root):
-        raise CheckpointError(f"{name!r} is outside the checkpoint directory: refused (this app loads only what lies "
-                              "under --checkpoint_dir)")
-    if not path.exists():
-        raise CheckpointError(f"{name}: no such checkpoint under the checkpoint directory")
-    return path
 
 
 @dataclass

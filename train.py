@@ -14,7 +14,6 @@ import math
 import os
 import random
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from metrics import (MetricsLog, duration, flops_per_token, format_train_line, h
                      progress_bar)
 from model import SmolLM2
 from optimizer import build_optimizer, lr_at
-from runtime import (Runtime, any_across_ranks, gather, memory_gb, mean_across_ranks, rng_state, set_rng_state,
+from runtime import (Runtime, StopSignals, gather, memory_gb, mean_across_ranks, rng_state, set_rng_state,
                      setup_runtime)
 from sampling import SamplingParams, generate
 
@@ -381,26 +380,13 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
     if rt.main:
         print(start_line(run, ckpt_path), flush=True)
     progress = Progress(run.step)
-    stop_signal = []
-
-    def on_signal(signum, frame):   # SIGTERM (schedulers, spot machines) or Ctrl-C: save at the end of this step
-        if signum == signal.SIGINT and signal.SIGINT in stop_signal:
-            newest = latest_checkpoint(run.run_dir)
-            raise StoppedAtOnce(f"stopped by a second Ctrl-C at step {run.step}, without saving; the newest "
-                                f"checkpoint is {newest}" if newest else "no checkpoint was saved")
-        stop_signal.append(signum)
-
-    def stop_asked() -> Optional[str]:
-        if not any_across_ranks(bool(stop_signal), rt):
-            return None
-        return {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[stop_signal[0]] if stop_signal else "a signal"
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        stopped_by = loop(run, progress, stop_asked)
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+        with StopSignals(rt) as signals:
+            stopped_by = loop(run, progress, signals.asked)
+    except KeyboardInterrupt:   # a second Ctrl-C
+        newest = latest_checkpoint(run.run_dir)
+        raise StoppedAtOnce(f"stopped by a second Ctrl-C at step {run.step}, without saving; "
+                            + (f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved")) from None
     finish(run)
     return {"step": run.step, "train_loss": progress.last_loss, "val_loss": run.val_loss, "stopped_by": stopped_by}
 
@@ -476,6 +462,9 @@ def main(argv=None) -> int:
         return 1
     except StoppedAtOnce as e:
         print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:   # before the first step: nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") != "0":   # under torchrun, rank 0 speaks for the run
         return 0

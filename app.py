@@ -50,14 +50,13 @@ def find_checkpoints(root: Path) -> list[tuple[str, str]]:
     runs, exports = set(), []
     for dirpath, dirnames, filenames in os.walk(root):   # symlinked folders are listed but not entered
         here = Path(dirpath)
-        # a step_N/ folder is a sharded checkpoint: a checkpoint of this run, not a folder to search
-        steps = [d for d in dirnames if checkpoint_step(d) is not None] + [f for f in filenames if f.endswith(".pt")]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and checkpoint_step(d) is None)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         if is_hf_dir(here):
             exports.append(here)
             dirnames.clear()
-        elif any(checkpoint_step(f) is not None for f in steps):
+        elif any(checkpoint_step(name) is not None for name in filenames + dirnames):   # files, or sharded folders
             runs.add(here.parent if here.name == "checkpoints" else here)
+            dirnames[:] = [d for d in dirnames if checkpoint_step(d) is None]
     found = []
     for run in sorted(runs):
         files = list_checkpoints(run)

@@ -9,6 +9,7 @@ checked; a mistake is one `ConfigError` naming the key path and the fix.
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -347,6 +348,8 @@ def _convert(value: Any, tp, path: str):
         if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             value = float(value)   # YAML 1.1 (PyYAML) reads 1e-4, with no dot, as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):   # YAML's .nan and .inf: no key here means anything by them
+                raise ConfigError(f"{path}: expected a finite number, got {value}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -416,6 +419,12 @@ def validate(cfg: Config) -> Config:
         "tokens.micro_batch_size": cfg.tokens.micro_batch_size,
         "tokens.batch_accumulation_per_replica": cfg.tokens.batch_accumulation_per_replica,
         "tokens.train_steps": cfg.tokens.train_steps,
+        "checkpoints.checkpoint_interval": cfg.checkpoints.checkpoint_interval,   # each of these divides the step
+        "tokens.val_check_interval": cfg.tokens.val_check_interval,
+        "logging.iteration_step_info_interval": cfg.logging.iteration_step_info_interval,
+        "run.val_batches": cfg.run.val_batches,
+        "run.max_consecutive_bad_steps": cfg.run.max_consecutive_bad_steps,
+        "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
     }
     for key, value in positive.items():
         if value < 1:
@@ -455,11 +464,57 @@ def validate(cfg: Config) -> Config:
     _validate_nanotron_values(cfg)
     _validate_stages(cfg)
     _validate_data(cfg)
+    _validate_ranges(cfg)
     for key in ("profiler", "lighteval", "s3_upload"):
         if getattr(cfg, key) is not None:
             hint = "; use the s3 section for uploads" if key == "s3_upload" else ""
             raise ConfigError(f"{key}: nanotron's {key} section is not supported here, set it to null{hint}")
     return cfg
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Rates, counts, seeds and names that would crash a run hours in, or quietly make it another run than asked."""
+    lrs, opt, s = cfg.optimizer.learning_rate_scheduler, cfg.optimizer, cfg.sampling
+    lr = "optimizer.learning_rate_scheduler."
+    rules = [   # (key, value, holds, what it must be); a null optional value is not checked
+        (lr + "learning_rate", lrs.learning_rate, lambda v: v > 0, "> 0"),
+        (lr + "min_decay_lr", lrs.min_decay_lr, lambda v: v >= 0, ">= 0"),
+        (lr + "lr_warmup_steps", lrs.lr_warmup_steps, lambda v: v >= 0, ">= 0"),
+        (lr + "lr_decay_steps", lrs.lr_decay_steps, lambda v: v >= 0, ">= 0"),
+        (lr + "lr_decay_starting_step", lrs.lr_decay_starting_step, lambda v: v >= 0, ">= 0"),
+        ("optimizer.weight_decay", opt.weight_decay, lambda v: v >= 0, ">= 0"),
+        ("optimizer.clip_grad", opt.clip_grad, lambda v: v > 0, "> 0, or null for no clipping"),
+        ("optimizer.optimizer_factory.adam_beta1", opt.optimizer_factory.adam_beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("optimizer.optimizer_factory.adam_beta2", opt.optimizer_factory.adam_beta2, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("optimizer.optimizer_factory.adam_eps", opt.optimizer_factory.adam_eps, lambda v: v > 0, "> 0"),
+        ("model.init_method.std", cfg.model.init_method.std, lambda v: v > 0, "> 0"),
+        ("model.model_config.rms_norm_eps", cfg.model.model_config.rms_norm_eps, lambda v: v > 0, "> 0"),
+        ("model.model_config.rope_theta", cfg.model.model_config.rope_theta, lambda v: v > 0, "> 0"),
+        ("run.keep_last_checkpoints", cfg.run.keep_last_checkpoints, lambda v: v >= 0,
+         ">= 0 (0 keeps every checkpoint)"),
+        ("run.loss_spike_factor", cfg.run.loss_spike_factor, lambda v: v > 1, "> 1 (a spike is a loss this many times "
+                                                                              "the recent average)"),
+        ("general.seed", cfg.general.seed, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seed range)"),
+        ("sampling.interval", s.interval, lambda v: v >= 0, ">= 0 (0: no samples)"),
+        ("sampling.temperature", s.temperature, lambda v: v >= 0, ">= 0 (0: greedy)"),
+        ("sampling.top_k", s.top_k, lambda v: v >= 1, ">= 1, or null"),
+        ("sampling.top_p", s.top_p, lambda v: 0 < v <= 1, "in (0, 1], or null"),
+    ]
+    for key, value, holds, what in rules:
+        if value is not None and not holds(value):
+            raise ConfigError(f"{key}: must be {what}, got {value}")
+    if cfg.model.dtype not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"model.dtype: 'bfloat16', 'float16' or 'float32', got '{cfg.model.dtype}'")
+    if not DEVICE.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got '{cfg.run.device}'")
+    if not cfg.checkpoints.checkpoints_path.strip():
+        raise ConfigError("checkpoints.checkpoints_path: empty; name the run directory, e.g. runs/my-run")
+    for i, prompt in enumerate(s.prompts):
+        if not prompt:
+            raise ConfigError(f"sampling.prompts[{i}]: empty; give some text to continue, or remove it")
 
 
 def _validate_nanotron_values(cfg: Config) -> None:
@@ -587,10 +642,19 @@ def config_from_dict(data: dict) -> Config:
 def load_config(path: str, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML config, apply `key=value` overrides, check everything."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            raw = f.read()
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --config names a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return config_from_dict(apply_overrides(data, overrides or []))

@@ -63,11 +63,7 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
         except Exception as e:   # tokenizers raises a plain Exception for a malformed file
             raise DataError(f"tokenizer.tokenizer_name_or_path: cannot read {path} ({e})") from None
     else:
-        try:
-            tok = Tokenizer.from_pretrained(name, revision=cfg.tokenizer.tokenizer_revision or "main")
-        except Exception as e:
-            raise DataError(f"tokenizer.tokenizer_name_or_path: cannot load '{name}' from the Hugging Face hub ({e}); "
-                            "offline, give the path of a tokenizer.json") from None
+        tok = _hub_tokenizer(cfg)
     m = cfg.model.model_config
     if tok.get_vocab_size() > m.vocab_size:
         raise DataError(f"tokenizer '{name}' has {tok.get_vocab_size()} tokens but model.model_config.vocab_size is "
@@ -78,6 +74,37 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
         raise DataError(f"model.model_config.eos_token_id is {m.eos_token_id} but tokenizer '{name}' has EOS at id "
                         f"{eos}; set model.model_config.eos_token_id={eos}")
     return tok
+
+
+def _hub_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer of a Hub repository. With the Hub unreachable, the copy in the Hugging Face cache, if any; when
+    the tokenizer or a dataset the run would stream is missing, one error names both at once."""
+    name, revision = cfg.tokenizer.tokenizer_name_or_path, cfg.tokenizer.tokenizer_revision or "main"
+    if not sources.hub_reachable():
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "tokenizer.json", revision=revision)
+        needed = [] if isinstance(cached, str) else [f"the tokenizer '{name}' (tokenizer.tokenizer_name_or_path)"]
+        for view in (stage_view(cfg, i) for i in range(len(cfg.data_stages))):
+            if not _prepared(view):
+                needed += [f"the dataset '{d}' ({sources.dataset_key(view)})" for d in
+                           sources.hub_datasets(sources.sources(view))]
+        if needed:
+            raise sources.offline_error(needed)
+        return Tokenizer.from_file(cached)
+    try:
+        return Tokenizer.from_pretrained(name, revision=revision)
+    except Exception as e:
+        raise DataError(f"tokenizer.tokenizer_name_or_path: cannot load '{name}' from the Hugging Face hub ({e}); "
+                        "offline, give the path of a tokenizer.json") from None
+
+
+def _prepared(cfg: Config) -> bool:
+    """Whether prepare finished in the config's output folder (the loader then reads shards, no source)."""
+    try:
+        with open(os.path.join(data_dir(cfg), shards.STATE), encoding="utf-8") as f:
+            return json.load(f).get("done") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def eos_token_id(tokenizer: Tokenizer) -> int:
@@ -104,6 +131,9 @@ def train_tokenizer(cfg: Config) -> Tokenizer:
     srcs = sources.sources(cfg)
     texts = sources.Mixer([sources.documents(s, cfg) for s in srcs], srcs, use_caps=False)   # caps count tokens
     budget = cfg.data_prep.tokenizer_train_chars
+    print(f"data: training a {size}-token BPE tokenizer on up to {budget:,} characters of the sources "
+          f"(first use; {path})", flush=True)
+    t0 = time.time()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -112,6 +142,7 @@ def train_tokenizer(cfg: Config) -> Tokenizer:
     tok.train_from_iterator(itertools.takewhile(lambda _: sum(texts.taken) < budget, texts), trainer)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     shards.atomic_write(path, tok.to_str().encode())
+    print(f"data: tokenizer trained in {time.time() - t0:.1f} s on {sum(texts.taken):,} characters", flush=True)
     return tok
 
 
@@ -156,6 +187,7 @@ def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], N
             state["shards"] += rows
             state.update(mixer=mixer.state(), split="train", carry=w.carry().tolist(), done=done)
             shards.write_state(out, state)
+            shards.remember_written(out, rows)
             for row in rows:
                 log(f"data: wrote {os.path.join(out, row['file'])}  {row['tokens']:,} tokens  "
                     f"({(sum(mixer.taken) - taken0) / (time.time() - t0):,.0f} tokens/s)")
@@ -248,13 +280,18 @@ class TokenLoader:
 
     def __init__(self, blocks, cfg: Config, rank: int = 0, world_size: int = 1):
         self.blocks, self.B, self.T = blocks, cfg.tokens.micro_batch_size, cfg.tokens.sequence_length
+        self.vocab_size = cfg.model.model_config.vocab_size
         self.rank, self.world_size = rank, world_size
         self.step = 0   # micro-batches this rank has taken
 
     def next_batch(self):
         import torch   # here, not at the top: prepare and verify never need it, and it takes seconds to import
         m = self.rank + self.step * self.world_size
-        batch = torch.from_numpy(self.blocks.read(m * self.B, self.B).astype(np.int64))   # (B, T+1)
+        blocks = self.blocks.read(m * self.B, self.B)   # (B, T+1)
+        if int(blocks.max()) >= self.vocab_size:   # inputs and targets: an embedding lookup past the table crashes
+            raise DataError(f"micro-batch {m}: token id {int(blocks.max())} is outside the model's vocabulary "
+                            f"({self.vocab_size}); the data was tokenized with another tokenizer")
+        batch = torch.from_numpy(blocks.astype(np.int64))
         self.step += 1
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
@@ -308,14 +345,16 @@ def _split(cfg: Config, split: str, rank: int, tok: Optional[Tokenizer]):
         state = prepare(cfg, tok, log)
     if state and state["done"]:
         vocab = cfg.model.model_config.vocab_size
+        rows = [r for r in state["shards"] if r["split"] == split]
+        shards.check_shards(out, rows, log)
         groups = {}   # by source; the training split, and validation prepared before it was kept apart, pooled
-        for r in state["shards"]:
-            if r["split"] == split:
-                groups.setdefault(r.get("source", POOLED), []).append(shards.open_shard(os.path.join(out, r["file"]),
-                                                                                        vocab))
+        for r in rows:
+            groups.setdefault(r.get("source", POOLED), []).append(shards.open_shard(os.path.join(out, r["file"]), vocab))
         if split == "train":
             return _Blocks(groups.get(POOLED, []), block, f"{out} train split")
         return {name: _Blocks(arrays, block, f"{out} validation split of '{name}'") for name, arrays in groups.items()}
+    if (hub := sources.hub_datasets(sources.sources(cfg))) and not sources.hub_reachable():
+        raise sources.offline_error([f"the dataset '{d}' ({sources.dataset_key(cfg)})" for d in hub])
     log(f"data: no prepared shards in {out}: streaming the {split} split from the sources")
     if split == "train":
         return streaming.StreamedBlocks(cfg, tok, eos_token_id(tok), block)
@@ -350,6 +389,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # prepare has committed every finished shard
+        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -179,26 +179,32 @@ def val_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-def plot_losses(metrics_path, out_png) -> Optional[Path]:
-    """Train and validation loss against step, each source's validation loss dashed, as a PNG; None when matplotlib
-    is missing or nothing is logged."""
-    records = read_metrics(metrics_path)
+def smoothed(values: list[float], window: Optional[int] = None) -> list[float]:
+    """An exponential moving average, s_t = b s_(t-1) + (1 - b) x_t with b = 1 - 1/window, divided by 1 - b^t as
+    TensorBoard does, so the first points are not pulled toward 0. The default window is a twentieth of the points."""
+    window = window or max(1, len(values) // 20)
+    beta, s, out = 1 - 1 / window, 0.0, []
+    for t, x in enumerate(values, 1):
+        s = beta * s + (1 - beta) * x
+        out.append(s / (1 - beta ** t))
+    return out
+
+
+def loss_figure(records: list[dict]):
+    """Train loss (its points faint, their smoothed curve on top) and validation loss (each source's dashed) by step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     val = [(r["step"], r["loss"]) for r in records if r.get("kind") == "val"]
     per_source = val_curves(records)
-    if not train and not val:
-        return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, label="train", linewidth=0.8, alpha=0.3, color="C0")
+        ax.plot(steps, smoothed(list(losses)), label="train (smoothed)", linewidth=1.5, color="C0")
     if val:
-        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, color="C1")
     names = short_names(per_source)
     for name, points in per_source.items():
         ax.plot(*zip(*points), "--", label=f"validation · {names[name]}", linewidth=1)
@@ -207,6 +213,19 @@ def plot_losses(metrics_path, out_png) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(metrics_path, out_png) -> Optional[Path]:
+    """The loss curves as a PNG; None when matplotlib is missing or nothing is logged."""
+    records = [r for r in read_metrics(metrics_path) if r.get("kind") in ("train", "val")]
+    if not records:
+        return None
+    try:
+        fig = loss_figure(records)
+    except ImportError:
+        return None
+    import matplotlib.pyplot as plt
     fig.savefig(out_png)
     plt.close(fig)
     return Path(out_png)

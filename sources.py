@@ -22,12 +22,15 @@ are the validation split, the rest the training split: no document is in both.
 """
 
 import collections
+import functools
 import glob
 import itertools
 import json
 import os
 import random
 import sysconfig
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -73,6 +76,39 @@ def all_local(srcs: list[Source]) -> bool:
     """True when every source is files on this machine that we list ourselves (no `datasets` source): quick to
     prepare, so the loader prepares them at first use."""
     return all(s.local or s.name.startswith("builtin:") for s in srcs)
+
+
+def hub_datasets(srcs: list[Source]) -> list[str]:
+    """The sources `datasets` would fetch from the Hugging Face Hub (a local folder laid out like one is not)."""
+    return [s.name for s in srcs if not s.local and not s.name.startswith("builtin:") and not os.path.exists(s.name)]
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers: asked once per process, in at most 5 seconds (HF_HUB_OFFLINE=1: no).
+    Without this, each library retries on its own with backoff, half a minute of noise per file before it gives up."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:   # urllib honours HTTPS_PROXY and friends, as the Hub libraries do
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=5)
+    except urllib.error.HTTPError:   # an answer, even an error, means it is reachable
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def offline_error(needed: list[str]) -> DataError:
+    """One error naming everything a config needs from the Hub, when the Hub is unreachable, with the ways round it."""
+    from huggingface_hub import constants
+    return DataError(f"the Hugging Face Hub ({constants.ENDPOINT}) is unreachable, and this config needs "
+                     f"{' and '.join(needed)} from it. To work offline: prepare the shards where the Hub is reachable "
+                     "(python data.py prepare --config CFG), copy data_prep.output_dir here and run with the tokenizer "
+                     "in your Hugging Face cache and HF_HUB_OFFLINE=1; or use local files: "
+                     "tokenizer.tokenizer_name_or_path=path/to/tokenizer.json, "
+                     "data_stages.0.data.dataset.hf_dataset_or_datasets=null and "
+                     "data_stages.0.data.dataset.dataset_folder=path/to/texts (config_tiny.yaml needs no network)")
 
 
 # ---------------------------------------------------------------- reading one source

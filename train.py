@@ -13,7 +13,7 @@ import argparse
 import math
 import os
 import random
-import signal
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,19 +30,27 @@ import distributed
 import planner
 import remote
 import stages
-from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_checkpoint,
-                        load_state_into, resolve_checkpoint, rotate_checkpoints, save_atomic)
+from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_state_into,
+                        resolve_checkpoint, rotate_checkpoints, save_atomic, training_checkpoint)
 from config import Config, ConfigError, config_to_dict, load_config, notes
-from metrics import (MetricsLog, flops_per_token, format_train_line, format_val_line, human, peak_flops, plot_losses,
-                     progress_bar)
+from metrics import (MetricsLog, duration, flops_per_token, format_train_line, format_val_line, human, peak_flops,
+                     plot_losses, progress_bar)
 from model import SmolLM2
 from optimizer import build_optimizer, lr_at
-from runtime import Runtime, gather, memory_gb, mean_across_ranks, rng_state, set_rng_state, setup_runtime
+from runtime import (Runtime, StopSignals, gather, memory_gb, mean_across_ranks, rng_state, set_rng_state,
+                     setup_runtime)
 from sampling import SamplingParams, generate
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the message says why and what to try."""
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C: the run stops where it is, without saving; the message names the newest checkpoint."""
+
+
+QUIET_S = 60.0   # with no terminal (no progress bar), a line at least this often, however long the logging interval
 
 
 @dataclass
@@ -80,8 +88,11 @@ class Progress:
     bad_streak: int = 0
     loss_ema: Optional[float] = None
     last_loss: float = float("nan")
+    loss_sum: float = 0.0                   # the finite losses since the last log line, and how many
+    loss_count: int = 0
     steps_since_log: int = 0
     t_log: float = field(default_factory=time.time)
+    t_said: float = field(default_factory=time.time)   # when rank 0 last printed a line
     t_start: float = field(default_factory=time.time)
 
 
@@ -112,6 +123,7 @@ def find_resume(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[P
 def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tuple[Run, Optional[Path]]:
     """Runtime, data, model, optimizer; then every part a checkpoint holds, when resuming. -> (run, checkpoint)."""
     rt = setup_runtime(cfg)
+    sample_params(cfg)   # refused now, not at the first sample hours in
     run_dir = Path(cfg.checkpoints.checkpoints_path)
     k, k_note = distributed.accumulation(cfg, rt.world, explicit_accumulation)
     # the bucket is checked first, before data preparation and step 1: a typo must not cost hours
@@ -127,7 +139,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     torch.manual_seed(cfg.general.seed + rt.rank)
     model.gradient_checkpointing = cfg.parallelism.recompute_layer
     ckpt_path = find_resume(cfg, resume, run_dir)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt = training_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
         load_state_into(model, ckpt["model"], str(ckpt_path))
     net = distributed.wrap(model, cfg, rt)
@@ -178,8 +190,11 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
              f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {run.accumulation} accumulation x {rt.world} "
              f"= {run.tokens_per_step:,} tokens/step"]
     parts += [note] if note else []
+    parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # README: threads
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
               f"data {stages.describe(cfg, stages.stage_at(cfg, run.step + 1))}", peak_flops(rt.device)[1]]
+    every = cfg.logging.iteration_step_info_interval
+    parts += [f"loss: mean of the {every} steps since the previous line"] if every > 1 else []
     parts += [f"resumed from {ckpt_path} at step {run.step}"] if ckpt_path else []
     return " | ".join(parts)
 
@@ -194,13 +209,9 @@ def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float]:
     lr = lr_at(run.step, cfg.optimizer.learning_rate_scheduler, cfg.tokens.train_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    vocab = cfg.model.model_config.vocab_size
     loss_sum = torch.zeros((), device=rt.device)
     for micro in range(k):
-        x, y = run.train_data.next_batch()
-        if int(y.max()) >= vocab:   # on the CPU, before the GPU would fail with an opaque assert
-            raise data.DataError(f"step {run.step + 1}: token id {int(y.max())} is outside the model's vocabulary "
-                                 f"({vocab}); the data was tokenized with another tokenizer")
+        x, y = run.train_data.next_batch()   # ids past the vocabulary are refused there, before the GPU asserts
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with distributed.gradient_sync(run.net, last_micro_batch=micro == k - 1):
             with rt.autocast():
@@ -242,27 +253,43 @@ def track_loss(run: Run, progress: Progress, loss: float) -> None:
     if not math.isfinite(loss):
         return
     progress.last_loss = loss
+    progress.loss_sum, progress.loss_count = progress.loss_sum + loss, progress.loss_count + 1
     ema = progress.loss_ema
     if ema is not None and loss > run.cfg.run.loss_spike_factor * ema and run.rt.main:
         print(f"warning: loss spike at step {run.step}: {loss:.3f} vs recent {ema:.3f}", file=sys.stderr)
     progress.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
 
 
-def log_progress(run: Run, progress: Progress, loss: float, grad_norm: float, lr: float) -> None:
-    """The train log line (rank 0), with tokens/s and MFU since the previous line; the same record to metrics.jsonl."""
+def log_progress(run: Run, progress: Progress, grad_norm: float, lr: float) -> None:
+    """The train log line (rank 0): the mean loss of the steps since the previous line (one step's loss swings too
+    much to read), the last step's LR and gradient norm, tokens/s and MFU; the same record to metrics.jsonl."""
     cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
     now = time.time()
     tok_s = progress.steps_since_log * run.tokens_per_step / max(now - progress.t_log, 1e-9)
     rate = (run.step - progress.start_step) / max(now - progress.t_start, 1e-9)
     peak, _ = peak_flops(rt.device)
+    loss = progress.loss_sum / progress.loss_count if progress.loss_count else float("nan")
     record = {"kind": "train", "step": run.step, "train_steps": steps, "stage": run.train_data.name, "loss": loss,
-              "lr": lr, "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tok_per_s": tok_s,
+              "loss_steps": progress.loss_count, "lr": lr, "grad_norm": grad_norm, "tokens_seen": run.tokens_seen,
+              "tok_per_s": tok_s,
               "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
               if peak else None,
               "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device)}
     print(format_train_line(record), flush=True)
     run.log.write(record)
-    progress.t_log, progress.steps_since_log = now, 0
+    progress.t_log, progress.t_said, progress.steps_since_log = now, now, 0
+    progress.loss_sum, progress.loss_count = 0.0, 0
+
+
+def still_running(run: Run, progress: Progress) -> None:
+    """A line when QUIET_S passed without one and no progress bar shows the run is alive (output to a file or a
+    pipe, a long logging interval)."""
+    now = time.time()
+    if now - progress.t_said >= QUIET_S:
+        print(f"step {run.step}/{run.cfg.tokens.train_steps} | still running, {duration(now - progress.t_said)} since "
+              f"the last line (logging.iteration_step_info_interval={run.cfg.logging.iteration_step_info_interval})",
+              flush=True)
+        progress.t_said = now
 
 
 def validation_due(cfg: Config, step: int) -> bool:
@@ -306,15 +333,24 @@ def write_samples(run: Run) -> None:
     if not (run.rt.main or distributed.sharded(run.cfg, run.rt)):
         return
     s = run.cfg.sampling
-    prompts = [run.tokenizer.encode(p).ids for p in s.prompts]
-    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    room = max(1, run.cfg.model.model_config.max_position_embeddings - s.max_new_tokens)
+    prompts = [run.tokenizer.encode(p).ids[-room:] for p in s.prompts]   # a long prompt keeps its newest tokens
     with run.rt.autocast():
-        outs = generate(run.model, prompts, params, eos_id=data.eos_token_id(run.tokenizer), seed=run.cfg.general.seed)
+        outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=data.eos_token_id(run.tokenizer),
+                        seed=run.cfg.general.seed)
     if run.rt.main:
         for prompt, out in zip(s.prompts, outs):
             text = run.tokenizer.decode(out)
             print(f"sample @ {run.step} | {prompt!r} -> {text!r}", flush=True)
             run.log.write({"kind": "sample", "step": run.step, "prompt": prompt, "text": text})
+
+
+def sample_params(cfg: Config) -> SamplingParams:
+    s = cfg.sampling
+    try:
+        return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    except ValueError as e:
+        raise ConfigError(f"sampling.{e}") from None
 
 
 def save(run: Run, reason: str) -> None:
@@ -347,20 +383,37 @@ def save(run: Run, reason: str) -> None:
 
 
 def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool = False) -> dict:
-    """Run (or continue) training; returns the final step, train loss and validation loss.
+    """Run (or continue) training; returns the final step, train and validation loss, and `stopped_by` (a signal's
+    name) or `complete` (a resumed run had nothing left to do).
     explicit_accumulation: the command line set tokens.batch_accumulation_per_replica, which then wins over keeping
     parallelism.dp's global batch."""
     run, ckpt_path = setup(cfg, resume, explicit_accumulation)
     rt, steps = run.rt, cfg.tokens.train_steps
+    if run.step >= steps:
+        finish(run)
+        return {"step": run.step, "complete": True}
     if rt.main:
         for line in notes(cfg):
             print(line, file=sys.stderr, flush=True)
         print(start_line(run, ckpt_path), flush=True)
     if ckpt_path is None and cfg.checkpoints.save_initial_state:
         save(run, "initial state")
-    stop_signal = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
     progress = Progress(run.step)
+    try:
+        with StopSignals(rt) as signals:
+            stopped_by = loop(run, progress, signals.asked)
+    except KeyboardInterrupt:   # a second Ctrl-C
+        newest = latest_checkpoint(run.run_dir)
+        raise StoppedAtOnce(f"stopped by a second Ctrl-C at step {run.step}, without saving; "
+                            + (f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved")) from None
+    finish(run)
+    return {"step": run.step, "train_loss": progress.last_loss, "val_loss": run.val_loss, "stopped_by": stopped_by}
+
+
+def loop(run: Run, progress: Progress, stop_asked) -> Optional[str]:
+    """Optimizer steps until tokens.train_steps, or until stop_asked() names a signal that reached some rank: then a
+    checkpoint of that step is saved and the signal's name returned."""
+    cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
     show_bar = rt.main and sys.stderr.isatty()
     run.net.train()
     while run.step < steps:
@@ -378,21 +431,20 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
         if rt.main and (run.step % cfg.logging.iteration_step_info_interval == 0 or last):
             if show_bar:
                 sys.stderr.write("\r\033[K")   # clear the bar; the log line takes its place
-            log_progress(run, progress, loss, grad_norm, lr)
+            log_progress(run, progress, grad_norm, lr)
+        elif rt.main and not show_bar:
+            still_running(run, progress)
         if validation_due(cfg, run.step):
             validate(run)
         if cfg.sampling.interval and (run.step % cfg.sampling.interval == 0 or last):
             write_samples(run)
         if run.step % cfg.checkpoints.checkpoint_interval == 0 or (last and cfg.checkpoints.save_final_state):
             save(run, "interval" if not last else "final")
-        if stop_signal:
+        if stopped_by := stop_asked():
             if run.step % cfg.checkpoints.checkpoint_interval:
-                save(run, "SIGTERM")
-            if rt.main:
-                print(f"stopped by SIGTERM at step {run.step}; continue with --resume", file=sys.stderr)
-            break
-    finish(run)
-    return {"step": run.step, "train_loss": progress.last_loss, "val_loss": run.val_loss}
+                save(run, stopped_by)
+            return stopped_by
+    return None
 
 
 def finish(run: Run) -> None:
@@ -417,6 +469,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokens.micro_batch_size=4")
     planner.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.append(args.resume)   # `--resume key=value`: argparse took the override for a checkpoint
+        args.resume = "latest"
     explicit = any(o.split("=", 1)[0].strip() == "tokens.batch_accumulation_per_replica" for o in args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -430,8 +485,25 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except StoppedAtOnce as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:   # before the first step: nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") != "0":   # under torchrun, rank 0 speaks for the run
         return 0
+    again = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume"])
+    if result.get("complete"):
+        steps = cfg.tokens.train_steps
+        more = shlex.join(["python", "train.py", "--config", args.config, *args.overrides,
+                           f"tokens.train_steps={2 * max(steps, result['step'])}", "--resume"])   # the last one wins
+        print(f"the run is complete: step {result['step']} of tokens.train_steps={steps}. To train further, resume "
+              f"with more steps, e.g. {more} (the LR schedule follows the new length)", flush=True)
+        return 0
+    if result["stopped_by"]:
+        print(f"stopped by {result['stopped_by']} at step {result['step']}; continue with: {again}", file=sys.stderr)
+        return 130 if result["stopped_by"] == "Ctrl-C" else 0
     val = f"{result['val_loss']:.3f}" if result["val_loss"] is not None else "n/a"
     print(f"done: step {result['step']} | train loss {result['train_loss']:.3f} | val loss {val}", flush=True)
     return 0

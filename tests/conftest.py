@@ -2,6 +2,12 @@
 a recorder of the largest tensor an operation creates."""
 
 import random
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +82,31 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
         return out
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether a user namespace may mount a tmpfs here (util-linux's unshare; some containers forbid it)."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1M tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+def run_on_a_full_disk(folder: Path, argv: list[str], cwd, size_kb: int, file_limit_kb: int):
+    """Run argv with `folder` on a file system of size_kb, which a user namespace may mount (a tmpfs) without root:
+    its writes fail with ENOSPC once it is full. Where namespaces are forbidden, the kernel's file-size limit of
+    file_limit_kb refuses writes instead (EFBIG). -> (exit code, stdout, stderr, files left in folder, the reason a
+    refused write gives)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if can_mount_tmpfs():
+        script = (f"mount -t tmpfs -o size={size_kb}k tmpfs {shlex.quote(str(folder))} && {shlex.join(map(str, argv))};"
+                  f" echo \"--- $?\"; find {shlex.quote(str(folder))} -mindepth 1 -type f -printf '%P\\n'")
+        proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, cwd=cwd,
+                              timeout=600)
+        out, _, tail = proc.stdout.rpartition("--- ")
+        code, *files = tail.split("\n")
+        return int(code), out, proc.stderr, sorted(f for f in files if f), "No space left on device"
+    limit = file_limit_kb * 1024
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, cwd=cwd, timeout=600,
+                          preexec_fn=lambda: (signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+                                              resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))))
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+    return proc.returncode, proc.stdout, proc.stderr, files, "File too large"

@@ -236,3 +236,56 @@ def test_malformed_overrides_say_what_is_wrong(override, message):
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match=r"^nope\.yaml: config file not found"):
         load_config("nope.yaml")
+
+
+# ---------------------------------------------------------------- values that would crash or mislead a run later
+
+
+@pytest.mark.parametrize("override,message", [
+    ("checkpoints.checkpoint_interval=0", r"^checkpoints\.checkpoint_interval: must be >= 1, got 0"),
+    ("tokens.val_check_interval=0", r"^tokens\.val_check_interval: must be >= 1, got 0"),
+    ("logging.iteration_step_info_interval=0", r"^logging\.iteration_step_info_interval: must be >= 1, got 0"),
+    ("run.val_batches=0", r"^run\.val_batches: must be >= 1"),
+    ("run.max_consecutive_bad_steps=0", r"^run\.max_consecutive_bad_steps: must be >= 1"),
+    ("run.keep_last_checkpoints=-1", r"^run\.keep_last_checkpoints: must be >= 0 \(0 keeps every checkpoint\)"),
+    ("sampling.interval=-1", r"^sampling\.interval: must be >= 0 \(0: no samples\)"),
+    ("optimizer.learning_rate_scheduler.learning_rate=.nan", r"learning_rate: expected a finite number, got nan"),
+    ("optimizer.learning_rate_scheduler.learning_rate=-3e-3", r"learning_rate: must be > 0, got -0\.003"),
+    ("optimizer.learning_rate_scheduler.learning_rate=0", r"learning_rate: must be > 0, got 0"),
+    ("optimizer.learning_rate_scheduler.min_decay_lr=-1e-5", r"min_decay_lr: must be >= 0"),
+    ("optimizer.learning_rate_scheduler.lr_warmup_steps=-5", r"lr_warmup_steps: must be >= 0"),
+    ("optimizer.learning_rate_scheduler.lr_decay_steps=-5", r"lr_decay_steps: must be >= 0"),
+    ("optimizer.learning_rate_scheduler.lr_decay_starting_step=-1", r"lr_decay_starting_step: must be >= 0"),
+    ("optimizer.weight_decay=.inf", r"^optimizer\.weight_decay: expected a finite number, got inf"),
+    ("optimizer.weight_decay=-0.1", r"^optimizer\.weight_decay: must be >= 0"),
+    ("optimizer.clip_grad=0", r"^optimizer\.clip_grad: must be > 0, or null for no clipping"),
+    ("optimizer.optimizer_factory.adam_beta2=1.0", r"adam_beta2: must be in \[0, 1\), got 1\.0"),
+    ("optimizer.optimizer_factory.adam_eps=0", r"adam_eps: must be > 0"),
+    ("model.init_method.std=-0.02", r"^model\.init_method\.std: must be > 0"),
+    ("model.model_config.rms_norm_eps=0", r"rms_norm_eps: must be > 0"),
+    ("model.model_config.rope_theta=-1", r"rope_theta: must be > 0"),
+    ("model.dtype=bfloat61", r"^model\.dtype: 'bfloat16', 'float16' or 'float32', got 'bfloat61'"),
+    ("run.device=bogus", r"^run\.device: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'bogus'"),
+    ("run.device=cuda:x", r"^run\.device: .* got 'cuda:x'"),
+    ("run.loss_spike_factor=0.5", r"^run\.loss_spike_factor: must be > 1"),
+    ("general.seed=-1", r"^general\.seed: must be from 0 to 2\*\*32 - 1"),
+    ("general.seed=4294967296", r"^general\.seed: must be from 0 to 2\*\*32 - 1"),
+    ("checkpoints.checkpoints_path=''", r"^checkpoints\.checkpoints_path: empty"),
+    ("sampling.temperature=.nan", r"^sampling\.temperature: expected a finite number"),
+    ("sampling.temperature=-1", r"^sampling\.temperature: must be >= 0"),
+    ("sampling.top_k=0", r"^sampling\.top_k: must be >= 1, or null"),
+    ("sampling.top_p=1.5", r"^sampling\.top_p: must be in \(0, 1\], or null"),
+    ("sampling.max_new_tokens=0", r"^sampling\.max_new_tokens: must be >= 1"),
+    ("sampling.prompts=['ok', '']", r"^sampling\.prompts\[1\]: empty"),
+])
+def test_values_that_would_crash_or_silently_mislead_a_run_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("config_tiny.yaml", [override])
+
+
+def test_a_config_that_is_not_utf8_text_or_is_a_folder_is_one_error(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("tokens: {}\ngeneral: {run: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8"):
+        load_config(str(tmp_path / "latin1.yaml"))
+    with pytest.raises(ConfigError, match=r": is a directory; --config names a YAML file"):
+        load_config(str(tmp_path))

@@ -3,12 +3,18 @@ resume."""
 
 import itertools
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from conftest import build_config, corpus
 from tokenizers import Tokenizer
 
@@ -16,9 +22,11 @@ import data
 import shards
 import sources
 import streaming
-from config import ConfigError
+from config import ConfigError, config_to_dict
 from data import DataError
 from sources import Mixer, Source
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def stream_of(out) -> np.ndarray:
@@ -62,6 +70,15 @@ def test_missing_local_tokenizer_is_trained_on_first_use(tmp_path):
     path = tmp_path / "new" / "tokenizer.json"
     tok = data.load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
     assert path.exists() and tok.get_vocab_size() == 300
+
+
+def test_training_a_tokenizer_says_so_before_and_after(tmp_path, capsys):
+    corpus(tmp_path / "text", "doc", 20)
+    path = tmp_path / "tokenizer.json"
+    data.load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
+    before, after = capsys.readouterr().out.splitlines()
+    assert before.startswith("data: training a 300-token BPE tokenizer on up to 100,000,000 characters")
+    assert after.startswith("data: tokenizer trained in ")
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_an_error(tmp_path, bpe_path):
@@ -317,3 +334,59 @@ def test_loader_cycles_through_epochs_and_validation_restarts_on_reset(prepared)
     once = blocks_of(val, 3)
     val.reset()
     assert blocks_of(val, 3) == once
+
+
+def test_a_token_id_past_the_vocabulary_is_refused_wherever_it_sits_in_a_block(prepared):
+    cfg, _, _ = prepared
+    for position in (0, 7, 15):   # an input only, both, a target only (block = sequence_length + 1 = 16 tokens)
+        tokens = np.zeros(64, np.uint16)
+        tokens[16 + position] = 600   # the second block; model vocab_size is 512
+        loader = data.TokenLoader(data._Blocks([tokens], 16, "test"), cfg)
+        with pytest.raises(DataError, match="token id 600 is outside the model's vocabulary \\(512\\)"):
+            loader.next_batch()   # micro-batch of 2 blocks: blocks 0 and 1
+
+
+# ---------------------------------------------------------------- no network
+
+
+def offline(tmp_path) -> dict:
+    """The environment of a machine where the Hub does not answer: its endpoint is a closed local port, and the
+    Hugging Face cache is an empty folder of its own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return {**env, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf_home")}
+
+
+def test_the_135M_config_with_no_network_fails_at_once_naming_the_tokenizer_and_the_dataset(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "config_smollm2_135M.yaml",
+                           f"checkpoints.checkpoints_path={tmp_path / 'run'}",
+                           f"data_prep.output_dir={tmp_path / 'd'}"],
+                          cwd=ROOT, env=offline(tmp_path), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "Retrying" not in proc.stdout + proc.stderr
+    for needed in ("tokenizer 'HuggingFaceTB/cosmo2-tokenizer'", "dataset 'HuggingFaceTB/smollm-corpus'",
+                   "HF_HUB_OFFLINE=1", "python data.py prepare", "dataset_folder", "config_tiny.yaml"):
+        assert needed in lines[0], needed
+
+
+def test_offline_a_tokenizer_in_the_hugging_face_cache_and_a_local_dataset_still_train(tmp_path, bpe_path):
+    env = offline(tmp_path)
+    snapshot = tmp_path / "hf_home" / "hub" / "models--org--tok" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)   # the cache's own layout, as huggingface_hub leaves it after a download
+    (snapshot / "tokenizer.json").write_bytes(open(bpe_path, "rb").read())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    texts = corpus(tmp_path / "texts", "H", 60)
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    cfg = build_config(tmp_path, "org/tok", {"hf_dataset_or_datasets": str(tmp_path / "hub")})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    script = ("import data; from config import load_config; cfg = load_config('cfg.yaml'); "
+              "x, y = data.train_loader(cfg).next_batch(); print('batch', tuple(x.shape))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "batch (2, 15)" in proc.stdout, proc.stderr
+    assert "Retrying" not in proc.stderr

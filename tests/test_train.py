@@ -285,4 +285,3 @@ def test_bad_config_and_restarting_a_finished_run_are_one_line_errors(tmp_path, 
     proc = run_train(bad, check=False)                     # same run dir, no --resume: refuse, touch nothing
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
-

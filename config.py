@@ -420,9 +420,7 @@ def validate(cfg: Config) -> Config:
         "tokens.batch_accumulation_per_replica": cfg.tokens.batch_accumulation_per_replica,
         "tokens.train_steps": cfg.tokens.train_steps,
         "checkpoints.checkpoint_interval": cfg.checkpoints.checkpoint_interval,   # each of these divides the step
-        "tokens.val_check_interval": cfg.tokens.val_check_interval,
         "logging.iteration_step_info_interval": cfg.logging.iteration_step_info_interval,
-        "run.val_batches": cfg.run.val_batches,
         "run.max_consecutive_bad_steps": cfg.run.max_consecutive_bad_steps,
         "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
     }

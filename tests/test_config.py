@@ -243,9 +243,7 @@ def test_missing_config_file_is_named():
 
 @pytest.mark.parametrize("override,message", [
     ("checkpoints.checkpoint_interval=0", r"^checkpoints\.checkpoint_interval: must be >= 1, got 0"),
-    ("tokens.val_check_interval=0", r"^tokens\.val_check_interval: must be >= 1, got 0"),
     ("logging.iteration_step_info_interval=0", r"^logging\.iteration_step_info_interval: must be >= 1, got 0"),
-    ("run.val_batches=0", r"^run\.val_batches: must be >= 1"),
     ("run.max_consecutive_bad_steps=0", r"^run\.max_consecutive_bad_steps: must be >= 1"),
     ("run.keep_last_checkpoints=-1", r"^run\.keep_last_checkpoints: must be >= 0 \(0 keeps every checkpoint\)"),
     ("sampling.interval=-1", r"^sampling\.interval: must be >= 0 \(0: no samples\)"),

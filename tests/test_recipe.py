@@ -11,7 +11,8 @@ from test_train import ROOT, losses, make_config, run_train, write_corpus
 
 import data
 from checkpoint import list_checkpoints, load_checkpoint
-from config import load_config
+from config import config_from_dict, load_config
+from train import validation_due
 from metrics import read_metrics
 
 SWITCH = 5   # the second stage's start_training_step
@@ -104,3 +105,12 @@ def test_no_validation_when_limit_val_batches_is_0_as_in_the_official_files(tmp_
     out = run_train(path)
     assert not [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
     assert "val loss n/a" in out.stdout
+
+
+@pytest.mark.parametrize("interval", [0, -1])
+def test_a_val_check_interval_below_1_validates_after_the_last_step_only(interval):
+    """nanotron's default is -1; neither it nor 0 may divide the step (a ZeroDivisionError once)."""
+    cfg = config_from_dict({"tokens": {"train_steps": 12, "val_check_interval": interval, "limit_val_batches": 2}})
+    assert [step for step in range(1, 13) if validation_due(cfg, step)] == [12]
+    cfg = config_from_dict({"tokens": {"train_steps": 12, "val_check_interval": 5, "limit_val_batches": 2}})
+    assert [step for step in range(1, 13) if validation_due(cfg, step)] == [5, 10, 12]

@@ -1,5 +1,6 @@
 """Show a model to people: `python app.py --checkpoint_dir runs/` serves a page to pick a checkpoint, type a prompt and
-watch the text stream in, or to run one prompt through several checkpoints side by side next to their loss curves.
+watch the text stream in, or to run one prompt through several checkpoints side by side next to their loss curves
+and benchmark scores.
 
 It builds on generate.py's loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
 exports, tensors read with weights_only so a crafted pickle runs no code) and tokenizer opener, and on sampling.py's
@@ -26,7 +27,7 @@ from tokenizers import Tokenizer
 
 from checkpoint import CheckpointError, is_hf_dir, list_checkpoints, resolve_checkpoint, run_dir_of
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype
-from metrics import read_metrics
+from metrics import eval_series, read_metrics
 from model import SmolLM2
 from sampling import SamplingParams, TextStream, generate
 
@@ -169,6 +170,13 @@ def loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
+def eval_curves(runs: dict[str, Path]) -> pd.DataFrame:
+    """Benchmark scores against step of each run (its metrics.jsonl's eval records), for a gr.LinePlot."""
+    rows = [{"step": step, "score": value, "series": f"{label} · {name}"} for label, run_dir in runs.items()
+            for name, points in eval_series(read_metrics(run_dir / "metrics.jsonl")).items() for step, value in points]
+    return pd.DataFrame(rows, columns=["step", "score", "series"])
+
+
 # ---------------------------------------------------------------- the page
 
 
@@ -230,12 +238,12 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
             heads[i] = f"**{name}**\n\n{loaded.describe()}"
             runs[str(loaded.run_dir.relative_to(root))] = loaded.run_dir
             jobs.append((i, loaded, encode_prompt(loaded, prompt)))
-        curves = loss_curves(runs)
-        yield *shown, *heads, *texts, curves
+        curves = loss_curves(runs), eval_curves(runs)
+        yield *shown, *heads, *texts, *curves
         for i, loaded, ids in jobs:   # one after the other: they would share the same cores anyway
             for text in stream_text(loaded, ids, params, seed):
                 texts[i] = text
-                yield *shown, *heads, *texts, curves
+                yield *shown, *heads, *texts, *curves
 
     choices = find_checkpoints(root)
     first = choices[0][1] if choices else None
@@ -271,6 +279,9 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
                                 texts.append(gr.Textbox(label="Generated text", lines=8, interactive=False))
                     plot = gr.LinePlot(loss_curves({}), x="step", y="loss", color="series",
                                        title="Loss curves of the compared runs", y_title="loss (nats/token)")
+                    scores = gr.LinePlot(eval_curves({}), x="step", y="score", color="series",
+                                         title="Benchmark scores of the compared runs (evaluate.py during training)",
+                                         y_title="score")
             with gr.Column(scale=1, min_width=240):
                 gr.Markdown("### Sampling")
                 temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", info="0 = greedy",
@@ -293,7 +304,7 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         started = go.click(run, [picked, prompt, *sampling], output, api_name="generate")
         submitted = prompt.submit(run, [picked, prompt, *sampling], output, api_visibility="private")
         halt.click(None, cancels=[started, submitted])
-        go2.click(compare, [several, prompt2, *sampling], [*columns, *heads, *texts, plot],
+        go2.click(compare, [several, prompt2, *sampling], [*columns, *heads, *texts, plot, scores],
                   api_name="compare")
     return app
 

@@ -1,7 +1,8 @@
 """What a training run tells its user: log lines, throughput and MFU, a metrics JSONL file and a loss-curve PNG.
 
-Everything is appended to `<run dir>/metrics.jsonl` (one JSON object per line, `kind` = train | val | sample);
-TensorBoard and Weights & Biases receive the same numbers only when installed and asked for in the config.
+Everything is appended to `<run dir>/metrics.jsonl` (one JSON object per line, `kind` = train | val | sample | eval,
+an eval record holding one benchmark's scores at a step); TensorBoard and Weights & Biases receive the same numbers
+only when installed and asked for in the config.
 """
 
 import json
@@ -105,8 +106,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and k not in ("step", "kind")}
+        if record["kind"] == "eval":   # eval/hellaswag/acc_norm: the scores, not the facts about them
+            scalars = {f"eval/{record['task']}/{k}": v for k, v in record["scores"].items()}
+        else:
+            scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
+                       if isinstance(v, (int, float)) and k not in ("step", "kind")}
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, record["step"])
@@ -127,11 +131,24 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def eval_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Benchmark scores against step, one series per `task metric`, from metrics.jsonl's eval records. Only scores
+    between 0 and 1 (accuracies, exact match): a perplexity on the same axis would flatten them."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r.get("kind") == "eval":
+            for metric, value in r["scores"].items():
+                series.setdefault(f"{r['task']} {metric}", []).append((r["step"], value))
+    return {name: sorted(points) for name, points in series.items() if all(0 <= v <= 1 for _, v in points)}
+
+
 def plot_losses(metrics_path, out_png) -> Optional[Path]:
-    """Train and validation loss against step, as a PNG; None when matplotlib is missing or nothing is logged."""
+    """Train and validation loss against step, as a PNG, with the benchmark scores beside them once a run has some;
+    None when matplotlib is missing or nothing is logged."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     val = [(r["step"], r["loss"]) for r in records if r.get("kind") == "val"]
+    scores = eval_series(records)
     if not train and not val:
         return None
     try:
@@ -140,7 +157,8 @@ def plot_losses(metrics_path, out_png) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
@@ -149,6 +167,15 @@ def plot_losses(metrics_path, out_png) -> Optional[Path]:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:
+        bench = axes[0][1]
+        for name, points in scores.items():
+            bench.plot(*zip(*points), "o-", label=name, linewidth=1.5)
+        bench.set_xlabel("optimizer step")
+        bench.set_ylabel("benchmark score")
+        bench.set_xlim(ax.get_xlim())
+        bench.grid(alpha=0.3)
+        bench.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

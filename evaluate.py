@@ -25,6 +25,7 @@ from typing import Optional
 from checkpoint import CheckpointError
 from config import EvalArgs
 from generate import InputError, eos_id_for, load, log, open_tokenizer, pick_device, pick_dtype
+from metrics import human
 from scoring import perplexity
 
 HERE = Path(__file__).resolve().parent
@@ -135,7 +136,7 @@ def format_report(report: dict) -> str:
     """The model card's table: one row per task and metric (score ± standard error), and the perplexity rows."""
     step = report.get("step")
     parts = [f"{report['checkpoint']}" + ("" if step is None else f" · step {step}")
-             + f" · {report['parameters'] / 1e6:.1f}M parameters"]
+             + f" · {human(report['parameters'])} parameters"]
     if report.get("tasks"):
         rows = [["Task", "Metric", "Shots", "Items", "Score"]]
         for name, t in report["tasks"].items():

@@ -245,3 +245,65 @@ def test_eval_section_is_checked_by_name():
                          ({"task": ["x"]}, "eval.task: unknown key; did you mean 'tasks'?")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             config_from_dict({"checkpoints": {"checkpoint_interval": 50}, "eval": {"tasks": ["hellaswag"], **bad}})
+
+
+def test_135M_shape_scores_equal_lm_eval_hf_model_item_by_item(setup, tmp_path):
+    """The real size: SmolLM2-135M's shape (49152-token vocabulary, 30 layers), random weights, a few items."""
+    import lm_eval
+    from checkpoint import checkpoint_name, save_atomic
+    from config import config_from_dict, config_to_dict
+    from model import SmolLM2
+    from validate_params import parity_weights
+    run_dir, _, tasks = setup
+    cfg = config_from_dict({"tokenizer": {"tokenizer_name_or_path": str(tmp_path / "run" / "tokenizer.json")}})
+    assert cfg.model.model_config.vocab_size == 49152 and cfg.model.model_config.num_hidden_layers == 30
+    model = SmolLM2(cfg.model.model_config)
+    parity_weights(model, 0.02, seed=0)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tokenizer.json").write_bytes((run_dir / "tokenizer.json").read_bytes())
+    save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg), "train_state": {"step": 0}},
+                tmp_path / "run" / "checkpoints" / checkpoint_name(0))
+    del model
+    convert_hf.export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
+    theirs = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "hf"), "device": "cpu"},
+                                     tasks=["tiny_mc"], limit=4, batch_size=4, log_samples=True,
+                                     task_manager=evaluate.task_manager(["tiny_mc"], str(tasks)))
+    model, _, info = load_model(tmp_path / "run")
+    ours = evaluate.run_tasks(model, Tokenizer.from_file(info["tokenizer"]), 0, ["tiny_mc"], limit=4,
+                              include_path=str(tasks), batch_size=4, log_samples=True)
+    assert len(ours["samples"]["tiny_mc"]) == 4
+    assert_same_items(ours, theirs, "tiny_mc")
+
+
+def test_eval_records_reach_metrics_jsonl_the_mirrors_and_the_plot(tmp_path):
+    import matplotlib.image
+    from types import SimpleNamespace
+    from metrics import MetricsLog, eval_series, plot_losses, read_metrics
+    log = MetricsLog(tmp_path, None, False, None, "test", {})
+    mirrored = []
+    log.tb = SimpleNamespace(add_scalar=lambda key, value, step: mirrored.append((key, value, step)))
+    for step in (4, 8):
+        log.write({"kind": "train", "step": step, "loss": 5.0 - step / 4})
+    assert plot_losses(log.path, tmp_path / "alone.png")
+    report = {"tasks": {"tiny_mc": {"scores": {"acc": 0.5, "word_perplexity": 80.0}, "stderr": {"acc": 0.1},
+                                    "n_shot": 0, "items": 12}}}
+    for r in evaluate.eval_records(report, 8):
+        log.write(r)
+    assert read_metrics(log.path)[-1] == {"kind": "eval", "step": 8, "task": "tiny_mc", **report["tasks"]["tiny_mc"]}
+    assert [m for m in mirrored if m[0].startswith("eval/")] == [("eval/tiny_mc/acc", 0.5, 8),
+                                                                  ("eval/tiny_mc/word_perplexity", 80.0, 8)]
+    assert eval_series(read_metrics(log.path)) == {"tiny_mc acc": [(8, 0.5)]}   # perplexity: another scale
+    assert plot_losses(log.path, tmp_path / "both.png")
+    alone, both = (matplotlib.image.imread(tmp_path / f"{n}.png").shape for n in ("alone", "both"))
+    assert both[0] == alone[0] and both[1] > alone[1], "the scores get a panel of their own beside the loss"
+
+
+def test_a_hugging_face_directory_scores_as_its_run_and_keeps_its_results_inside(setup, tmp_path):
+    run_dir, hf_dir, _ = setup
+    (tmp_path / "t.txt").write_text(FILLER * 3)
+    assert evaluate.main(["--checkpoint_path", str(hf_dir), "--text_file", str(tmp_path / "t.txt")]) == 0
+    assert evaluate.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "t.txt"),
+                          "--output", str(tmp_path / "run.json")]) == 0
+    from_hf = json.loads((hf_dir / "eval.json").read_text())["perplexity"]
+    from_run = json.loads((tmp_path / "run.json").read_text())["perplexity"]
+    assert from_hf["token_perplexity"] == pytest.approx(from_run["token_perplexity"], rel=1e-6)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from checkpoint import CheckpointError
-from config import EvalArgs
+from config import ConfigError, EvalArgs
 from generate import InputError, eos_id_for, load, log, open_tokenizer, pick_device, pick_dtype
 from metrics import human
 from scoring import perplexity
@@ -188,7 +188,8 @@ def evaluate_checkpoint(args) -> dict:
     if text is not None:
         from tqdm import tqdm
         tokens = tokenizer.encode(text).ids
-        with tqdm(desc="perplexity", unit="window") as bar:
+        windows = -(-len(tokens) // model.config.max_position_embeddings)   # scoring.rolling_windows' count
+        with tqdm(total=windows, desc="perplexity", unit="window") as bar:
             prefix = cfg.model.model_config.bos_token_id
             result = perplexity(model, tokens, len(text.encode("utf-8")), eos_id if prefix is None else prefix,
                                 args.batch_size, bar.update)
@@ -258,19 +259,24 @@ class BackgroundEvals:
     """
 
     def __init__(self, cfg: EvalArgs, checkpoint_interval: int):
+        """Checks what would make every eval fail, before step 1: the harness, the task folder."""
+        try:
+            require_harness()
+        except InputError as e:
+            raise ConfigError(f"eval.tasks: {e}") from None
+        if cfg.include_path and not Path(cfg.include_path).is_dir():
+            raise ConfigError(f"eval.include_path: {cfg.include_path}: no such folder")
         self.cfg, self.every = cfg, cfg.interval or checkpoint_interval
         self.waiting: list[tuple[Path, int]] = []
         self.running: Optional[tuple[Path, int, subprocess.Popen]] = None
 
     def due(self, step: int, final: bool) -> bool:
-        return bool(self.cfg.tasks) and (final or step % self.every == 0)
+        return final or step % self.every == 0
 
     def command(self, checkpoint: Path) -> list[str]:
-        c = self.cfg
-        flags = {"--tasks": ",".join(c.tasks), "--limit": c.limit, "--num_fewshot": c.num_fewshot,
-                 "--include_path": c.include_path, "--batch_size": c.batch_size, "--device": c.device}
-        if c.include_path:
-            flags["--include_path"] = Path(c.include_path).resolve()
+        c = self.cfg   # paths absolute: the trainer's working directory need not be the eval's
+        flags = {"--tasks": ",".join(c.tasks), "--limit": c.limit, "--num_fewshot": c.num_fewshot, "--include_path":
+                 c.include_path and Path(c.include_path).resolve(), "--batch_size": c.batch_size, "--device": c.device}
         return [sys.executable, str(HERE / "evaluate.py"), "--checkpoint_path", str(checkpoint.resolve()),
                 "--output", str(results_path(checkpoint).resolve()),
                 *[str(x) for k, v in flags.items() if v is not None for x in (k, v)]]
@@ -320,19 +326,19 @@ class BackgroundEvals:
 
     def finish(self, wait: bool = True) -> list[dict]:
         """Wait for every eval still to run (wait=True), or stop the one running and drop the rest."""
-        records = []
         if not wait:
-            if self.running is not None:
+            self.waiting = []
+            if self.running is not None and self.running[2].poll() is None:
                 self.running[2].terminate()
                 self.running[2].wait()
                 log(f"eval: benchmarks of step {self.running[1]} stopped; run evaluate.py on that checkpoint later")
                 self.running = None
-            self.waiting.clear()
-            return records
+        records = []
         while self.running is not None:
-            log(f"eval: waiting for the benchmarks of step {self.running[1]} (log: "
-                f"{results_path(self.running[0]).with_suffix('.log')})")
-            self.running[2].wait()
+            if self.running[2].poll() is None:
+                log(f"eval: waiting for the benchmarks of step {self.running[1]} (log: "
+                    f"{results_path(self.running[0]).with_suffix('.log')})")
+                self.running[2].wait()
             records += self.poll()
         return records
 

@@ -307,3 +307,48 @@ def test_a_hugging_face_directory_scores_as_its_run_and_keeps_its_results_inside
     from_hf = json.loads((hf_dir / "eval.json").read_text())["perplexity"]
     from_run = json.loads((tmp_path / "run.json").read_text())["perplexity"]
     assert from_hf["token_perplexity"] == pytest.approx(from_run["token_perplexity"], rel=1e-6)
+
+
+def test_the_repository_s_own_task_folder_loads_and_scores(setup, monkeypatch):
+    monkeypatch.chdir(ROOT)   # its data_files are relative to the repository's root, where the commands run
+    model, _, info = load_model(setup[0])
+    results = evaluate.run_tasks(model, Tokenizer.from_file(info["tokenizer"]), 0, ["python_code"], limit=5,
+                                 include_path="eval_tasks")
+    scores = evaluate.task_scores(results)["python_code"]
+    assert scores["items"] == 5 and set(scores["scores"]) == {"acc", "acc_norm"}
+    rows = [json.loads(line) for line in (ROOT / "eval_tasks" / "python_code.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all(len(r["choices"]) == 4 and 0 <= r["answer"] < 4 for r in rows)
+
+
+def test_background_evals_run_one_at_a_time_keep_their_checkpoints_and_report_failures(setup, tmp_path, capsys):
+    from checkpoint import rotate_checkpoints
+    run_dir, _, tasks = setup
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    good, bad = folder / "step_00000100.pt", folder / "step_00000200.pt"
+    good.write_bytes((run_dir / "checkpoints" / "step_00000100.pt").read_bytes())
+    bad.write_bytes(b"not a checkpoint")
+    evals = evaluate.BackgroundEvals(EvalArgs(tasks=["tiny_mc"], include_path=str(tasks), limit=3, device="cpu"),
+                                     checkpoint_interval=100)
+    assert evals.due(200, final=False) and evals.due(250, final=True) and not evals.due(250, final=False)
+    evals.start(good, 100)
+    evals.start(bad, 200)
+    assert "benchmarks of step 200 wait for those of step 100" in capsys.readouterr().err
+    assert evals.is_pending(good) and evals.is_pending(bad)
+    assert rotate_checkpoints(tmp_path / "run", keep=1, spare=evals.is_pending) == [], "step 100 waits for its eval"
+    records = evals.finish()
+    assert [(r["step"], r["task"], r["items"]) for r in records] == [(100, "tiny_mc", 3)]
+    assert records[0]["scores"] == json.loads((folder / "step_00000100.eval.json").read_text())["tasks"]["tiny_mc"][
+        "scores"]
+    err = capsys.readouterr().err
+    assert "benchmarks of step 200 failed (error: " in err and "not a loadable checkpoint" in err
+    assert str(folder / "step_00000200.eval.log") in err
+    assert not evals.is_pending(good)
+    assert rotate_checkpoints(tmp_path / "run", keep=1, spare=evals.is_pending) == [good]
+
+
+def test_evals_during_training_refuse_to_start_without_the_harness(monkeypatch):
+    from config import ConfigError
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(ConfigError, match="^eval.tasks: benchmarks need lm-evaluation-harness"):
+        evaluate.BackgroundEvals(EvalArgs(tasks=["hellaswag"]), 100)

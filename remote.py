@@ -244,8 +244,8 @@ class Uploader:
     def _add_logs(self) -> None:
         s3 = self.s3
         drop = frozenset(kind for kind, on in (("train", s3.upload_metrics), ("val", s3.upload_metrics),
-                                               ("sample", s3.upload_samples)) if not on)
-        if len(drop) < 3:   # samples are records of metrics.jsonl; alone, they go up as samples.jsonl
+                                               ("eval", s3.upload_metrics), ("sample", s3.upload_samples)) if not on)
+        if s3.upload_metrics or s3.upload_samples:   # samples are records of metrics.jsonl; alone: samples.jsonl
             self._add(self.run_dir / "metrics.jsonl", "metrics.jsonl" if s3.upload_metrics else "samples.jsonl", drop)
         if s3.upload_plots:
             self._add(self.run_dir / "loss.png")

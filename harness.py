@@ -82,8 +82,9 @@ class HarnessModel(TemplateLM):
         """Continue each context until a stop string, EOS or max_gen_toks, through sampling.generate; requests that
         share their generation settings run as one left-padded batch."""
         groups: dict[str, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        by_length = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))   # little padding per batch
+        for i in by_length:
+            groups.setdefault(json.dumps(requests[i].args[1], sort_keys=True, default=str), []).append(i)
         eos_text = self.tok.decode([self.eos_id], skip_special_tokens=False)
         out: list[str] = [""] * len(requests)
         with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:

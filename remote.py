@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -114,6 +115,13 @@ def sha256_file(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder (a sharded checkpoint); 0 when it is gone."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
 def say(line: str, stream=None) -> None:
     """One line in one write, so that the uploader's lines and the training loop's do not run into each other."""
     (stream or sys.stdout).write(line + "\n")
@@ -130,15 +138,17 @@ def run_prefix(folder: str) -> str:
 
 
 def latest_key(client, bucket: str, prefix: str, url: str) -> str:
-    """The key of the newest step_*.pt under prefix/checkpoints/."""
+    """The key of the newest checkpoint under prefix/checkpoints/: a step_N.pt object, or the folder of a sharded
+    step_N/ (its key without a trailing slash)."""
     folder = join_key(prefix, "checkpoints") + "/"
     found = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
         for obj in page.get("Contents", []):
-            if (step := checkpoint_step(obj["Key"][len(folder):])) is not None:
-                found[step] = obj["Key"]
+            name = obj["Key"][len(folder):].split("/")[0]
+            if (step := checkpoint_step(name)) is not None:
+                found[step] = folder + name
     if not found:
-        raise RemoteError(f"{url}: no checkpoints/step_*.pt under s3://{bucket}/{folder}; check the prefix, or give a "
+        raise RemoteError(f"{url}: no checkpoints/step_* under s3://{bucket}/{folder}; check the prefix, or give a "
                           "checkpoint's full key")
     return found[max(found)]
 
@@ -169,8 +179,24 @@ def fetch(client, bucket: str, key: str, dest: Path, missing_ok: bool = False) -
     os.replace(tmp, dest)
 
 
+def fetch_folder(client, bucket: str, key: str, dest: Path) -> None:
+    """Download every object under key/ into dest/, through a .part folder renamed once all of it is here: a sharded
+    checkpoint is either whole on disk or absent."""
+    part = dest.with_name(dest.name + ".part")
+    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
+            for obj in page.get("Contents", [])]
+    if not keys:
+        raise RemoteError(f"s3://{bucket}/{key}/: no such checkpoint folder")
+    for k in keys:
+        fetch(client, bucket, k, part / k[len(key) + 1:])
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(part, dest)
+
+
 def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> Path:
-    """s3://bucket/prefix (that run's newest checkpoint) or s3://bucket/prefix/checkpoints/step_N.pt -> a local file.
+    """s3://bucket/prefix (that run's newest checkpoint), or one checkpoint's key s3://bucket/prefix/checkpoints/step_N.pt
+    (a file) or .../step_N (a sharded checkpoint's folder) -> a local checkpoint.
 
     To resume (`run_dir` given) it lands in run_dir/checkpoints/, with the run's metrics.jsonl when the run dir has
     none, so the log goes on from the checkpoint's step. To load, it lands in a cache folder that mirrors the bucket,
@@ -179,7 +205,7 @@ def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> 
     bucket, key = split_url(url)
     client = make_client(s3.region if s3 else None, s3.endpoint_url if s3 else None)
     try:
-        if not key.endswith(".pt"):
+        if checkpoint_step(key.rpartition("/")[2]) is None:
             key = latest_key(client, bucket, run_prefix(key), url)
         prefix = run_prefix(key.rpartition("/")[0])
         if run_dir is None:
@@ -189,7 +215,10 @@ def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> 
             run_dir = Path(run_dir)
             sidecars = [] if (run_dir / "metrics.jsonl").exists() else ["metrics.jsonl"]
         dest = run_dir / "checkpoints" / key.rpartition("/")[2]
-        fetch(client, bucket, key, dest)
+        if key.endswith(".pt"):
+            fetch(client, bucket, key, dest)
+        else:
+            fetch_folder(client, bucket, key, dest)
         for name in sidecars:
             fetch(client, bucket, join_key(prefix, name), run_dir / name, missing_ok=True)
     except (BotoCoreError, ClientError) as e:
@@ -202,13 +231,14 @@ def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> 
 
 @dataclass
 class _Job:
-    path: Path                             # the local file
+    path: Path                             # the local file (or a sharded checkpoint's folder)
     key: str                               # its object key
     drop_kinds: frozenset = frozenset()    # metrics.jsonl records left out of the upload (the upload_* flags)
 
     @property
     def is_checkpoint(self) -> bool:
-        return checkpoint_step(self.path.name) is not None
+        """A checkpoint file or folder, or a file inside a sharded checkpoint's folder."""
+        return checkpoint_step(self.path.name) is not None or checkpoint_step(self.path.parent.name) is not None
 
 
 class Uploader:
@@ -298,7 +328,11 @@ class Uploader:
         return hashlib.sha256(data).hexdigest(), len(data), io.BytesIO(data)
 
     def _upload(self, job: _Job) -> int:
-        """Upload one file and check that the bucket holds exactly it; raises on any failure. Returns its size."""
+        """Upload one file, or every file of a sharded checkpoint's folder, and check that the bucket holds exactly
+        them; raises on any failure. Returns the bytes sent."""
+        if job.path.is_dir():
+            files = sorted(f for f in job.path.rglob("*") if f.is_file())
+            return sum(self._upload(_Job(f, join_key(job.key, f.relative_to(job.path).as_posix()))) for f in files)
         digest, size, body = self._body(job)
         with body:
             self.client.upload_fileobj(body, self.s3.bucket, job.key, ExtraArgs={"Metadata": {"sha256": digest}},
@@ -354,7 +388,7 @@ class Uploader:
             self.progress_at, note_at = time.time(), 0.0
             while (pending := self._pending()) and time.time() - self.progress_at <= stall_timeout:
                 if time.time() >= note_at:
-                    size = sum(j.path.stat().st_size for j in pending if j.path.exists()) / 2**20
+                    size = sum(map(disk_size, (j.path for j in pending))) / 2**20
                     say(f"s3: waiting for {len(pending)} upload(s), {size:.1f} MB, to reach {self.where} (gives up "
                         f"after {stall_timeout:.0f}s without progress)")
                     note_at = time.time() + NOTE_EVERY_S

@@ -1,20 +1,22 @@
 """Pretrain SmolLM2: `python train.py --config config_smollm2_135M.yaml [key=value ...] [--resume [PATH]]`.
 
-One process per GPU under `torchrun` (DDP), or one plain process on a GPU or the CPU. The loop, in order:
-set the LR for this optimizer step -> k micro-batches of forward/backward (loss / k, gradients synced on the last
-only) -> unscale, clip, skip the step if anything is non-finite -> optimizer step -> log, validate, sample, save.
-A checkpoint holds every part needed to continue exactly (model, optimizer, grad scaler, step, data position,
-RNG states, config), so a run killed at any moment resumes with the same losses it would have had.
+One process per GPU under `torchrun` (DDP or FSDP, see distributed.py), or one plain process on a GPU or the CPU.
+Read top to bottom: `setup()` builds a run (data, model, optimizer, and what a checkpoint restores); `train()` loops
+over optimizer steps: `optimizer_step()` sets the LR, runs k micro-batches of forward and backward (each loss divided
+by k), unscales, clips, skips the update if anything is non-finite, and steps; then `log_progress()`, `validate()`,
+`write_samples()` and `save()` run on their intervals. A checkpoint holds every part needed to continue exactly
+(model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any moment resumes with
+the same losses it would have had.
 """
 
 import argparse
-import contextlib
 import math
 import os
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -22,12 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import distributed
 import remote
-from checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint, load_state_into,
-                        resolve_checkpoint, rotate_checkpoints, save_atomic)
+from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_checkpoint,
+                        load_state_into, resolve_checkpoint, rotate_checkpoints, save_atomic)
 from config import Config, ConfigError, config_to_dict, load_config
 from metrics import (MetricsLog, flops_per_token, format_train_line, human, peak_flops, plot_losses,
                      progress_bar)
@@ -41,32 +43,52 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the message says why and what to try."""
 
 
-@torch.no_grad()
-def evaluate(model, loader, batches: int, rt: Runtime) -> float:
-    """Mean loss over the first `batches` batches of the held-out split (the same batches every time)."""
-    model.eval()
-    loader.reset()
-    total = torch.zeros((), device=rt.device)
-    for _ in range(batches):
-        x, y = loader.next_batch()
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        total += loss.float()
-    model.train()
-    return mean_across_ranks(total / batches, rt).item()
+@dataclass
+class Run:
+    """Everything a training run holds. `model` is the plain module whose parameter names checkpoints keep; `net`
+    is what forward and backward go through (the same model compiled, DDP-wrapped, or sharded in place by FSDP)."""
+    cfg: Config
+    rt: Runtime
+    run_dir: Path
+    model: SmolLM2
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    tokenizer: object
+    train_data: data.TokenLoader
+    val_data: data.TokenLoader
+    accumulation: int                       # micro-batches per optimizer step on each rank
+    accumulation_note: str                  # why it differs from the config's, if it does
+    uploader: Optional[remote.Uploader] = None
+    log: Optional[MetricsLog] = None
+    step: int = 0                           # optimizer steps completed
+    tokens_seen: int = 0
+    val_loss: Optional[float] = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.tokens
+        return t.micro_batch_size * t.sequence_length * self.accumulation * self.rt.world
 
 
-def write_samples(model, tokenizer, cfg: Config, eos_id: int, rt: Runtime) -> list[dict]:
-    s = cfg.sampling
-    prompts = [tokenizer.encode(p).ids for p in s.prompts]
-    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-    with rt.autocast():
-        outs = generate(model, prompts, params, eos_id=eos_id, seed=cfg.general.seed)
-    return [{"prompt": p, "text": tokenizer.decode(o)} for p, o in zip(s.prompts, outs)]
+@dataclass
+class Progress:
+    """What the loop remembers between steps: the streak of skipped updates, a loss average to spot spikes, and the
+    clock for tokens/s and the ETA."""
+    start_step: int
+    bad_streak: int = 0
+    loss_ema: Optional[float] = None
+    last_loss: float = float("nan")
+    steps_since_log: int = 0
+    t_log: float = field(default_factory=time.time)
+    t_start: float = field(default_factory=time.time)
+
+
+# ---------------------------------------------------------------- setup
 
 
 def find_resume(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """--resume (or checkpoints.resume_checkpoint_path) -> a checkpoint file; refuse to start over a finished run."""
+    """--resume (or checkpoints.resume_checkpoint_path) -> a checkpoint; refuse to start over an existing run."""
     resume = resume or cfg.checkpoints.resume_checkpoint_path
     if resume == "latest":
         found = latest_checkpoint(run_dir)
@@ -86,186 +108,282 @@ def find_resume(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[P
     return None
 
 
-def train(cfg: Config, resume: Optional[str] = None) -> dict:
-    """Run (or continue) training; returns the final step, train loss and validation loss."""
+def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tuple[Run, Optional[Path]]:
+    """Runtime, data, model, optimizer; then every part a checkpoint holds, when resuming. -> (run, checkpoint)."""
     rt = setup_runtime(cfg)
     run_dir = Path(cfg.checkpoints.checkpoints_path)
+    k, k_note = distributed.accumulation(cfg, rt.world, explicit_accumulation)
     # the bucket is checked first, before data preparation and step 1: a typo must not cost hours
     uploader = remote.Uploader(cfg.s3, run_dir, cfg.run.keep_last_checkpoints) if rt.main and cfg.s3.bucket else None
-    T, B, k = cfg.tokens.sequence_length, cfg.tokens.micro_batch_size, cfg.tokens.batch_accumulation_per_replica
-    steps = cfg.tokens.train_steps
     random.seed(cfg.general.seed)
     np.random.seed(cfg.general.seed)
-    torch.manual_seed(cfg.general.seed + rt.rank)
 
     tokenizer = data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
-    eos_id = data.eos_token_id(tokenizer)
     train_data = data.train_loader(cfg, rt.rank, rt.world, tokenizer)
     val_data = data.val_loader(cfg, rt.rank, rt.world, tokenizer)
 
-    mcfg = cfg.model.model_config
-    model = SmolLM2(mcfg, cfg.model.init_method.std).to(rt.device)
+    torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
+    model = SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
+    torch.manual_seed(cfg.general.seed + rt.rank)
     model.gradient_checkpointing = cfg.parallelism.recompute_layer
-    fused = rt.device.type == "cuda" and cfg.optimizer.optimizer_factory.torch_adam_is_fused
-    optimizer = build_optimizer(model, cfg.optimizer, fused)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    step, tokens_seen, val_loss = 0, 0, None
-
     ckpt_path = find_resume(cfg, resume, run_dir)
-    if ckpt_path is not None:
-        ck = load_checkpoint(ckpt_path)
-        load_state_into(model, ck["model"], str(ckpt_path))
-        if "optimizer" in ck and cfg.checkpoints.load_optimizer:
-            optimizer.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck.get("scaler", {}))
-        state = ck.get("train_state", {})
-        step, tokens_seen, val_loss = state.get("step", 0), state.get("tokens_seen", 0), state.get("val_loss")
-        if "data" in ck:   # a global position: a run may resume on a different number of processes
-            train_data.load_state_dict(ck["data"])
-            set_rng_state(ck["rng"][rt.rank % len(ck["rng"])])
-
-    log = None
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
+        load_state_into(model, ckpt["model"], str(ckpt_path))
+    net = distributed.wrap(model, cfg, rt)
+    # fused AdamW on GPUs; sharded parameters use the foreach kernels, which every DTensor op supports
+    fused = rt.device.type == "cuda" and cfg.optimizer.optimizer_factory.torch_adam_is_fused
+    optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt))
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, val_data, k, k_note,
+              uploader)
+    if ckpt is not None:
+        restore(run, ckpt_path, ckpt)
     if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         tokenizer.save(str(run_dir / "tokenizer.json"))
-        log = MetricsLog(run_dir, step if ckpt_path else None, cfg.run.tensorboard,
-                         cfg.general.project if cfg.run.wandb else None, cfg.general.run, config_to_dict(cfg))
+        run.log = MetricsLog(run_dir, run.step if ckpt_path else None, cfg.run.tensorboard,
+                             cfg.general.project if cfg.run.wandb else None, cfg.general.run, config_to_dict(cfg))
+    return run, ckpt_path
 
-    net = torch.compile(model) if cfg.run.compile else model   # checkpoints always read `model`: no _orig_mod.
-    if rt.world > 1:
-        net = DDP(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                  bucket_cap_mb=cfg.model.ddp_bucket_cap_mb)
 
-    tokens_per_step = B * T * k * rt.world
-    flops_tok = flops_per_token(mcfg, T)
-    peak, peak_note = peak_flops(rt.device)
+def restore(run: Run, path: Path, ckpt: dict) -> None:
+    """The optimizer, scaler, step, data position and RNG of a checkpoint (the weights of a single-file one are in
+    already; a sharded one brings its weights here, re-sharded for this run's world size)."""
+    load_optimizer = run.cfg.checkpoints.load_optimizer and ("optimizer" in ckpt or "optimizer_param_groups" in ckpt)
+    if is_sharded(path):
+        distributed.load_sharded(path, run.model, run.optimizer if load_optimizer else None, ckpt)
+    elif load_optimizer:
+        distributed.load_full_optimizer_state(run.model, run.optimizer, ckpt["optimizer"])
+    if load_optimizer:
+        run.scaler.load_state_dict(ckpt.get("scaler", {}))
+    state = ckpt.get("train_state", {})
+    run.step, run.tokens_seen, run.val_loss = state.get("step", 0), state.get("tokens_seen", 0), state.get("val_loss")
+    if "data" in ckpt:   # a global position: a run may resume on a different number of processes
+        run.train_data.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"][run.rt.rank % len(ckpt["rng"])])
+
+
+def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
+    """model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ... tokens/step"""
+    cfg, rt = run.cfg, run.rt
+    t = cfg.tokens
+    note = run.accumulation_note
+    parts = [f"model {human(run.model.num_parameters())} params", f"{rt.world} x {rt.device.type}",
+             distributed.describe(cfg, rt), rt.precision,
+             f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {run.accumulation} accumulation x {rt.world} "
+             f"= {run.tokens_per_step:,} tokens/step"]
+    parts += [note] if note else []
+    parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
+              peak_flops(rt.device)[1]]
+    parts += [f"resumed from {ckpt_path} at step {run.step}"] if ckpt_path else []
+    return " | ".join(parts)
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float]:
+    """One update from k micro-batches -> (mean loss, gradient norm before clipping, LR). A non-finite loss or
+    gradient skips the update (fp16's GradScaler lowers its scale instead); too many in a row stop the run."""
+    cfg, rt, k = run.cfg, run.rt, run.accumulation
+    lr = lr_at(run.step, cfg.optimizer.learning_rate_scheduler, cfg.tokens.train_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    vocab = cfg.model.model_config.vocab_size
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro in range(k):
+        x, y = run.train_data.next_batch()
+        if int(y.max()) >= vocab:   # on the CPU, before the GPU would fail with an opaque assert
+            raise data.DataError(f"step {run.step + 1}: token id {int(y.max())} is outside the model's vocabulary "
+                                 f"({vocab}); the data was tokenized with another tokenizer")
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with distributed.gradient_sync(run.net, last_micro_batch=micro == k - 1):
+            with rt.autocast():
+                _, loss = run.net(x, y)
+            # the gradients of k micro-batches add up; dividing each loss by k makes that sum a mean
+            run.scaler.scale(loss / k).backward()
+        loss_sum += loss.detach().float()
+    step_loss = mean_across_ranks(loss_sum / k, rt).item()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = distributed.clip_grad_norm(run.model, cfg.optimizer.clip_grad or float("inf"))
+    overflow = run.scaler.is_enabled() and not math.isfinite(grad_norm)
+    if math.isfinite(step_loss) and (math.isfinite(grad_norm) or overflow):
+        run.scaler.step(run.optimizer)
+        progress.bad_streak = 0
+    else:
+        skip_update(run, progress, step_loss, grad_norm)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, lr
+
+
+def skip_update(run: Run, progress: Progress, loss: float, grad_norm: float) -> None:
+    progress.bad_streak += 1
+    step, limit = run.step + 1, run.cfg.run.max_consecutive_bad_steps
+    if run.rt.main:
+        print(f"warning: step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped "
+              f"({progress.bad_streak} in a row)", file=sys.stderr, flush=True)
+    if progress.bad_streak >= limit:
+        raise TrainingError(f"stopped at step {step}: {progress.bad_streak} consecutive steps with a non-finite loss "
+                            f"or gradient (run.max_consecutive_bad_steps={limit}). No checkpoint holds these weights; "
+                            "lower the learning rate or check the data, then resume from the last checkpoint")
+
+
+# ---------------------------------------------------------------- what happens between steps
+
+
+def track_loss(run: Run, progress: Progress, loss: float) -> None:
+    """Remember the last finite loss and warn when one jumps far above the recent average."""
+    if not math.isfinite(loss):
+        return
+    progress.last_loss = loss
+    ema = progress.loss_ema
+    if ema is not None and loss > run.cfg.run.loss_spike_factor * ema and run.rt.main:
+        print(f"warning: loss spike at step {run.step}: {loss:.3f} vs recent {ema:.3f}", file=sys.stderr)
+    progress.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+
+
+def log_progress(run: Run, progress: Progress, loss: float, grad_norm: float, lr: float) -> None:
+    """The train log line (rank 0), with tokens/s and MFU since the previous line; the same record to metrics.jsonl."""
+    cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
+    now = time.time()
+    tok_s = progress.steps_since_log * run.tokens_per_step / max(now - progress.t_log, 1e-9)
+    rate = (run.step - progress.start_step) / max(now - progress.t_start, 1e-9)
+    peak, _ = peak_flops(rt.device)
+    record = {"kind": "train", "step": run.step, "train_steps": steps, "loss": loss, "lr": lr,
+              "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tok_per_s": tok_s,
+              "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
+              if peak else None,
+              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device)}
+    print(format_train_line(record), flush=True)
+    run.log.write(record)
+    progress.t_log, progress.steps_since_log = now, 0
+
+
+@torch.no_grad()
+def validate(run: Run) -> float:
+    """Mean loss over the first run.val_batches batches of the held-out split (the same batches every time); every
+    rank takes part (each reads its own share, and FSDP's forward needs them all)."""
+    run.net.eval()
+    loader, batches = run.val_data, run.cfg.run.val_batches
+    loader.reset()
+    total = torch.zeros((), device=run.rt.device)
+    for _ in range(batches):
+        x, y = loader.next_batch()
+        with run.rt.autocast():
+            _, loss = run.net(x.to(run.rt.device), y.to(run.rt.device))
+        total += loss.float()
+    run.net.train()
+    run.val_loss = mean_across_ranks(total / batches, run.rt).item()
+    if run.rt.main:
+        ppl = math.exp(min(run.val_loss, 50))
+        print(f"step {run.step} | val loss {run.val_loss:.3f} | val ppl {ppl:.1f}", flush=True)
+        run.log.write({"kind": "val", "step": run.step, "loss": run.val_loss, "ppl": ppl})
+        plot_losses(run.log.path, run.run_dir / "loss.png")
+    return run.val_loss
+
+
+def write_samples(run: Run) -> None:
+    """Continue the config's prompts with the one generation path (sampling.generate). Rank 0 alone when it holds
+    the whole model; every rank together when FSDP shards it (each forward gathers the weights from all ranks)."""
+    if not (run.rt.main or distributed.sharded(run.cfg, run.rt)):
+        return
+    s = run.cfg.sampling
+    prompts = [run.tokenizer.encode(p).ids for p in s.prompts]
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    with run.rt.autocast():
+        outs = generate(run.model, prompts, params, eos_id=data.eos_token_id(run.tokenizer), seed=run.cfg.general.seed)
+    if run.rt.main:
+        for prompt, out in zip(s.prompts, outs):
+            text = run.tokenizer.decode(out)
+            print(f"sample @ {run.step} | {prompt!r} -> {text!r}", flush=True)
+            run.log.write({"kind": "sample", "step": run.step, "prompt": prompt, "text": text})
+
+
+def save(run: Run, reason: str) -> None:
+    """A checkpoint of every part of the run: one file from rank 0, or one directory of shards from all ranks."""
+    if not distributed.all_finite(run.model, run.rt):
+        raise TrainingError(f"refusing to save step {run.step}: the weights hold NaN/Inf")
+    cfg, rt = run.cfg, run.rt
+    rng_states = gather(rng_state(), rt)
+    train_state = {"scaler": run.scaler.state_dict(), "data": run.train_data.state_dict(), "rng": rng_states,
+                   "train_state": {"step": run.step, "tokens_seen": run.tokens_seen, "val_loss": run.val_loss},
+                   "config": config_to_dict(cfg)}
+    path = run.run_dir / "checkpoints" / checkpoint_name(run.step)
+    if distributed.sharded(cfg, rt):
+        path = path.with_suffix("")
+        distributed.save_sharded(path, run.model, run.optimizer, train_state, rt)
+    else:
+        optimizer = distributed.full_optimizer_state(run.model, run.optimizer)
+        if rt.main:
+            save_atomic({"model": run.model.state_dict(), "optimizer": optimizer, **train_state}, path)
+    if not rt.main:
+        return
+    if run.uploader is not None:   # into the background uploader's queue; a file waiting there is not rotated out
+        run.uploader.add_checkpoint(path)
+    rotate_checkpoints(run.run_dir, cfg.run.keep_last_checkpoints,
+                       spare=run.uploader.is_pending if run.uploader else None)
+    print(f"saved {path} ({reason})", flush=True)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool = False) -> dict:
+    """Run (or continue) training; returns the final step, train loss and validation loss.
+    explicit_accumulation: the command line set tokens.batch_accumulation_per_replica, which then wins over keeping
+    parallelism.dp's global batch."""
+    run, ckpt_path = setup(cfg, resume, explicit_accumulation)
+    rt, steps = run.rt, cfg.tokens.train_steps
     if rt.main:
-        if cfg.parallelism.dp not in (1, rt.world):
-            print(f"note: parallelism.dp={cfg.parallelism.dp} but {rt.world} process(es) run; the data-parallel size "
-                  "is the number of processes", file=sys.stderr)
-        print(f"model {human(model.num_parameters())} params | {rt.world} x {rt.device.type} | {rt.precision} | "
-              f"batch {B} x {T} tokens x {k} accumulation x {rt.world} = {tokens_per_step:,} tokens/step | "
-              f"{steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps} | {peak_note}"
-              + (f" | resumed from {ckpt_path} at step {step}" if ckpt_path else ""), flush=True)
-
-    def save(reason: str):
-        rng_states = gather(rng_state(), rt)
-        if not rt.main:
-            return
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingError(f"refusing to save step {step}: the weights hold NaN/Inf")
-        path = run_dir / "checkpoints" / checkpoint_name(step)
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "train_state": {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss},
-                     "data": train_data.state_dict(), "rng": rng_states, "config": config_to_dict(cfg)}, path)
-        if uploader is not None:   # into the background uploader's queue; a file waiting there is not rotated out
-            uploader.add_checkpoint(path)
-        rotate_checkpoints(run_dir, cfg.run.keep_last_checkpoints, spare=uploader.is_pending if uploader else None)
-        print(f"saved {path} ({reason})", flush=True)
-
+        print(start_line(run, ckpt_path), flush=True)
     stop_signal = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
-
-    clip = cfg.optimizer.clip_grad or float("inf")
-    bad_streak, loss_ema, last_loss = 0, None, float("nan")
-    t_log, steps_since_log, t_start, start_step = time.time(), 0, time.time(), step
+    progress = Progress(run.step)
     show_bar = rt.main and sys.stderr.isatty()
-    net.train()
-    while step < steps:
-        lr = lr_at(step, cfg.optimizer.learning_rate_scheduler, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(k):
-            x, y = train_data.next_batch()
-            if int(y.max()) >= mcfg.vocab_size:   # on the CPU, before the GPU would fail with an opaque assert
-                raise data.DataError(f"step {step + 1}: token id {int(y.max())} is outside the model's vocabulary "
-                                     f"({mcfg.vocab_size}); the data was tokenized with another tokenizer")
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            # DDP all-reduces gradients inside backward(); skip it on every micro-step but the last
-            sync = rt.world == 1 or micro == k - 1
-            with (contextlib.nullcontext() if sync else net.no_sync()):
-                with rt.autocast():
-                    _, loss = net(x, y)
-                # the gradients of k micro-batches add up; dividing each loss by k makes that sum a mean
-                scaler.scale(loss / k).backward()
-            loss_sum += loss.detach().float()
-        step_loss = mean_across_ranks(loss_sum / k, rt).item()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        overflow = scaler.is_enabled() and not math.isfinite(grad_norm)   # fp16: GradScaler lowers its scale
-        if math.isfinite(step_loss) and (math.isfinite(grad_norm) or overflow):
-            scaler.step(optimizer)
-            bad_streak = 0
-        else:
-            bad_streak += 1
-            if rt.main:
-                print(f"warning: step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
-                      f"update skipped ({bad_streak} in a row)", file=sys.stderr, flush=True)
-            if bad_streak >= cfg.run.max_consecutive_bad_steps:
-                raise TrainingError(f"stopped at step {step + 1}: {bad_streak} consecutive steps with a non-finite loss "
-                                    f"or gradient (run.max_consecutive_bad_steps={cfg.run.max_consecutive_bad_steps}). "
-                                    "No checkpoint holds these weights; lower the learning rate or check the data, "
-                                    "then resume from the last checkpoint")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        steps_since_log += 1
-
-        if math.isfinite(step_loss):
-            last_loss = step_loss
-            spike = loss_ema is not None and step_loss > cfg.run.loss_spike_factor * loss_ema
-            if spike and rt.main:
-                print(f"warning: loss spike at step {step}: {step_loss:.3f} vs recent {loss_ema:.3f}", file=sys.stderr)
-            loss_ema = step_loss if loss_ema is None else 0.95 * loss_ema + 0.05 * step_loss
-
+    run.net.train()
+    while run.step < steps:
+        loss, grad_norm, lr = optimizer_step(run, progress)
+        run.step += 1
+        run.tokens_seen += run.tokens_per_step
+        progress.steps_since_log += 1
+        track_loss(run, progress, loss)
         if show_bar:
-            sys.stderr.write(f"\r{progress_bar(step, steps)}")
+            sys.stderr.write(f"\r{progress_bar(run.step, steps)}")
             sys.stderr.flush()
-        if rt.main and (step % cfg.logging.iteration_step_info_interval == 0 or step == steps):
+        last = run.step == steps
+        if rt.main and (run.step % cfg.logging.iteration_step_info_interval == 0 or last):
             if show_bar:
                 sys.stderr.write("\r\033[K")   # clear the bar; the log line takes its place
-            now = time.time()
-            tok_s = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
-            rate = (step - start_step) / max(now - t_start, 1e-9)
-            record = {"kind": "train", "step": step, "train_steps": steps, "loss": step_loss, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_seen": tokens_seen, "tok_per_s": tok_s,
-                      "mfu": tok_s * flops_tok / (peak * rt.world) if peak else None,
-                      "eta_s": (steps - step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device)}
-            print(format_train_line(record), flush=True)
-            log.write(record)
-            t_log, steps_since_log = now, 0
-
-        if step % cfg.tokens.val_check_interval == 0 or step == steps:
-            val_loss = evaluate(net, val_data, cfg.run.val_batches, rt)
-            if rt.main:
-                print(f"step {step} | val loss {val_loss:.3f} | val ppl {math.exp(min(val_loss, 50)):.1f}", flush=True)
-                log.write({"kind": "val", "step": step, "loss": val_loss, "ppl": math.exp(min(val_loss, 50))})
-                plot_losses(log.path, run_dir / "loss.png")
-        if rt.main and cfg.sampling.interval and (step % cfg.sampling.interval == 0 or step == steps):
-            for s in write_samples(model, tokenizer, cfg, eos_id, rt):
-                print(f"sample @ {step} | {s['prompt']!r} -> {s['text']!r}", flush=True)
-                log.write({"kind": "sample", "step": step, **s})
-        if step % cfg.checkpoints.checkpoint_interval == 0 or (step == steps and cfg.checkpoints.save_final_state):
-            save("interval" if step < steps else "final")
+            log_progress(run, progress, loss, grad_norm, lr)
+        if run.step % cfg.tokens.val_check_interval == 0 or last:
+            validate(run)
+        if cfg.sampling.interval and (run.step % cfg.sampling.interval == 0 or last):
+            write_samples(run)
+        if run.step % cfg.checkpoints.checkpoint_interval == 0 or (last and cfg.checkpoints.save_final_state):
+            save(run, "interval" if not last else "final")
         if stop_signal:
-            if step % cfg.checkpoints.checkpoint_interval:
-                save("SIGTERM")
+            if run.step % cfg.checkpoints.checkpoint_interval:
+                save(run, "SIGTERM")
             if rt.main:
-                print(f"stopped by SIGTERM at step {step}; continue with --resume", file=sys.stderr)
+                print(f"stopped by SIGTERM at step {run.step}; continue with --resume", file=sys.stderr)
             break
+    finish(run)
+    return {"step": run.step, "train_loss": progress.last_loss, "val_loss": run.val_loss}
 
-    if rt.main:
-        plot_losses(log.path, run_dir / "loss.png")
-        log.close()
-    if rt.world > 1:
+
+def finish(run: Run) -> None:
+    """The last plot, the log closed, the process group ended, and every upload waited for."""
+    if run.rt.main:
+        plot_losses(run.log.path, run.run_dir / "loss.png")
+        run.log.close()
+    if run.rt.world > 1:
         dist.destroy_process_group()
-    if uploader is not None and not uploader.finish():
-        raise TrainingError(f"training reached step {step}, but not every file reached the bucket (see above); "
-                            f"what is missing there is kept in {run_dir}")
-    return {"step": step, "train_loss": last_loss, "val_loss": val_loss}
+    if run.uploader is not None and not run.uploader.finish():
+        raise TrainingError(f"training reached step {run.step}, but not every file reached the bucket (see above); "
+                            f"what is missing there is kept in {run.run_dir}")
 
 
 def main(argv=None) -> int:
@@ -277,9 +395,10 @@ def main(argv=None) -> int:
                              "has none), from this checkpoint file, or from s3://bucket/prefix[/checkpoints/step_N.pt]")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokens.micro_batch_size=4")
     args = parser.parse_args(argv)
+    explicit = any(o.split("=", 1)[0].strip() == "tokens.batch_accumulation_per_replica" for o in args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, args.resume)
+        result = train(cfg, args.resume, explicit)
     except (ConfigError, CheckpointError, data.DataError, remote.RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -187,18 +187,24 @@ def test_a_nan_loss_skips_that_update_and_too_many_stop_the_run(tmp_path, corpus
         assert all(torch.isfinite(t).all() for t in load_checkpoint(p)["model"].values())
 
 
-def test_torchrun_two_ranks_with_k_equal_one_process_with_2k(tmp_path, corpus):
-    single = make_config(tmp_path / "single", corpus, **{"tokens.batch_accumulation_per_replica": 4,
-                                                         "tokens.train_steps": 4})
-    ddp = make_config(tmp_path / "ddp", corpus, **{"tokens.batch_accumulation_per_replica": 2,
-                                                   "tokens.train_steps": 4})
+def torchrun(config: Path, *args, nproc: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(ROOT / "train.py"), "--config", str(config), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_torchrun_two_ranks_keep_the_global_batch_of_one_process_with_2k(tmp_path, corpus):
+    # the same config (parallelism.dp=1, accumulation 4) on 1 and on 2 processes: the 2 ranks accumulate 2 each
+    settings = {"tokens.batch_accumulation_per_replica": 4, "tokens.train_steps": 4}
+    single = make_config(tmp_path / "single", corpus, **settings)
+    ddp = make_config(tmp_path / "ddp", corpus, **settings)
     run_train(single)   # also prepares the shared shards before two ranks read them
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train.py"), "--config", str(ddp)], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=600)
+    proc = torchrun(ddp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 x cpu" in proc.stdout and proc.stdout.count("| loss ") == 4   # only rank 0 logs
+    assert "2 x cpu | DDP over 2 processes" in proc.stdout and proc.stdout.count("| loss ") == 4   # rank 0 logs
+    assert "x 2 accumulation x 2 = 512 tokens/step" in proc.stdout
+    assert "accumulation 4 -> 2 keeps parallelism.dp=1's global batch" in proc.stdout
     assert_same_training(tmp_path / "ddp" / "run", tmp_path / "single" / "run", steps=4)
     sched = load_config(str(ddp)).optimizer.learning_rate_scheduler
     for r in read_metrics(tmp_path / "ddp" / "run" / "metrics.jsonl"):
@@ -206,6 +212,13 @@ def test_torchrun_two_ranks_with_k_equal_one_process_with_2k(tmp_path, corpus):
             assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, sched, 4), abs=1e-15)
     ck = load_checkpoint(list_checkpoints(tmp_path / "ddp" / "run")[-1])
     assert ck["data"]["consumed_micro_batches"] == 4 * 2 * 2 and len(ck["rng"]) == 2   # steps x k x ranks
+
+
+def test_an_accumulation_given_on_the_command_line_wins_over_the_global_batch(tmp_path, corpus):
+    cfg = make_config(tmp_path, corpus, **{"tokens.batch_accumulation_per_replica": 4, "tokens.train_steps": 1})
+    proc = torchrun(cfg, "tokens.batch_accumulation_per_replica=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 3 accumulation x 2 = 768 tokens/step" in proc.stdout and "keeps parallelism.dp" not in proc.stdout
 
 
 def test_compiled_training_saves_plain_hf_parameter_names(tmp_path, corpus):

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, is_hf_dir
 from config import ConfigError, EvalArgs
 from generate import InputError, eos_id_for, load, log, open_tokenizer, pick_device, pick_dtype
 from metrics import human
@@ -155,9 +155,10 @@ def format_report(report: dict) -> str:
 
 
 def results_path(source) -> Path:
-    """Where a checkpoint's results go: step_N.pt -> step_N.eval.json beside it; a Hugging Face directory -> in it."""
+    """Where a checkpoint's results go: step_N.pt (or a sharded step_N/) -> step_N.eval.json beside it, where rotation
+    leaves it; a Hugging Face directory -> eval.json in it."""
     source = Path(source)
-    return source / "eval.json" if source.is_dir() else source.with_suffix(".eval.json")
+    return source / "eval.json" if is_hf_dir(source) else source.with_suffix(".eval.json")
 
 
 def read_text(path: str) -> str:

@@ -31,6 +31,7 @@ import remote
 from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_checkpoint,
                         load_state_into, resolve_checkpoint, rotate_checkpoints, save_atomic)
 from config import Config, ConfigError, config_to_dict, load_config
+from evaluate import BackgroundEvals
 from metrics import (MetricsLog, flops_per_token, format_train_line, human, peak_flops, plot_losses,
                      progress_bar)
 from model import SmolLM2
@@ -60,6 +61,7 @@ class Run:
     accumulation: int                       # micro-batches per optimizer step on each rank
     accumulation_note: str                  # why it differs from the config's, if it does
     uploader: Optional[remote.Uploader] = None
+    evals: Optional[BackgroundEvals] = None   # benchmarks on saved checkpoints, in processes beside this one
     log: Optional[MetricsLog] = None
     step: int = 0                           # optimizer steps completed
     tokens_seen: int = 0
@@ -113,8 +115,10 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     rt = setup_runtime(cfg)
     run_dir = Path(cfg.checkpoints.checkpoints_path)
     k, k_note = distributed.accumulation(cfg, rt.world, explicit_accumulation)
-    # the bucket is checked first, before data preparation and step 1: a typo must not cost hours
-    uploader = remote.Uploader(cfg.s3, run_dir, cfg.run.keep_last_checkpoints) if rt.main and cfg.s3.bucket else None
+    # the eval harness and the bucket are checked first, before data preparation and step 1: a typo must not cost hours
+    evals = BackgroundEvals(cfg.eval, cfg.checkpoints.checkpoint_interval) if rt.main and cfg.eval.tasks else None
+    uploader = remote.Uploader(cfg.s3, run_dir, cfg.run.keep_last_checkpoints,
+                               spare=evals.is_pending if evals else None) if rt.main and cfg.s3.bucket else None
     random.seed(cfg.general.seed)
     np.random.seed(cfg.general.seed)
 
@@ -136,7 +140,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, val_data, k, k_note,
-              uploader)
+              uploader, evals)
     if ckpt is not None:
         restore(run, ckpt_path, ckpt)
     if rt.main:
@@ -323,8 +327,10 @@ def save(run: Run, reason: str) -> None:
         return
     if run.uploader is not None:   # into the background uploader's queue; a file waiting there is not rotated out
         run.uploader.add_checkpoint(path)
-    rotate_checkpoints(run.run_dir, cfg.run.keep_last_checkpoints,
-                       spare=run.uploader.is_pending if run.uploader else None)
+    if run.evals is not None and run.evals.due(run.step, final=reason == "final"):
+        run.evals.start(path, run.step)   # likewise kept until its benchmarks have read it
+    waits = [q.is_pending for q in (run.uploader, run.evals) if q is not None]
+    rotate_checkpoints(run.run_dir, cfg.run.keep_last_checkpoints, spare=lambda p: any(w(p) for w in waits))
     print(f"saved {path} ({reason})", flush=True)
 
 
@@ -364,18 +370,31 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
             write_samples(run)
         if run.step % cfg.checkpoints.checkpoint_interval == 0 or (last and cfg.checkpoints.save_final_state):
             save(run, "interval" if not last else "final")
+        if run.evals is not None:
+            log_evals(run, run.evals.poll())
         if stop_signal:
             if run.step % cfg.checkpoints.checkpoint_interval:
                 save(run, "SIGTERM")
             if rt.main:
                 print(f"stopped by SIGTERM at step {run.step}; continue with --resume", file=sys.stderr)
             break
-    finish(run)
+    finish(run, stopped=bool(stop_signal))
     return {"step": run.step, "train_loss": progress.last_loss, "val_loss": run.val_loss}
 
 
-def finish(run: Run) -> None:
-    """The last plot, the log closed, the process group ended, and every upload waited for."""
+def log_evals(run: Run, records: list[dict]) -> None:
+    """Benchmark results that came back from BackgroundEvals: to metrics.jsonl and the plot."""
+    for record in records:
+        run.log.write(record)
+    if records:
+        plot_losses(run.log.path, run.run_dir / "loss.png")
+
+
+def finish(run: Run, stopped: bool = False) -> None:
+    """The evals still running waited for (stopped, when SIGTERM asked to end quickly), the last plot, the log
+    closed, the process group ended, and every upload waited for."""
+    if run.evals is not None:
+        log_evals(run, run.evals.finish(wait=not stopped))
     if run.rt.main:
         plot_losses(run.log.path, run.run_dir / "loss.png")
         run.log.close()

@@ -352,3 +352,22 @@ def test_evals_during_training_refuse_to_start_without_the_harness(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ConfigError, match="^eval.tasks: benchmarks need lm-evaluation-harness"):
         evaluate.BackgroundEvals(EvalArgs(tasks=["hellaswag"]), 100)
+
+
+def test_evals_during_training_land_in_metrics_jsonl_at_their_steps(setup, tmp_path):
+    from metrics import read_metrics
+    from test_train import make_config, run_train, write_corpus
+    tasks = setup[2]
+    write_corpus(tmp_path / "corpus" / "text")
+    config = make_config(tmp_path, tmp_path / "corpus", **{
+        "checkpoints.checkpoint_interval": 4, "tokens.train_steps": 10,
+        "eval": {"tasks": ["tiny_mc"], "include_path": str(tasks), "interval": 8, "limit": 3, "device": "cpu"}})
+    proc = run_train(config)
+    run_dir = tmp_path / "run"
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [(r["step"], r["task"], r["items"]) for r in records] == [(8, "tiny_mc", 3), (10, "tiny_mc", 3)]
+    for r in records:   # each record is what evaluate.py wrote for the checkpoint of its step
+        report = json.loads((run_dir / "checkpoints" / f"step_{r['step']:08d}.eval.json").read_text())
+        assert report["step"] == r["step"] and report["tasks"]["tiny_mc"]["scores"] == r["scores"]
+    assert not (run_dir / "checkpoints" / "step_00000004.eval.json").exists(), "step 4 is no eval step"
+    assert f"step 10 | eval tiny_mc acc {records[1]['scores']['acc']:.4f}" in proc.stderr

@@ -163,9 +163,12 @@ def results_path(source) -> Path:
 
 def read_text(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"--text_file {path}: cannot be read as UTF-8 text ({e})") from None
+    if not text:
+        raise InputError(f"--text_file {path}: the file is empty, there is nothing to score")
+    return text
 
 
 def evaluate_checkpoint(args) -> dict:
@@ -177,6 +180,10 @@ def evaluate_checkpoint(args) -> dict:
     device = pick_device(args.device)
     model, cfg, info = load(args.checkpoint_path, device, pick_dtype(device, args.dtype))
     tokenizer = open_tokenizer(args.tokenizer or info["tokenizer"])
+    top = max(tokenizer.get_vocab().values())
+    if top >= model.config.vocab_size:
+        raise InputError(f"the tokenizer has token ids up to {top} but the model {model.config.vocab_size} tokens; "
+                         "is --tokenizer the one this model was trained with?")
     eos_id = eos_id_for(cfg, tokenizer)
     report = {"checkpoint": info["source"], "step": info["step"], "parameters": model.num_parameters(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": {k: getattr(args, k) for k in
@@ -207,8 +214,8 @@ def write_json(report: dict, path: Path) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint_path", required=True, help="a step_*.pt file, a run directory (its newest), a "
-                                                             "Hugging Face model directory or an s3:// path")
+    ap.add_argument("--checkpoint_path", required=True, help="a checkpoint (step_N.pt or a sharded step_N/), a run "
+                    "directory (its newest), a Hugging Face model directory or an s3:// path")
     ap.add_argument("--tasks", help="comma-separated lm-eval tasks, groups or tags, e.g. hellaswag,arc_easy,piqa")
     ap.add_argument("--text_file", help="a UTF-8 text file: its token-level and byte-normalised perplexity")
     ap.add_argument("--limit", type=int, help="at most this many items per task (quick; not a comparable score)")

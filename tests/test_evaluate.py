@@ -192,8 +192,22 @@ def test_cli_prints_the_table_and_writes_json_beside_the_checkpoint(setup, capsy
     assert out.splitlines()[2].startswith("| Task") and "step 100" in out.splitlines()[0]
 
 
-def test_unknown_task_and_missing_folder_are_one_line(setup, capsys):
+def test_unknown_task_missing_folder_empty_file_and_foreign_tokenizer_are_one_line(setup, tmp_path, capsys):
     run_dir, _, tasks = setup
+    (tmp_path / "empty.txt").write_text("")
+    assert evaluate.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "empty.txt")]) == 1
+    assert capsys.readouterr().err == f"error: --text_file {tmp_path / 'empty.txt'}: the file is empty, there is " \
+                                      "nothing to score\n"
+    big = tmp_path / "big.json"
+    Tokenizer.from_file(str(run_dir / "tokenizer.json")).save(str(big))
+    data = json.loads(big.read_text())
+    data["model"]["vocab"].update({f"extra{i}": 1000 + i for i in range(8)})   # ids 1000+: past the model's 320
+    big.write_text(json.dumps(data))
+    (tmp_path / "t.txt").write_text("def f")
+    assert evaluate.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "t.txt"), "--tokenizer",
+                          str(big)]) == 1
+    assert "token ids up to 1007 but the model 320 tokens; is --tokenizer the one this model was trained with?" in \
+        capsys.readouterr().err
     assert evaluate.main(["--checkpoint_path", str(run_dir), "--tasks", "tiny_nope", "--include_path",
                           str(tasks)]) == 1
     err = capsys.readouterr().err.strip()

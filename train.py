@@ -4,9 +4,10 @@ One process per GPU under `torchrun` (DDP or FSDP, see distributed.py), or one p
 Read top to bottom: `setup()` builds a run (data, model, optimizer, and what a checkpoint restores); `train()` loops
 over optimizer steps: `optimizer_step()` sets the LR, runs k micro-batches of forward and backward (each loss divided
 by k), unscales, clips, skips the update if anything is non-finite, and steps; then `log_progress()`, `validate()`,
-`write_samples()` and `save()` run on their intervals. A checkpoint holds every part needed to continue exactly
-(model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any moment resumes with
-the same losses it would have had.
+`write_samples()` and `save()` run on their intervals (a save at an `eval` step also starts the config's benchmarks
+on that checkpoint, in a process beside this one: evaluate.BackgroundEvals). A checkpoint holds every part needed to
+continue exactly (model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any
+moment resumes with the same losses it would have had.
 """
 
 import argparse

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer
 
-from checkpoint import CheckpointError, is_hf_dir, list_checkpoints, resolve_checkpoint, run_dir_of
+from checkpoint import CheckpointError, checkpoint_step, is_hf_dir, list_checkpoints, resolve_checkpoint, run_dir_of
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype
 from metrics import eval_series, read_metrics
 from model import SmolLM2
@@ -50,8 +50,9 @@ def find_checkpoints(root: Path) -> list[tuple[str, str]]:
         if is_hf_dir(here):
             exports.append(here)
             dirnames.clear()
-        elif any(f.startswith("step_") and f.endswith(".pt") for f in filenames):
+        elif any(checkpoint_step(name) is not None for name in filenames + dirnames):   # files, or sharded folders
             runs.add(here.parent if here.name == "checkpoints" else here)
+            dirnames[:] = [d for d in dirnames if checkpoint_step(d) is None]
     found = []
     for run in sorted(runs):
         files = list_checkpoints(run)

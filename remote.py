@@ -195,8 +195,8 @@ def fetch_folder(client, bucket: str, key: str, dest: Path) -> None:
 
 
 def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> Path:
-    """s3://bucket/prefix (that run's newest checkpoint), or one checkpoint's key s3://bucket/prefix/checkpoints/step_N.pt
-    (a file) or .../step_N (a sharded checkpoint's folder) -> a local checkpoint.
+    """s3://bucket/prefix (that run's newest checkpoint), or one checkpoint's key: .../checkpoints/step_N.pt (a file)
+    or .../checkpoints/step_N (a sharded checkpoint's folder) -> a local checkpoint.
 
     To resume (`run_dir` given) it lands in run_dir/checkpoints/, with the run's metrics.jsonl when the run dir has
     none, so the log goes on from the checkpoint's step. To load, it lands in a cache folder that mirrors the bucket,

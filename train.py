@@ -171,7 +171,7 @@ def restore(run: Run, path: Path, ckpt: dict) -> None:
 
 
 def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
-    """model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ... tokens/step"""
+    """model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ..."""
     cfg, rt = run.cfg, run.rt
     t = cfg.tokens
     note = run.accumulation_note

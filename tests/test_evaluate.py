@@ -5,7 +5,6 @@ transformers'; a missing harness is one line; benchmarks during training land in
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def write_tasks(folder: Path) -> Path:
     gen = [{"prompt": f"{FILLER * (i % 2) * 2}def add(a, b):\n    return", "target": " a + b"} for i in range(5)]
     for name, rows in (("mc", mc), ("ppl", ppl), ("gen", gen)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = f"dataset_path: json\ntest_split: test\n"
+    common = "dataset_path: json\ntest_split: test\n"
     (folder / "tiny_mc.yaml").write_text(f"""task: tiny_mc
 {common}dataset_kwargs: {{data_files: {{test: {folder / 'mc.jsonl'}}}}}
 output_type: multiple_choice
@@ -81,12 +80,12 @@ def assert_same_items(ours: dict, theirs: dict, task: str) -> None:
     for a, b in zip(mine, hf):
         assert a["arguments"] == b["arguments"], "both sides must be asked the same thing"
         for ra, rb in zip(a["filtered_resps"], b["filtered_resps"], strict=True):
-            if isinstance(rb, str):
+            if isinstance(rb, str):       # a generated text
                 assert ra == rb
-            else:
-                ra, rb = (ra, None) if isinstance(ra, float) else ra, (rb, None) if isinstance(rb, float) else rb
-                assert ra[0] == pytest.approx(rb[0], rel=1e-5, abs=1e-4)
-                assert ra[1] == rb[1]
+            elif isinstance(rb, float):   # a rolling log-likelihood
+                assert ra == pytest.approx(rb, rel=1e-5, abs=1e-4)
+            else:                         # (log-likelihood, is it the greedy continuation)
+                assert ra[0] == pytest.approx(rb[0], rel=1e-5, abs=1e-4) and ra[1] == rb[1]
         for metric in a["metrics"]:
             assert a[metric] == pytest.approx(b[metric], rel=1e-5), (task, a["doc_id"], metric)
 

@@ -1,5 +1,6 @@
 """Show a model to people: `python app.py --checkpoint_dir runs/` serves a page to pick a checkpoint, type a prompt and
-watch the text stream in, or to run one prompt through several checkpoints side by side next to their loss curves.
+watch the text stream in, or to run one prompt through several checkpoints side by side next to their loss curves
+and benchmark scores.
 
 It builds on generate.py's loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
 exports, tensors read with weights_only so a crafted pickle runs no code) and tokenizer opener, and on sampling.py's
@@ -29,7 +30,7 @@ from checkpoint import (CheckpointError, checkpoint_step, files_to_load, is_hf_d
                         resolve_checkpoint, run_dir_of)
 from confine import all_inside, files_inside, resolve_under
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype, tokenizer_file
-from metrics import read_metrics, short_names, val_curves
+from metrics import eval_series, read_metrics, short_names, val_curves
 from model import SmolLM2
 from sampling import MAX_SEED, SamplingParams, TextStream, generate
 
@@ -160,17 +161,19 @@ def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, s
         stop.set()
 
 
+def run_metrics(root: Path, runs: dict[str, Path]) -> dict[str, list[dict]]:
+    """Each run's metrics.jsonl records (label -> records); a metrics file that leads outside root through a link is
+    not read."""
+    files = {label: run_dir / "metrics.jsonl" for label, run_dir in runs.items()}
+    return {label: read_metrics(file) for label, file in files.items() if all_inside(root, [file])}
+
+
 def loss_curves(root: Path, runs: dict[str, Path]) -> pd.DataFrame:
     """Train and validation loss of each run (label -> run directory), and each data source's validation loss where
-    a run has several, from its metrics.jsonl, for a gr.LinePlot. A metrics file that leads outside root through a
-    link is not read."""
+    a run has several, for a gr.LinePlot."""
     kinds = {"train": "train", "val": "validation"}
     rows = []
-    for label, run_dir in runs.items():
-        file = run_dir / "metrics.jsonl"
-        if not all_inside(root, [file]):
-            continue
-        records = read_metrics(file)
+    for label, records in run_metrics(root, runs).items():
         rows += [{"step": r["step"], "loss": r["loss"], "series": f"{label} · {kinds[r['kind']]}"}
                  for r in records if r.get("kind") in kinds and "loss" in r]
         per_source = val_curves(records)
@@ -178,6 +181,14 @@ def loss_curves(root: Path, runs: dict[str, Path]) -> pd.DataFrame:
         rows += [{"step": step, "loss": loss, "series": f"{label} · validation · {names[name]}"}
                  for name, points in per_source.items() for step, loss in points]
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def eval_curves(root: Path, runs: dict[str, Path]) -> pd.DataFrame:
+    """Benchmark scores against step of each run (its metrics.jsonl's eval records), for a gr.LinePlot."""
+    rows = [{"step": step, "score": value, "series": f"{label} · {name}"}
+            for label, records in run_metrics(root, runs).items()
+            for name, points in eval_series(records).items() for step, value in points]
+    return pd.DataFrame(rows, columns=["step", "score", "series"])
 
 
 # ---------------------------------------------------------------- the page
@@ -271,12 +282,12 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
             heads[i] = f"**{name}**\n\n{loaded.describe()}"
             runs[str(loaded.run_dir.relative_to(root))] = loaded.run_dir
             jobs.append((i, loaded, encode_prompt(loaded, prompt)))
-        curves = loss_curves(root, runs)
-        yield *shown, *heads, *texts, curves
+        curves = loss_curves(root, runs), eval_curves(root, runs)
+        yield *shown, *heads, *texts, *curves
         for i, loaded, ids in jobs:   # one after the other: they would share the same cores anyway
             for text in stream_text(loaded, ids, params, seed):
                 texts[i] = text
-                yield *shown, *heads, *texts, curves
+                yield *shown, *heads, *texts, *curves
 
     choices = find_checkpoints(root)
     first = choices[0][1] if choices else None
@@ -312,6 +323,9 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
                                 texts.append(gr.Textbox(label="Generated text", lines=8, interactive=False))
                     plot = gr.LinePlot(loss_curves(root, {}), x="step", y="loss", color="series",
                                        title="Loss curves of the compared runs", y_title="loss (nats/token)")
+                    scores = gr.LinePlot(eval_curves(root, {}), x="step", y="score", color="series",
+                                         title="Benchmark scores of the compared runs (evaluate.py during training)",
+                                         y_title="score")
             with gr.Column(scale=1, min_width=240):
                 gr.Markdown("### Sampling")
                 top = max(2, max_new_tokens)   # a slider needs its maximum above its minimum; requests are capped
@@ -333,7 +347,7 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         submitted = prompt.submit(run, [picked, prompt, *sampling], output, api_visibility="private",
                                   preprocess=False)
         halt.click(None, cancels=[started, submitted])
-        go2.click(compare, [several, prompt2, *sampling], [*columns, *heads, *texts, plot],
+        go2.click(compare, [several, prompt2, *sampling], [*columns, *heads, *texts, plot, scores],
                   api_name="compare", preprocess=False)
     return app
 

@@ -3,7 +3,7 @@
 The official SmolLM2 pretraining configs are nanotron files; every section below keeps nanotron's key names (and
 `model.model_config` keeps Hugging Face `LlamaConfig`'s), so such a file loads unmodified. What this repository adds
 lives in its own sections: `run` (local training switches), `sampling` (text samples during training), `data_prep`
-(raw text -> token shards) and `s3` (remote checkpoints). YAML is read into these dataclasses with every key and type
+(raw text -> token shards), `s3` (remote checkpoints) and `eval` (benchmarks on checkpoints during training). YAML is read into these dataclasses with every key and type
 checked; a mistake is one `ConfigError` naming the key path and the fix.
 """
 
@@ -285,6 +285,22 @@ class S3Args:
 
 
 @dataclass
+class EvalArgs:
+    """lm-evaluation-harness benchmarks run by evaluate.py on checkpoints while training goes on (a process beside it).
+
+    Field names are evaluate.py's flags. Benchmarks run on saved checkpoints, so `interval` is a multiple of
+    checkpoints.checkpoint_interval; the final checkpoint is always evaluated.
+    """
+    tasks: list[str] = field(default_factory=list)   # lm-eval task, group or tag names; empty: no evals
+    interval: Optional[int] = None     # steps between evals; null: every checkpoint
+    limit: Optional[int] = None        # at most this many items per task (faster; not a comparable score)
+    num_fewshot: Optional[int] = None  # null: each task's own
+    include_path: Optional[str] = None  # a folder of your own task YAML files
+    batch_size: int = 8
+    device: str = "auto"               # where the eval process runs: auto (the GPU if any) | cpu | cuda:N
+
+
+@dataclass
 class Config:
     checkpoints: CheckpointsArgs = field(default_factory=CheckpointsArgs)
     data_stages: list[DataStageArgs] = field(default_factory=lambda: [DataStageArgs()])
@@ -302,6 +318,7 @@ class Config:
     sampling: SamplingArgs = field(default_factory=SamplingArgs)
     data_prep: DataPrepArgs = field(default_factory=DataPrepArgs)
     s3: S3Args = field(default_factory=S3Args)
+    eval: EvalArgs = field(default_factory=EvalArgs)
 
 
 # ---------------------------------------------------------------- reading YAML into the dataclasses
@@ -463,6 +480,7 @@ def validate(cfg: Config) -> Config:
     _validate_stages(cfg)
     _validate_data(cfg)
     _validate_ranges(cfg)
+    _validate_eval(cfg)
     for key in ("profiler", "lighteval", "s3_upload"):
         if getattr(cfg, key) is not None:
             hint = "; use the s3 section for uploads" if key == "s3_upload" else ""
@@ -629,6 +647,17 @@ def notes(cfg: Config) -> list[str]:
             lines.append(f"note: data stage '{stage.name}' starts at step {stage.start_training_step}, after "
                          f"tokens.train_steps ({cfg.tokens.train_steps}): it will not run")
     return lines
+
+
+def _validate_eval(cfg: Config) -> None:
+    ev, every = cfg.eval, cfg.checkpoints.checkpoint_interval
+    for key, least in (("interval", 1), ("limit", 1), ("batch_size", 1), ("num_fewshot", 0)):
+        value = getattr(ev, key)
+        if value is not None and value < least:
+            raise ConfigError(f"eval.{key}: must be >= {least}, got {value}")
+    if ev.tasks and ev.interval is not None and ev.interval % every:
+        raise ConfigError(f"eval.interval ({ev.interval}) must be a multiple of checkpoints.checkpoint_interval "
+                          f"({every}): benchmarks run on saved checkpoints")
 
 
 def config_from_dict(data: dict) -> Config:

@@ -1,8 +1,9 @@
 """What a training run tells its user: log lines, throughput and MFU, a metrics JSONL file and a loss-curve PNG.
 
-Everything is appended to `<run dir>/metrics.jsonl` (one JSON object per line, `kind` = train | val | sample; train
-and val records name the data `stage`, val records hold each source's loss in `sources`); TensorBoard and Weights &
-Biases receive the same numbers only when installed and asked for in the config.
+Everything is appended to `<run dir>/metrics.jsonl` (one JSON object per line, `kind` = train | val | sample | eval;
+train and val records name the data `stage`, val records hold each source's loss in `sources`, an eval record holds
+one benchmark's scores at a step); TensorBoard and Weights & Biases receive the same numbers only when installed and
+asked for in the config.
 """
 
 import json
@@ -145,10 +146,13 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and k not in ("step", "kind")}
-        names = short_names(record.get("sources") or {})
-        scalars.update({f"{record['kind']}/loss/{names[n]}": v for n, v in (record.get("sources") or {}).items()})
+        if record["kind"] == "eval":   # eval/hellaswag/acc_norm: the scores, not the facts about them
+            scalars = {f"eval/{record['task']}/{k}": v for k, v in record["scores"].items()}
+        else:
+            scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
+                       if isinstance(v, (int, float)) and k not in ("step", "kind")}
+            names = short_names(record.get("sources") or {})
+            scalars.update({f"{record['kind']}/loss/{names[n]}": v for n, v in (record.get("sources") or {}).items()})
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, record["step"])
@@ -190,15 +194,28 @@ def smoothed(values: list[float], window: Optional[int] = None) -> list[float]:
     return out
 
 
+def eval_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Benchmark scores against step, one series per `task metric`, from metrics.jsonl's eval records. Only scores
+    between 0 and 1 (accuracies, exact match): a perplexity on the same axis would flatten them."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r.get("kind") == "eval":
+            for metric, value in r["scores"].items():
+                series.setdefault(f"{r['task']} {metric}", []).append((r["step"], value))
+    return {name: sorted(points) for name, points in series.items() if all(0 <= v <= 1 for _, v in points)}
+
+
 def loss_figure(records: list[dict]):
-    """Train loss (its points faint, their smoothed curve on top) and validation loss (each source's dashed) by step."""
+    """Train loss (its points faint, their smoothed curve on top) and validation loss (each source's dashed) by step,
+    with the benchmark scores beside them once a run has some."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     val = [(r["step"], r["loss"]) for r in records if r.get("kind") == "val"]
-    per_source = val_curves(records)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    per_source, scores = val_curves(records), eval_series(records)
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, label="train", linewidth=0.8, alpha=0.3, color="C0")
@@ -212,14 +229,23 @@ def loss_figure(records: list[dict]):
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:
+        bench = axes[0][1]
+        for name, points in scores.items():
+            bench.plot(*zip(*points), "o-", label=name, linewidth=1.5)
+        bench.set_xlabel("optimizer step")
+        bench.set_ylabel("benchmark score")
+        bench.set_xlim(ax.get_xlim())
+        bench.grid(alpha=0.3)
+        bench.legend(fontsize="small")
     fig.tight_layout()
     return fig
 
 
 def plot_losses(metrics_path, out_png) -> Optional[Path]:
-    """The loss curves as a PNG; None when matplotlib is missing or nothing is logged."""
-    records = [r for r in read_metrics(metrics_path) if r.get("kind") in ("train", "val")]
-    if not records:
+    """The loss curves (and benchmark scores) as a PNG; None when matplotlib is missing or no loss is logged."""
+    records = [r for r in read_metrics(metrics_path) if r.get("kind") in ("train", "val", "eval")]
+    if not any(r["kind"] in ("train", "val") for r in records):
         return None
     try:
         fig = loss_figure(records)

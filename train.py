@@ -4,9 +4,10 @@ One process per GPU under `torchrun` (DDP or FSDP, see distributed.py), or one p
 Read top to bottom: `setup()` builds a run (data, model, optimizer, and what a checkpoint restores); `train()` loops
 over optimizer steps: `optimizer_step()` sets the LR, runs k micro-batches of forward and backward (each loss divided
 by k), unscales, clips, skips the update if anything is non-finite, and steps; then `log_progress()`, `validate()`,
-`write_samples()` and `save()` run on their intervals. A checkpoint holds every part needed to continue exactly
-(model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any moment resumes with
-the same losses it would have had.
+`write_samples()` and `save()` run on their intervals (a save at an `eval` step also starts the config's benchmarks
+on that checkpoint, in a process beside this one: evaluate.BackgroundEvals). A checkpoint holds every part needed to
+continue exactly (model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any
+moment resumes with the same losses it would have had.
 """
 
 import argparse
@@ -33,6 +34,7 @@ import stages
 from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_state_into,
                         resolve_checkpoint, rotate_checkpoints, save_atomic, training_checkpoint)
 from config import Config, ConfigError, config_to_dict, load_config, notes
+from evaluate import BackgroundEvals
 from metrics import (MetricsLog, duration, flops_per_token, format_train_line, format_val_line, human, peak_flops,
                      plot_losses, progress_bar)
 from model import SmolLM2
@@ -69,6 +71,7 @@ class Run:
     accumulation: int                       # micro-batches per optimizer step on each rank
     accumulation_note: str                  # why it differs from the config's, if it does
     uploader: Optional[remote.Uploader] = None
+    evals: Optional[BackgroundEvals] = None   # benchmarks on saved checkpoints, in processes beside this one
     log: Optional[MetricsLog] = None
     step: int = 0                           # optimizer steps completed
     tokens_seen: int = 0
@@ -126,8 +129,10 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     sample_params(cfg)   # refused now, not at the first sample hours in
     run_dir = Path(cfg.checkpoints.checkpoints_path)
     k, k_note = distributed.accumulation(cfg, rt.world, explicit_accumulation)
-    # the bucket is checked first, before data preparation and step 1: a typo must not cost hours
-    uploader = remote.Uploader(cfg.s3, run_dir, cfg.run.keep_last_checkpoints) if rt.main and cfg.s3.bucket else None
+    # the eval harness and the bucket are checked first, before data preparation and step 1: a typo must not cost hours
+    evals = BackgroundEvals(cfg.eval, cfg.checkpoints.checkpoint_interval) if rt.main and cfg.eval.tasks else None
+    uploader = remote.Uploader(cfg.s3, run_dir, cfg.run.keep_last_checkpoints,
+                               spare=evals.is_pending if evals else None) if rt.main and cfg.s3.bucket else None
     random.seed(cfg.general.seed)
     np.random.seed(cfg.general.seed)
 
@@ -148,7 +153,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt),
                                 cfg.run.weight_decay_exclude_1d)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, uploader)
+    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, uploader, evals)
     if ckpt is not None:
         restore(run, ckpt_path, ckpt)
     train_data.begin_step(run.step + 1)   # the stage of the next step, at its position (the start line names it)
@@ -374,8 +379,10 @@ def save(run: Run, reason: str) -> None:
         return
     if run.uploader is not None:   # into the background uploader's queue; a file waiting there is not rotated out
         run.uploader.add_checkpoint(path)
-    rotate_checkpoints(run.run_dir, cfg.run.keep_last_checkpoints,
-                       spare=run.uploader.is_pending if run.uploader else None)
+    if run.evals is not None and run.evals.due(run.step, final=reason == "final"):
+        run.evals.start(path, run.step)   # likewise kept until its benchmarks have read it
+    waits = [q.is_pending for q in (run.uploader, run.evals) if q is not None]
+    rotate_checkpoints(run.run_dir, cfg.run.keep_last_checkpoints, spare=lambda p: any(w(p) for w in waits))
     print(f"saved {path} ({reason})", flush=True)
 
 
@@ -403,10 +410,12 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
         with StopSignals(rt) as signals:
             stopped_by = loop(run, progress, signals.asked)
     except KeyboardInterrupt:   # a second Ctrl-C
+        if run.evals is not None:
+            run.evals.finish(wait=False)
         newest = latest_checkpoint(run.run_dir)
         raise StoppedAtOnce(f"stopped by a second Ctrl-C at step {run.step}, without saving; "
                             + (f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved")) from None
-    finish(run)
+    finish(run, stopped=stopped_by is not None)
     return {"step": run.step, "train_loss": progress.last_loss, "val_loss": run.val_loss, "stopped_by": stopped_by}
 
 
@@ -440,6 +449,8 @@ def loop(run: Run, progress: Progress, stop_asked) -> Optional[str]:
             write_samples(run)
         if run.step % cfg.checkpoints.checkpoint_interval == 0 or (last and cfg.checkpoints.save_final_state):
             save(run, "interval" if not last else "final")
+        if run.evals is not None:
+            log_evals(run, run.evals.poll())
         if stopped_by := stop_asked():
             if run.step % cfg.checkpoints.checkpoint_interval:
                 save(run, stopped_by)
@@ -447,8 +458,19 @@ def loop(run: Run, progress: Progress, stop_asked) -> Optional[str]:
     return None
 
 
-def finish(run: Run) -> None:
-    """The last plot, the log closed, the process group ended, and every upload waited for."""
+def log_evals(run: Run, records: list[dict]) -> None:
+    """Benchmark results that came back from BackgroundEvals: to metrics.jsonl and the plot."""
+    for record in records:
+        run.log.write(record)
+    if records:
+        plot_losses(run.log.path, run.run_dir / "loss.png")
+
+
+def finish(run: Run, stopped: bool = False) -> None:
+    """The evals still running waited for (stopped, when a signal asked to end quickly), the last plot, the log
+    closed, the process group ended, and every upload waited for."""
+    if run.evals is not None:
+        log_evals(run, run.evals.finish(wait=not stopped))
     if run.rt.main:
         plot_losses(run.log.path, run.run_dir / "loss.png")
         run.log.close()

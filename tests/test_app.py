@@ -70,6 +70,8 @@ def train_tiny_model(tok: Tokenizer, run_dir: Path) -> None:
                 val = loss.item() + 0.05   # a stand-in: the fixture has no held-out text
                 metrics.append({"kind": "val", "step": step, "loss": val, "stage": "stable",
                                 "sources": {"data/web": val - 0.1, "data/code": val + 0.1}})
+                metrics.append({"kind": "eval", "step": step, "task": "tiny_mc", "n_shot": 0, "items": 12,
+                                "scores": {"acc": step / 240, "word_perplexity": 900.0 / step}, "stderr": {}})
                 save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
                              "train_state": {"step": step, "tokens_seen": step * 16 * 32, "val_loss": val}},
                             run_dir / "checkpoints" / f"step_{step:08d}.pt")
@@ -403,10 +405,10 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
     assert not (runs.parent / "pwned").exists()
 
 
-def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_and_loss_curve(client, runs):
+def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_loss_curve_and_scores(client, runs):
     names = ["run1/checkpoints/step_00000060.pt", "run1/checkpoints/step_00000120.pt", "broken"]
     out = client.predict(names, PROMPT, *sampling(max_new_tokens=12), api_name="/compare")
-    heads, texts, plot = out[:4], out[4:8], out[8]   # a header and a text per column (4), then the loss curves
+    heads, texts, plot, scores = out[:4], out[4:8], out[8], out[9]   # a header and a text per column (4), the plots
     assert "step 60" in heads[0] and "step 120" in heads[1] and "not a loadable checkpoint" in heads[2]
     assert heads[3] == texts[2] == texts[3] == ""   # the fourth column stays hidden; the broken one says nothing
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -414,6 +416,9 @@ def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_and_loss_
     assert texts[1] == expected_text(runs / names[1], PROMPT, params)
     series = {row[2] for row in plot["data"]}   # each data source's validation loss too
     assert series == {"run1 · train", "run1 · validation", "run1 · validation · web", "run1 · validation · code"}
+    # a score per step from the run's eval records; a perplexity, on another scale, stays off this plot
+    assert sorted(tuple(row) for row in scores["data"]) == [(60, 0.25, "run1 · tiny_mc acc"),
+                                                             (120, 0.5, "run1 · tiny_mc acc")]
 
 
 # ---------------------------------------------------------------- the command line

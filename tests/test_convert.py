@@ -43,14 +43,14 @@ def train_tokenizer(path: Path) -> Path:
     return path
 
 
-def make_run(run_dir: Path, tied: bool = True) -> SmolLM2:
+def make_run(run_dir: Path, tied: bool = True, context: int = 128) -> SmolLM2:
     """A run directory as train.py leaves it: checkpoints/step_00000100.pt and the run's tokenizer.json."""
     cfg = config_from_dict({
         "model": {"init_method": {"std": 0.05},
                   "model_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
                                    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 320,
-                                   "max_position_embeddings": 128, "tie_word_embeddings": tied}},
-        "tokens": {"sequence_length": 128},
+                                   "max_position_embeddings": context, "tie_word_embeddings": tied}},
+        "tokens": {"sequence_length": context},
         "tokenizer": {"tokenizer_name_or_path": str(run_dir / "tokenizer.json")}})
     model = SmolLM2(cfg.model.model_config)
     validate_params.parity_weights(model, 0.05, seed=0)

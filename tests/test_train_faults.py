@@ -2,7 +2,6 @@
 given to --resume; and what it says while it runs (the mean loss of each logging interval, a line now and then when
 the output is not a terminal, the CPU threads it uses)."""
 
-import json
 import signal
 import subprocess
 import sys

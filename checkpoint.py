@@ -2,24 +2,32 @@
 
 A training checkpoint is one file `step_00001000.pt` under `<run dir>/checkpoints/`, holding named parts:
 `model`, `optimizer`, `train_state` (step, tokens seen, validation loss), `data` (loader position), `rng` and the
-resolved `config`. Resume restores every part, so nothing is silently left out. `load_model()` accepts that file,
-a run directory (its newest checkpoint), either of them in a bucket (s3://..., through remote.py) or a Hugging Face
-model directory (config.json + safetensors).
+resolved `config`. Resume restores every part, so nothing is silently left out. A run sharded over several processes
+(FSDP) writes a directory `step_00001000/` instead: each rank's shards of model and optimizer, written by
+torch.distributed.checkpoint, and `train_state.pt` with the other parts (distributed.py writes it).
+`load_model()` accepts either, a run directory (its newest checkpoint), any of them in a bucket (s3://..., through
+remote.py) or a Hugging Face model directory (config.json + safetensors).
 """
 
+import io
 import json
 import os
+import pickle
 import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from config import Config, ConfigError, ModelConfig, config_from_dict
 from model import SmolLM2
 from quantize import quantize_model
 
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)(\.pt)?$")   # a file step_N.pt, or a sharded checkpoint's directory step_N
+TRAIN_STATE = "train_state.pt"               # in a sharded checkpoint: every part but the model and optimizer tensors
 
 
 class CheckpointError(ValueError):
@@ -30,17 +38,51 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
+class _Writes:
+    """A file's write(), remembering the OSError (a full disk...) that torch.save turns into an opaque RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, fsync, then rename: a kill mid-save leaves the previous file intact."""
+    """torch.save to a temp file, fsync, then rename: a kill mid-save leaves the previous file intact. A save the
+    disk refuses (full, read-only, ...) is a CheckpointError naming the reason, with the temp file removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)   # make the rename itself durable
+    writes = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)   # whatever was left there, a link included, is never written through
+        with open(tmp, "xb") as f:
+            writes = _Writes(f)
+            torch.save(obj, writes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:   # a second Ctrl-C included: no temp file stays behind
+        cause = writes.error if writes is not None and writes.error is not None else e
+        tmp.unlink(missing_ok=True)
+        if not isinstance(cause, OSError):   # interrupted, or torch.save failing for another reason than the disk
+            raise
+        raise CheckpointError(f"{path}: could not be written ({cause.strerror or cause}); nothing was replaced and no "
+                              "partial file is left") from None
+    sync_dir(path.parent)
+
+
+def sync_dir(folder: Path) -> None:
+    """fsync a directory, which makes a rename inside it durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -48,16 +90,23 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def checkpoint_step(name: str) -> Optional[int]:
-    """The step of a checkpoint's file name (step_00001000.pt -> 1000); None for any other name."""
+    """The step of a checkpoint's name (step_00001000.pt or step_00001000/ -> 1000); None for any other name."""
     m = _NAME.match(name)
     return int(m.group(1)) if m else None
 
 
+def is_sharded(path) -> bool:
+    """A sharded checkpoint's directory: DCP's .metadata beside train_state.pt."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / TRAIN_STATE).is_file()
+
+
 def list_checkpoints(run_dir) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temp files of an interrupted save are not listed)."""
+    """Complete checkpoints of a run, oldest first (temp files and folders of an interrupted save are not listed)."""
     run_dir = Path(run_dir)
     folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    found = [(step, p) for p in folder.glob("step_*.pt") if (step := checkpoint_step(p.name)) is not None]
+    found = [(step, p) for p in folder.glob("step_*") if (step := checkpoint_step(p.name)) is not None
+             and (p.is_file() if p.suffix == ".pt" else is_sharded(p))]
     return [p for _, p in sorted(found)]
 
 
@@ -77,13 +126,19 @@ def rotate_checkpoints(run_dir, keep: int, spare: Optional[Callable[[Path], bool
     return what was deleted."""
     old = [p for p in (list_checkpoints(run_dir)[:-keep] if keep > 0 else []) if not (spare and spare(p))]
     for p in old:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return old
 
 
 def load_checkpoint(path) -> dict:
-    """Load a training checkpoint with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    """Load a training checkpoint with weights_only=True: tensors and plain containers only, never arbitrary code.
+    For a sharded checkpoint this is its train_state.pt: every part but the model and optimizer tensors."""
     path = Path(path)
+    if is_sharded(path):
+        path = path / TRAIN_STATE
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
@@ -94,10 +149,75 @@ def load_checkpoint(path) -> dict:
                               "not a checkpoint of this repository — pick another one") from None
 
 
+def training_checkpoint(path) -> dict:
+    """load_checkpoint, refusing a file that is not one train.py or `convert_hf.py import` wrote (a bare
+    state_dict, ...): every reader of it expects its config and, unless sharded, its model part."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or ("model" not in ckpt and not is_sharded(path)):
+        raise CheckpointError(f"{path}: not a training checkpoint of this repository (it lacks its model, config and "
+                              "train_state parts; a bare state_dict cannot be resumed); give a step_*.pt that "
+                              "train.py or `convert_hf.py import` wrote")
+    return ckpt
+
+
+# Everything the .metadata file of a checkpoint written by distributed.py holds. torch.distributed.checkpoint's own
+# reader unpickles that file with no restriction; here any other class is refused before it is built, including
+# BytesStorageMetadata, whose entries DCP would read back with torch.load(weights_only=False).
+_DCP_CLASSES = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+    "_MEM_FORMAT_ENCODING")} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                                ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _DCP_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                               torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"its .metadata names {module}.{name}, which no checkpoint of this repository holds: "
+                              "refused, nothing was run")
+
+
+class SafeReader(FileSystemReader):
+    """torch.distributed.checkpoint's file reader, with the .metadata file unpickled through the allow-list above.
+    Tensors themselves are read by DCP with torch.load(weights_only=True)."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError("its .metadata is not a torch.distributed.checkpoint index")
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_sharded_state(state: dict, path: Path) -> None:
+    """Fill `state`'s tensors in place from a sharded checkpoint with DCP (re-sharded to this run's world size, or
+    whole in a process with no process group), reading it through SafeReader. Any failure is one CheckpointError."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        with warnings.catch_warnings():   # "no process group: assuming a single process", which is the intent
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)))
+    except (CheckpointException, CheckpointError, RuntimeError, ValueError, OSError, pickle.UnpicklingError) as e:
+        if isinstance(e, CheckpointException):   # DCP wraps what each rank raised, with its traceback
+            e = next(iter(e.failures.values()))[0] if e.failures else e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a loadable sharded checkpoint for this model ({first[:300]})") from None
+
+
+def read_sharded_model(path: Path, model: SmolLM2) -> None:
+    """Consolidate a sharded checkpoint's model shards into `model` (the tensors of its state_dict, in place)."""
+    load_sharded_state({"model": model.state_dict()}, path)
+
+
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint file, or a run directory -> its newest checkpoint."""
+    """A checkpoint (file or sharded directory), or a run directory -> its newest checkpoint."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"{path}: no step_*.pt checkpoint in this directory or its checkpoints/ folder")
@@ -141,11 +261,35 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     return cfg
 
 
+def files_to_load(path) -> list[Path]:
+    """Every file load_model(path) reads from a local path: a checkpoint file (a run directory's newest), a sharded
+    checkpoint's index, train_state.pt and every shard file the index names, or a Hugging Face directory's
+    config.json and safetensors weights. A caller that must keep reads inside one folder checks these before loading
+    (app.py does); a new checkpoint layout lists its files here."""
+    path = Path(path)
+    if is_hf_dir(path):
+        return [path / "config.json", *hf_weight_files(path)]
+    file = resolve_checkpoint(path)
+    if not is_sharded(file):
+        return [file]
+    try:   # the index through the same allow-list as SafeReader: reading it runs no code
+        with open(file / ".metadata", "rb") as f:
+            index = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        names = {info.relative_path for info in index.storage_data.values()}
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: its .metadata is not a readable checkpoint index ({e})") from None
+    return [file / ".metadata", file / TRAIN_STATE, *(file / name for name in sorted(names))]
+
+
+def hf_weight_files(path) -> list[Path]:
+    return sorted(Path(path).glob("*.safetensors"))
+
+
 def read_hf_state_dict(path) -> dict:
     """Every tensor of a HF directory's model.safetensors (or its shards), keyed by HF name."""
     from safetensors.torch import load_file
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
+    files = hf_weight_files(path)
     if not files:
         raise CheckpointError(f"{path}: no .safetensors weights next to config.json")
     state = {}
@@ -200,37 +344,42 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None,
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    if is_hf_dir(path):
-        where = path / "config.json"
-        try:
-            hf = json.loads(where.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{where}: expected a JSON object of config keys")
-        mcfg = model_config_from_hf(hf, str(where))
-        cfg = Config()
-        cfg.model.model_config = mcfg
-        cfg.tokens.sequence_length = min(cfg.tokens.sequence_length, mcfg.max_position_embeddings)
-        model = SmolLM2(mcfg)
-        load_state_into(model, read_hf_state_dict(path), str(path))
-        tok = path / "tokenizer.json"
-        info = {"source": str(path), "step": None, "val_loss": None,
-                "tokenizer": str(tok) if tok.is_file() else None}
-    else:
-        file = resolve_checkpoint(path)
-        ckpt = load_checkpoint(file)
-        if "model" not in ckpt or "config" not in ckpt:
-            raise CheckpointError(f"{file}: not a training checkpoint of this repository (no model/config parts)")
-        try:
-            cfg = config_from_dict(ckpt["config"])
-        except ConfigError as e:
-            raise CheckpointError(f"{file}: its stored config is invalid: {e}") from None
-        model = SmolLM2(cfg.model.model_config)
-        load_state_into(model, ckpt["model"], str(file))
-        state = ckpt.get("train_state", {})
-        run_dir = run_dir_of(file)
-        tok = run_dir / "tokenizer.json"
-        info = {"source": str(file), "step": state.get("step"), "val_loss": state.get("val_loss"),
-                "tokenizer": str(tok) if tok.is_file() else cfg.tokenizer.tokenizer_name_or_path}
+    model, cfg, info = _from_hf_dir(path) if is_hf_dir(path) else _from_training_checkpoint(resolve_checkpoint(path))
     return quantize_model(model.to(device, dtype).eval(), quantize), cfg, info
+
+
+def _from_hf_dir(path: Path) -> tuple[SmolLM2, Config, dict]:
+    where = path / "config.json"
+    try:
+        hf = json.loads(where.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{where}: expected a JSON object of config keys")
+    mcfg = model_config_from_hf(hf, str(where))
+    cfg = Config()
+    cfg.model.model_config = mcfg
+    cfg.tokens.sequence_length = min(cfg.tokens.sequence_length, mcfg.max_position_embeddings)
+    model = SmolLM2(mcfg)
+    load_state_into(model, read_hf_state_dict(path), str(path))
+    tok = path / "tokenizer.json"
+    return model, cfg, {"source": str(path), "step": None, "val_loss": None,
+                        "tokenizer": str(tok) if tok.is_file() else None}
+
+
+def _from_training_checkpoint(file: Path) -> tuple[SmolLM2, Config, dict]:
+    """A step_N.pt file, or a sharded step_N/ directory whose shards are consolidated into one model."""
+    ckpt = training_checkpoint(file)
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: its stored config is invalid: {e}") from None
+    model = SmolLM2(cfg.model.model_config)
+    if is_sharded(file):
+        read_sharded_model(file, model)
+    else:
+        load_state_into(model, ckpt["model"], str(file))
+    state = ckpt.get("train_state", {})
+    tok = run_dir_of(file) / "tokenizer.json"
+    return model, cfg, {"source": str(file), "step": state.get("step"), "val_loss": state.get("val_loss"),
+                        "tokenizer": str(tok) if tok.is_file() else cfg.tokenizer.tokenizer_name_or_path}

@@ -15,12 +15,13 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -114,6 +115,13 @@ def sha256_file(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder (a sharded checkpoint); 0 when it is gone."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
 def say(line: str, stream=None) -> None:
     """One line in one write, so that the uploader's lines and the training loop's do not run into each other."""
     (stream or sys.stdout).write(line + "\n")
@@ -130,15 +138,17 @@ def run_prefix(folder: str) -> str:
 
 
 def latest_key(client, bucket: str, prefix: str, url: str) -> str:
-    """The key of the newest step_*.pt under prefix/checkpoints/."""
+    """The key of the newest checkpoint under prefix/checkpoints/: a step_N.pt object, or the folder of a sharded
+    step_N/ (its key without a trailing slash)."""
     folder = join_key(prefix, "checkpoints") + "/"
     found = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
         for obj in page.get("Contents", []):
-            if (step := checkpoint_step(obj["Key"][len(folder):])) is not None:
-                found[step] = obj["Key"]
+            name = obj["Key"][len(folder):].split("/")[0]
+            if (step := checkpoint_step(name)) is not None:
+                found[step] = folder + name
     if not found:
-        raise RemoteError(f"{url}: no checkpoints/step_*.pt under s3://{bucket}/{folder}; check the prefix, or give a "
+        raise RemoteError(f"{url}: no checkpoints/step_* under s3://{bucket}/{folder}; check the prefix, or give a "
                           "checkpoint's full key")
     return found[max(found)]
 
@@ -169,8 +179,24 @@ def fetch(client, bucket: str, key: str, dest: Path, missing_ok: bool = False) -
     os.replace(tmp, dest)
 
 
+def fetch_folder(client, bucket: str, key: str, dest: Path) -> None:
+    """Download every object under key/ into dest/, through a .part folder renamed once all of it is here: a sharded
+    checkpoint is either whole on disk or absent."""
+    part = dest.with_name(dest.name + ".part")
+    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
+            for obj in page.get("Contents", [])]
+    if not keys:
+        raise RemoteError(f"s3://{bucket}/{key}/: no such checkpoint folder")
+    for k in keys:
+        fetch(client, bucket, k, part / k[len(key) + 1:])
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(part, dest)
+
+
 def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> Path:
-    """s3://bucket/prefix (that run's newest checkpoint) or s3://bucket/prefix/checkpoints/step_N.pt -> a local file.
+    """s3://bucket/prefix (that run's newest checkpoint), or one checkpoint's key: .../checkpoints/step_N.pt (a file)
+    or .../checkpoints/step_N (a sharded checkpoint's folder) -> a local checkpoint.
 
     To resume (`run_dir` given) it lands in run_dir/checkpoints/, with the run's metrics.jsonl when the run dir has
     none, so the log goes on from the checkpoint's step. To load, it lands in a cache folder that mirrors the bucket,
@@ -179,7 +205,7 @@ def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> 
     bucket, key = split_url(url)
     client = make_client(s3.region if s3 else None, s3.endpoint_url if s3 else None)
     try:
-        if not key.endswith(".pt"):
+        if checkpoint_step(key.rpartition("/")[2]) is None:
             key = latest_key(client, bucket, run_prefix(key), url)
         prefix = run_prefix(key.rpartition("/")[0])
         if run_dir is None:
@@ -189,7 +215,10 @@ def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> 
             run_dir = Path(run_dir)
             sidecars = [] if (run_dir / "metrics.jsonl").exists() else ["metrics.jsonl"]
         dest = run_dir / "checkpoints" / key.rpartition("/")[2]
-        fetch(client, bucket, key, dest)
+        if key.endswith(".pt"):
+            fetch(client, bucket, key, dest)
+        else:
+            fetch_folder(client, bucket, key, dest)
         for name in sidecars:
             fetch(client, bucket, join_key(prefix, name), run_dir / name, missing_ok=True)
     except (BotoCoreError, ClientError) as e:
@@ -202,13 +231,14 @@ def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> 
 
 @dataclass
 class _Job:
-    path: Path                             # the local file
+    path: Path                             # the local file (or a sharded checkpoint's folder)
     key: str                               # its object key
     drop_kinds: frozenset = frozenset()    # metrics.jsonl records left out of the upload (the upload_* flags)
 
     @property
     def is_checkpoint(self) -> bool:
-        return checkpoint_step(self.path.name) is not None
+        """A checkpoint file or folder, or a file inside a sharded checkpoint's folder."""
+        return checkpoint_step(self.path.name) is not None or checkpoint_step(self.path.parent.name) is not None
 
 
 class Uploader:
@@ -217,13 +247,16 @@ class Uploader:
     The loop calls add_checkpoint() after each save (a lock and a list append, no I/O). The thread uploads the oldest
     waiting file and verifies it; on failure the file goes to the back of the queue and the thread backs off, 1 s
     doubling to a minute, for as long as it takes. A checkpoint stays on local disk until it is in the bucket: rotation
-    asks is_pending(), and once an upload succeeds the thread rotates what was spared. finish() waits at the end.
+    asks is_pending(), and once an upload succeeds the thread rotates what was spared (and what `spare(path)`, another
+    user of the checkpoints, still holds on to). finish() waits at the end.
     """
 
-    def __init__(self, s3: S3Args, run_dir, keep_last: int = 0, part_size: int = PART_SIZE):
+    def __init__(self, s3: S3Args, run_dir, keep_last: int = 0, part_size: int = PART_SIZE,
+                 spare: Optional[Callable[[Path], bool]] = None):
         self.client = make_client(s3.region, s3.endpoint_url)
         check_bucket(self.client, s3.bucket, s3.prefix)
         self.s3, self.run_dir, self.keep_last, self.where = s3, Path(run_dir), keep_last, bucket_url(s3)
+        self.spare = spare
         self.transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size)
         self.waiting: list[_Job] = []
         self.current: Optional[_Job] = None
@@ -244,8 +277,8 @@ class Uploader:
     def _add_logs(self) -> None:
         s3 = self.s3
         drop = frozenset(kind for kind, on in (("train", s3.upload_metrics), ("val", s3.upload_metrics),
-                                               ("sample", s3.upload_samples)) if not on)
-        if len(drop) < 3:   # samples are records of metrics.jsonl; alone, they go up as samples.jsonl
+                                               ("eval", s3.upload_metrics), ("sample", s3.upload_samples)) if not on)
+        if s3.upload_metrics or s3.upload_samples:   # samples are records of metrics.jsonl; alone: samples.jsonl
             self._add(self.run_dir / "metrics.jsonl", "metrics.jsonl" if s3.upload_metrics else "samples.jsonl", drop)
         if s3.upload_plots:
             self._add(self.run_dir / "loss.png")
@@ -298,7 +331,11 @@ class Uploader:
         return hashlib.sha256(data).hexdigest(), len(data), io.BytesIO(data)
 
     def _upload(self, job: _Job) -> int:
-        """Upload one file and check that the bucket holds exactly it; raises on any failure. Returns its size."""
+        """Upload one file, or every file of a sharded checkpoint's folder, and check that the bucket holds exactly
+        them; raises on any failure. Returns the bytes sent."""
+        if job.path.is_dir():
+            files = sorted(f for f in job.path.rglob("*") if f.is_file())
+            return sum(self._upload(_Job(f, join_key(job.key, f.relative_to(job.path).as_posix()))) for f in files)
         digest, size, body = self._body(job)
         with body:
             self.client.upload_fileobj(body, self.s3.bucket, job.key, ExtraArgs={"Metadata": {"sha256": digest}},
@@ -343,7 +380,8 @@ class Uploader:
             elif size and job.is_checkpoint:
                 again = f"; uploads work again after {retried} failed tries" if retried else ""
                 say(f"s3: uploaded {job.key} ({size / 2**20:.1f} MB, size and sha256 verified{again})")
-                rotate_checkpoints(self.run_dir, self.keep_last, spare=self.is_pending)
+                rotate_checkpoints(self.run_dir, self.keep_last,
+                                   spare=lambda p: self.is_pending(p) or bool(self.spare and self.spare(p)))
 
     def finish(self, stall_timeout: float = STALL_TIMEOUT_S) -> bool:
         """At the end of training: queue the final logs and wait for every upload, saying how it goes. False when
@@ -354,7 +392,7 @@ class Uploader:
             self.progress_at, note_at = time.time(), 0.0
             while (pending := self._pending()) and time.time() - self.progress_at <= stall_timeout:
                 if time.time() >= note_at:
-                    size = sum(j.path.stat().st_size for j in pending if j.path.exists()) / 2**20
+                    size = sum(map(disk_size, (j.path for j in pending))) / 2**20
                     say(f"s3: waiting for {len(pending)} upload(s), {size:.1f} MB, to reach {self.where} (gives up "
                         f"after {stall_timeout:.0f}s without progress)")
                     note_at = time.time() + NOTE_EVERY_S

@@ -19,7 +19,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from test_train import losses, make_config, write_corpus
+from test_train import losses, make_config, torchrun, write_corpus
 
 import remote
 from checkpoint import CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, load_model
@@ -342,7 +342,8 @@ def test_a_large_file_goes_up_multipart_and_is_verified(server, aws_env, tmp_pat
 
 
 def test_the_upload_flags_choose_what_goes_up_and_a_half_written_record_does_not(server, aws_env, tmp_path):
-    records = [{"kind": "train", "step": 1}, {"kind": "sample", "step": 1, "text": "def f"}, {"kind": "val", "step": 1}]
+    records = [{"kind": "train", "step": 1}, {"kind": "sample", "step": 1, "text": "def f"}, {"kind": "val", "step": 1},
+               {"kind": "eval", "step": 1, "task": "hellaswag", "scores": {"acc": 0.3}}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')
     (tmp_path / "loss.png").write_bytes(b"a plot")
     path = tmp_path / "checkpoints" / checkpoint_name(1)
@@ -395,3 +396,30 @@ def test_bucket_problems_are_one_line_errors_before_anything_runs(server, corpus
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: s3://"), (name, err)
         assert cases[name][2] in err, (name, err)
         assert "step 1/" not in out and not (tmp_path / name / "run").exists(), name   # checked before anything else
+
+
+def test_a_sharded_run_uploads_its_checkpoint_folders_and_loads_back_from_the_bucket(server, corpus, tmp_path,
+                                                                                     aws_env, monkeypatch):
+    config = s3_config(tmp_path / "fsdp", corpus, server.url, "sharded",
+                       **{"optimizer.zero_stage": 1, "tokens.train_steps": 8,
+                          "tokens.batch_accumulation_per_replica": 2})
+    proc = torchrun(config, env={**server.env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "fsdp" / "run"
+    for folder in list_checkpoints(run):   # every file of every step_N/ folder, byte for byte
+        for f in (p for p in folder.rglob("*") if p.is_file()):
+            assert server.object(f"sharded/checkpoints/{folder.name}/{f.relative_to(folder)}") == f.read_bytes()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, _, info = load_model(f"s3://{BUCKET}/sharded")   # the newest folder, consolidated on load
+    assert info["step"] == 8
+    for key, value in load_model(run)[0].state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+    # a new machine resumes the sharded run on one process, from the bucket's step-4 folder
+    resumed = s3_config(tmp_path / "one", corpus, server.url, "sharded-resumed",
+                        **{"tokens.train_steps": 8, "tokens.batch_accumulation_per_replica": 2})
+    out = train(resumed, server.env, "--resume", f"s3://{BUCKET}/sharded/checkpoints/{checkpoint_name(4)[:-3]}")
+    assert "at step 4" in out.stdout
+    got, want = losses(tmp_path / "one" / "run"), losses(run)
+    assert [s for s, _ in got] == [s for s, _ in want] and [x for _, x in got] == pytest.approx([x for _, x in want],
+                                                                                                abs=1e-5)

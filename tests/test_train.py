@@ -50,11 +50,11 @@ def make_config(tmp: Path, corpus: Path, **overrides) -> Path:
     cfg["data_prep"].update(output_dir=str(corpus / "shards"), val_tokens=4000, shard_tokens=20000,
                             tokenizer_vocab_size=512)
     cfg["tokens"].update(sequence_length=32, micro_batch_size=4, batch_accumulation_per_replica=1, train_steps=12,
-                         val_check_interval=4)
+                         val_check_interval=4, limit_val_batches=2)
     cfg["optimizer"]["learning_rate_scheduler"].update(lr_warmup_steps=3, lr_decay_starting_step=6, lr_decay_steps=6)
     cfg["checkpoints"].update(checkpoints_path=str(tmp / "run"), checkpoint_interval=4)
     cfg["logging"]["iteration_step_info_interval"] = 1
-    cfg["run"].update(val_batches=2, keep_last_checkpoints=10)
+    cfg["run"].update(keep_last_checkpoints=10)
     cfg["sampling"]["interval"] = 0
     for key, value in overrides.items():
         node = cfg
@@ -187,25 +187,39 @@ def test_a_nan_loss_skips_that_update_and_too_many_stop_the_run(tmp_path, corpus
         assert all(torch.isfinite(t).all() for t in load_checkpoint(p)["model"].values())
 
 
-def test_torchrun_two_ranks_with_k_equal_one_process_with_2k(tmp_path, corpus):
-    single = make_config(tmp_path / "single", corpus, **{"tokens.batch_accumulation_per_replica": 4,
-                                                         "tokens.train_steps": 4})
-    ddp = make_config(tmp_path / "ddp", corpus, **{"tokens.batch_accumulation_per_replica": 2,
-                                                   "tokens.train_steps": 4})
+def torchrun(config: Path, *args, nproc: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(ROOT / "train.py"), "--config", str(config), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_torchrun_two_ranks_keep_the_global_batch_of_one_process_with_2k(tmp_path, corpus):
+    # the same config (parallelism.dp=1, accumulation 4) on 1 and on 2 processes: the 2 ranks accumulate 2 each
+    settings = {"tokens.batch_accumulation_per_replica": 4, "tokens.train_steps": 4}
+    single = make_config(tmp_path / "single", corpus, **settings)
+    ddp = make_config(tmp_path / "ddp", corpus, **settings)
     run_train(single)   # also prepares the shared shards before two ranks read them
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train.py"), "--config", str(ddp)], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=600)
+    proc = torchrun(ddp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 x cpu" in proc.stdout and proc.stdout.count("| loss ") == 4   # only rank 0 logs
+    assert "2 x cpu | DDP over 2 processes" in proc.stdout and proc.stdout.count("| loss ") == 4   # rank 0 logs
+    assert "x 2 accumulation x 2 = 512 tokens/step" in proc.stdout
+    assert "accumulation 4 -> 2 keeps parallelism.dp=1's global batch" in proc.stdout
     assert_same_training(tmp_path / "ddp" / "run", tmp_path / "single" / "run", steps=4)
     sched = load_config(str(ddp)).optimizer.learning_rate_scheduler
     for r in read_metrics(tmp_path / "ddp" / "run" / "metrics.jsonl"):
         if r["kind"] == "train":
             assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, sched, 4), abs=1e-15)
     ck = load_checkpoint(list_checkpoints(tmp_path / "ddp" / "run")[-1])
-    assert ck["data"]["consumed_micro_batches"] == 4 * 2 * 2 and len(ck["rng"]) == 2   # steps x k x ranks
+    [position] = ck["data"]["stages"].values()   # the position of the one data stage
+    assert position["consumed_micro_batches"] == 4 * 2 * 2 and len(ck["rng"]) == 2   # steps x k x ranks
+
+
+def test_an_accumulation_given_on_the_command_line_wins_over_the_global_batch(tmp_path, corpus):
+    cfg = make_config(tmp_path, corpus, **{"tokens.batch_accumulation_per_replica": 4, "tokens.train_steps": 1})
+    proc = torchrun(cfg, "tokens.batch_accumulation_per_replica=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 3 accumulation x 2 = 768 tokens/step" in proc.stdout and "keeps parallelism.dp" not in proc.stdout
 
 
 def test_compiled_training_saves_plain_hf_parameter_names(tmp_path, corpus):
@@ -271,4 +285,3 @@ def test_bad_config_and_restarting_a_finished_run_are_one_line_errors(tmp_path, 
     proc = run_train(bad, check=False)                     # same run dir, no --resume: refuse, touch nothing
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
-

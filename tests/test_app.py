@@ -322,7 +322,7 @@ def test_the_int8_switch_generates_with_the_checkpoint_quantized_at_load(client,
     assert client.predict("run1", PROMPT, *sampling(), "int8", api_name="/generate") == want
     assert "in int8" in client.predict("run1", "int8", api_name="/load")
     assert "int8" not in client.predict("run1", api_name="/load")   # the switch's default: weights as stored
-    with pytest.raises(Exception, match="not in the list of choices"):
+    with pytest.raises(Exception, match=r"Weights: 'int4' refused; give one of none, int8"):
         client.predict("run1", PROMPT, *sampling(), "int4", api_name="/generate")
 
 
@@ -364,7 +364,8 @@ def call_raw(server: str, api: str, data: list) -> str:
     return urllib.request.urlopen(f"{server}gradio_api/call/{api}/{event}", timeout=60).read().decode()
 
 
-# what a careless or hostile client may send to /generate: (checkpoint, prompt, sampling controls) -> the refusal
+# what a careless or hostile client may send to /generate: (checkpoint, prompt, sampling controls, weights switch)
+# -> the refusal
 REFUSED = [
     (["run1", PROMPT, *sampling(temperature=1.0, seed=2**70)], "Seed: .* refused"),
     (["run1", PROMPT, *sampling(temperature=1.0, seed=-5)], "Seed: .* refused"),
@@ -383,6 +384,9 @@ REFUSED = [
     (["run1", "The \ud800 robot", *sampling()], "not valid UTF-8"),
     (["run1\ud800", PROMPT, *sampling()], "not valid UTF-8"),
 ]
+REFUSED = [(data + ["none"], message) for data, message in REFUSED]   # the weights switch: as stored
+REFUSED += [(["run1", PROMPT, *sampling(), "int4"], "Weights: 'int4' refused"),
+            (["run1", PROMPT, *sampling(), None], "Weights: 'None' refused")]
 
 
 @pytest.mark.parametrize("data,message", REFUSED, ids=range(len(REFUSED)))
@@ -394,14 +398,15 @@ def test_bad_values_sent_over_http_are_refused_in_one_message(server, data, mess
 
 def test_compare_refuses_what_is_not_a_list_of_names_and_a_huge_seed(server):
     for names in ("run1", ["run1", 7], None):
-        assert "compare takes a list of checkpoint names" in call_raw(server, "compare", [names, PROMPT, *sampling()])
-    assert "Seed" in call_raw(server, "compare", [["run1", "export"], PROMPT, *sampling(seed=2**64)])
+        assert "compare takes a list of checkpoint names" in call_raw(server, "compare", [names, PROMPT, *sampling(), "none"])
+    assert "Seed" in call_raw(server, "compare", [["run1", "export"], PROMPT, *sampling(seed=2**64),
+                                                                 "none"])
 
 
 def test_refused_values_leave_no_traceback_in_the_server_log(server, runs):
     for data, _ in REFUSED:
         call_raw(server, "generate", data)
-    call_raw(server, "load", [["not", "a", "name"]])
+    call_raw(server, "load", [["not", "a", "name"], "none"])
     log = (runs.parent / "app.log").read_text()
     assert "Traceback" not in log, log[-3000:]
 

@@ -1,9 +1,11 @@
 """Show a model to people: `python app.py --checkpoint_dir runs/` serves a page to pick a checkpoint, type a prompt and
-watch the text stream in, or to run one prompt through several checkpoints side by side next to their loss curves.
+watch the text stream in, chat with a fine-tuned checkpoint, or run one prompt through several checkpoints side by side
+next to their loss curves.
 
 It builds on generate.py's loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
 exports, tensors read with weights_only so a crafted pickle runs no code) and tokenizer opener, and on sampling.py's
-generate(), the repository's one generation path, with TextStream, which turns its per-step tokens into text.
+generate(), the repository's one generation path, with TextStream, which turns its per-step tokens into text; chats
+are rendered by chat.py, the template training used.
 Safe by default: it listens on 127.0.0.1 unless --host or --share say otherwise, loads only what lies under
 --checkpoint_dir (its real path, symlinks resolved), and caps the prompt and the number of new tokens.
 """
@@ -24,6 +26,7 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer
 
+import chat
 from checkpoint import CheckpointError, is_hf_dir, list_checkpoints, resolve_checkpoint, run_dir_of
 from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype
 from metrics import read_metrics
@@ -124,21 +127,22 @@ class ModelCache:
 GENERATION_LOCK = threading.Lock()   # a model's KV cache serves one generation at a time
 
 
-def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[str]:
-    """Yield the continuation's text as it grows.
+def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, seed: int,
+                eos_id: Optional[int] = None) -> Iterator[str]:
+    """Yield the continuation's text as it grows; it ends at eos_id (default: the checkpoint's EOS).
 
     generate() runs in a worker thread; TextStream, its on_tokens hook, decodes each step and hands over the text
     that can no longer change. When the consumer goes away (Stop pressed, page closed), the hook stops generate().
     """
     pieces: queue.Queue = queue.Queue()   # (text, done) from TextStream, or the worker's exception
     stop = threading.Event()
-    text_stream = TextStream(loaded.tokenizer, 1, eos_id=loaded.eos_id,
-                             on_text=lambda row, text, done: pieces.put((text, done)))
+    eos_id = loaded.eos_id if eos_id is None else eos_id
+    text_stream = TextStream(loaded.tokenizer, 1, eos_id=eos_id, on_text=lambda row, text, done: pieces.put((text, done)))
 
     def work():
         try:
             with GENERATION_LOCK:
-                generate(loaded.model, [prompt_ids], params, eos_id=loaded.eos_id, seed=seed,
+                generate(loaded.model, [prompt_ids], params, eos_id=eos_id, seed=seed,
                          on_tokens=lambda tok: text_stream(tok) or stop.is_set())
             text_stream.close()   # the length limit was reached: the row's last piece, done=True
         except Exception as e:   # raised again in the request's thread, where Gradio reports it
@@ -158,6 +162,18 @@ def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, s
                 return
     finally:
         stop.set()
+
+
+def as_messages(history) -> list[dict]:
+    """The chat box's history -> [{"role", "content": text}]: Gradio hands message contents over as lists of parts."""
+    messages = []
+    for m in history or []:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if m.get("role") in ("user", "assistant") and isinstance(content, str):
+            messages.append({"role": m["role"], "content": content})
+    return messages
 
 
 def loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
@@ -213,6 +229,27 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         ids = encode_prompt(loaded, prompt)
         yield from stream_text(loaded, ids, *sampling_params(*sampling))
 
+    def converse(name, message, history, system, *sampling):
+        """The conversation with the new user message and the reply as it streams; the reply ends at <|im_end|>.
+        The oldest turns are left out when the conversation outgrows the prompt limit."""
+        loaded = get(name)
+        if not message or not message.strip():
+            raise UserError("the message is empty: type something to say")
+        if len(message) > CHARS_PER_TOKEN * max_prompt_tokens:
+            raise UserError(f"the message is {len(message):,} characters; this app accepts at most "
+                            f"{max_prompt_tokens} tokens (--max_prompt_tokens)")
+        params, seed = sampling_params(*sampling)
+        history = as_messages(history) + [{"role": "user", "content": message}]
+        room = min(max_prompt_tokens, loaded.model.config.max_position_embeddings - params.max_new_tokens)
+        try:
+            end = chat.end_id(loaded.tokenizer)
+            ids, _ = chat.fit_context(loaded.tokenizer, ([{"role": "system", "content": system}] if system else [])
+                                      + history, room)
+        except chat.ChatError as e:
+            raise UserError(str(e)) from None
+        for text in stream_text(loaded, ids, params, seed, eos_id=end):
+            yield history + [{"role": "assistant", "content": text}]
+
     def compare(names, prompt, *sampling):
         names = list(dict.fromkeys(names or []))
         if not 2 <= len(names) <= COMPARE_SLOTS:
@@ -257,6 +294,17 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
                         go = gr.Button("Generate", variant="primary", elem_id="generate")
                         halt = gr.Button("Stop")
                     output = gr.Textbox(label="Generated text", lines=8, interactive=False, elem_id="output")
+                with gr.Tab("Chat"):
+                    chat_picked = gr.Dropdown(choices, value=first, label="Checkpoint (fine-tuned by sft.py or "
+                                              "dpo.py)", allow_custom_value=True, elem_id="chat_checkpoint")
+                    conversation = gr.Chatbot(label="Conversation", render_markdown=False, elem_id="chatbot")
+                    message = gr.Textbox(label="Message", lines=2, max_length=CHARS_PER_TOKEN * max_prompt_tokens,
+                                         placeholder="Reverse: owl sun tree", elem_id="message")
+                    system = gr.Textbox(label="System message", placeholder=chat.DEFAULT_SYSTEM, lines=1)
+                    with gr.Row():
+                        send = gr.Button("Send", variant="primary", elem_id="send")
+                        halt3 = gr.Button("Stop")
+                        forget = gr.Button("New conversation")
                 with gr.Tab("Compare"):
                     several = gr.Dropdown(choices, multiselect=True, max_choices=COMPARE_SLOTS,
                                           allow_custom_value=True, label=f"Checkpoints (2 to {COMPARE_SLOTS})")
@@ -288,11 +336,18 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
 
         gr.api(list_checkpoints_api, api_name="list_checkpoints")
         picked.change(status, picked, info, api_name="load")
-        rescan.click(lambda: [gr.Dropdown(choices=find_checkpoints(root))] * 2, None, [picked, several],
+        rescan.click(lambda: [gr.Dropdown(choices=find_checkpoints(root))] * 3, None, [picked, several, chat_picked],
                      api_visibility="private")
         started = go.click(run, [picked, prompt, *sampling], output, api_name="generate")
         submitted = prompt.submit(run, [picked, prompt, *sampling], output, api_visibility="private")
         halt.click(None, cancels=[started, submitted])
+        chat_inputs = [chat_picked, message, conversation, system, *sampling]
+        said = send.click(converse, chat_inputs, conversation, api_name="chat")
+        said_enter = message.submit(converse, chat_inputs, conversation, api_visibility="private")
+        for event in (said, said_enter):
+            event.then(lambda: "", None, message, api_visibility="private")
+        halt3.click(None, cancels=[said, said_enter])
+        forget.click(lambda: [], None, conversation, api_visibility="private")
         go2.click(compare, [several, prompt2, *sampling], [*columns, *heads, *texts, plot],
                   api_name="compare")
     return app

@@ -155,6 +155,19 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
 
+def packed_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment ids (B, T) of sequences packed side by side -> positions counted from each sequence's first token
+    (B, T), and the attention mask (B, 1, T, T), True where a query may see a key: causal, and block-diagonal so that
+    no sequence sees another."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device)                                        # (T,)
+    begins = torch.ones_like(segments, dtype=torch.bool)
+    begins[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(begins, idx, 0).cummax(-1).values                               # (B, T): its sequence's start
+    same = segments[:, :, None] == segments[:, None, :]                                  # (B, T, T)
+    return idx - first, (same & (idx[None, :] <= idx[:, None]))[:, None]
+
+
 class SmolLM2(nn.Module):
     """The causal language model: token ids -> next-token logits (and the loss, when targets are given)."""
 
@@ -194,13 +207,17 @@ class SmolLM2(nn.Module):
             layer.self_attn.kv_cache = None
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                cache_pos: Optional[int] = None, valid: Optional[torch.Tensor] = None, last_only: bool = False,
-                ignore_index: int = -100):
+                cache_pos: Optional[int] = None, valid: Optional[torch.Tensor] = None,
+                segments: Optional[torch.Tensor] = None, last_only: bool = False, ignore_index: int = -100,
+                per_row: bool = False):
         """input_ids (B, T) -> logits (B, T, V) and the mean cross-entropy over targets != ignore_index (or None).
 
         cache_pos: where these tokens go in the KV cache (after `setup_cache`); None means no cache.
         valid: (B, S) bool over every slot so far, False at left padding; positions then count valid tokens only.
+        segments: (B, T) ids of the sequences packed into each row (e.g. conversations); each one is computed as if
+            alone: its positions start at 0 and its tokens attend only to earlier tokens of the same sequence.
         last_only: compute logits for the last position only (what a decoder needs to pick the next token).
+        per_row: the loss is each row's summed cross-entropy (B,), -log p(targets of that row), instead of the mean.
         """
         B, T = input_ids.shape
         start = cache_pos or 0
@@ -209,15 +226,17 @@ class SmolLM2(nn.Module):
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]   # (B, T)
         else:
             positions = slots
-        cos, sin = self.model.rotary_emb(positions)
         mask = None
-        if valid is not None or (start > 0 and T > 1):   # a single new token may attend to every slot
+        if segments is not None:   # packed training rows (no cache, no padding)
+            positions, mask = packed_layout(segments)
+        elif valid is not None or (start > 0 and T > 1):   # a single new token may attend to every slot
             keys = torch.arange(start + T, device=input_ids.device)                     # (S,)
             mask = keys[None, :] <= slots[:, None]                                       # (T, S) causal
             if valid is not None:
                 # a padding slot may still see itself, so no softmax row is empty (an empty row gives NaN)
                 mask = mask & (valid[:, None, :start + T] | (keys[None, :] == slots[:, None]))  # (B, T, S)
                 mask = mask[:, None]                                                           # (B, 1, T, S)
+        cos, sin = self.model.rotary_emb(positions)
 
         x = self.model.embed_tokens(input_ids)                                           # (B, T, C)
         for layer in self.model.layers:
@@ -232,5 +251,7 @@ class SmolLM2(nn.Module):
         loss = None
         if targets is not None:   # in fp32: a bf16 log-softmax over 49k classes is too coarse
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=ignore_index)
+                                   ignore_index=ignore_index, reduction="none" if per_row else "mean")
+            if per_row:
+                loss = loss.view(B, T).sum(-1)                                              # (B,)
         return logits, loss

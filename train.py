@@ -7,6 +7,9 @@ by k), unscales, clips, skips the update if anything is non-finite, and steps; t
 `write_samples()` and `save()` run on their intervals. A checkpoint holds every part needed to continue exactly
 (model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any moment resumes with
 the same losses it would have had.
+
+What the run starts from, reads and minimises is its task: `Pretraining` here (a fresh model, token blocks,
+next-token loss); sft.py and dpo.py subclass it and run through the same loop, checkpoints, resume and distribution.
 """
 
 import argparse
@@ -18,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ import yaml
 import data
 import distributed
 import remote
+from chat import ChatError
 from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_checkpoint,
                         load_state_into, resolve_checkpoint, rotate_checkpoints, save_atomic)
 from config import Config, ConfigError, config_to_dict, load_config
@@ -59,6 +63,7 @@ class Run:
     val_data: data.TokenLoader
     accumulation: int                       # micro-batches per optimizer step on each rank
     accumulation_note: str                  # why it differs from the config's, if it does
+    task: "Pretraining"                     # what the run starts from, reads and minimises
     uploader: Optional[remote.Uploader] = None
     log: Optional[MetricsLog] = None
     step: int = 0                           # optimizer steps completed
@@ -82,6 +87,43 @@ class Progress:
     steps_since_log: int = 0
     t_log: float = field(default_factory=time.time)
     t_start: float = field(default_factory=time.time)
+
+
+# ---------------------------------------------------------------- the task: what a run starts from, reads, minimises
+
+
+class Pretraining:
+    """A freshly initialised model, token blocks from data.py, the next-token loss; sft.py and dpo.py subclass it."""
+    reports_perplexity = True   # the validation loss is a per-token cross-entropy
+
+    def tokenizer(self, cfg: Config):
+        return data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
+
+    def loaders(self, cfg: Config, rt: Runtime, tokenizer) -> tuple[data.TokenLoader, data.TokenLoader]:
+        return (data.train_loader(cfg, rt.rank, rt.world, tokenizer),
+                data.val_loader(cfg, rt.rank, rt.world, tokenizer))
+
+    def model(self, cfg: Config, rt: Runtime, resuming: Optional[dict]) -> SmolLM2:
+        """The model before training (a checkpoint being resumed, if any, then loads its weights into it)."""
+        torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
+        return SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
+
+    def loss(self, run: "Run", batch) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss to minimise, and statistics to log beside it (tensors, averaged like the loss)."""
+        x, y = batch
+        vocab = run.cfg.model.model_config.vocab_size
+        if int(y.max()) >= vocab:   # on the CPU, before the GPU would fail with an opaque assert
+            raise data.DataError(f"step {run.step + 1}: token id {int(y.max())} is outside the model's vocabulary "
+                                 f"({vocab}); the data was tokenized with another tokenizer")
+        x, y = x.to(run.rt.device, non_blocking=True), y.to(run.rt.device, non_blocking=True)
+        return run.net(x, y)[1], {}
+
+    def prompt(self, tokenizer, text: str) -> list[int]:
+        """A sampling.prompts entry as the ids samples continue."""
+        return tokenizer.encode(text).ids
+
+    def stop_id(self, tokenizer) -> int:
+        return data.eos_token_id(tokenizer)
 
 
 # ---------------------------------------------------------------- setup
@@ -108,7 +150,8 @@ def find_resume(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[P
     return None
 
 
-def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tuple[Run, Optional[Path]]:
+def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
+          task: Pretraining) -> tuple[Run, Optional[Path]]:
     """Runtime, data, model, optimizer; then every part a checkpoint holds, when resuming. -> (run, checkpoint)."""
     rt = setup_runtime(cfg)
     run_dir = Path(cfg.checkpoints.checkpoints_path)
@@ -118,16 +161,14 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     random.seed(cfg.general.seed)
     np.random.seed(cfg.general.seed)
 
-    tokenizer = data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
-    train_data = data.train_loader(cfg, rt.rank, rt.world, tokenizer)
-    val_data = data.val_loader(cfg, rt.rank, rt.world, tokenizer)
+    tokenizer = task.tokenizer(cfg)
+    train_data, val_data = task.loaders(cfg, rt, tokenizer)
 
-    torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
-    model = SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
-    torch.manual_seed(cfg.general.seed + rt.rank)
-    model.gradient_checkpointing = cfg.parallelism.recompute_layer
     ckpt_path = find_resume(cfg, resume, run_dir)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    model = task.model(cfg, rt, ckpt)
+    torch.manual_seed(cfg.general.seed + rt.rank)
+    model.gradient_checkpointing = cfg.parallelism.recompute_layer
     if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
         load_state_into(model, ckpt["model"], str(ckpt_path))
     net = distributed.wrap(model, cfg, rt)
@@ -135,7 +176,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     fused = rt.device.type == "cuda" and cfg.optimizer.optimizer_factory.torch_adam_is_fused
     optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, val_data, k, k_note,
+    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, val_data, k, k_note, task,
               uploader)
     if ckpt is not None:
         restore(run, ckpt_path, ckpt)
@@ -184,28 +225,25 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
 # ---------------------------------------------------------------- one optimizer step
 
 
-def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float]:
-    """One update from k micro-batches -> (mean loss, gradient norm before clipping, LR). A non-finite loss or
-    gradient skips the update (fp16's GradScaler lowers its scale instead); too many in a row stop the run."""
+def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float, dict]:
+    """One update from k micro-batches -> (mean loss, gradient norm before clipping, LR, the task's statistics). A
+    non-finite loss or gradient skips the update (fp16's GradScaler lowers its scale instead); too many in a row stop
+    the run."""
     cfg, rt, k = run.cfg, run.rt, run.accumulation
     lr = lr_at(run.step, cfg.optimizer.learning_rate_scheduler, cfg.tokens.train_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    vocab = cfg.model.model_config.vocab_size
-    loss_sum = torch.zeros((), device=rt.device)
+    sums: dict[str, torch.Tensor] = {}
     for micro in range(k):
-        x, y = run.train_data.next_batch()
-        if int(y.max()) >= vocab:   # on the CPU, before the GPU would fail with an opaque assert
-            raise data.DataError(f"step {run.step + 1}: token id {int(y.max())} is outside the model's vocabulary "
-                                 f"({vocab}); the data was tokenized with another tokenizer")
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        batch = run.train_data.next_batch()
         with distributed.gradient_sync(run.net, last_micro_batch=micro == k - 1):
             with rt.autocast():
-                _, loss = run.net(x, y)
+                loss, stats = run.task.loss(run, batch)
             # the gradients of k micro-batches add up; dividing each loss by k makes that sum a mean
             run.scaler.scale(loss / k).backward()
-        loss_sum += loss.detach().float()
-    step_loss = mean_across_ranks(loss_sum / k, rt).item()
+        add_up(sums, {"loss": loss, **stats})
+    stats = mean_of(sums, k, rt)
+    step_loss = stats.pop("loss")
     run.scaler.unscale_(run.optimizer)
     grad_norm = distributed.clip_grad_norm(run.model, cfg.optimizer.clip_grad or float("inf"))
     overflow = run.scaler.is_enabled() and not math.isfinite(grad_norm)
@@ -216,7 +254,17 @@ def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float]:
         skip_update(run, progress, step_loss, grad_norm)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, lr
+    return step_loss, grad_norm, lr, stats
+
+
+def add_up(sums: dict, values: dict) -> None:
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0) + value.detach().float()
+
+
+def mean_of(sums: dict, n: int, rt: Runtime) -> dict[str, float]:
+    """Each sum over n micro-batches as a mean over them and over every rank (one all-reduce for all of them)."""
+    return dict(zip(sums, mean_across_ranks(torch.stack(list(sums.values())) / n, rt).tolist()))
 
 
 def skip_update(run: Run, progress: Progress, loss: float, grad_norm: float) -> None:
@@ -245,7 +293,7 @@ def track_loss(run: Run, progress: Progress, loss: float) -> None:
     progress.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
 
 
-def log_progress(run: Run, progress: Progress, loss: float, grad_norm: float, lr: float) -> None:
+def log_progress(run: Run, progress: Progress, loss: float, grad_norm: float, lr: float, stats: dict) -> None:
     """The train log line (rank 0), with tokens/s and MFU since the previous line; the same record to metrics.jsonl."""
     cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
     now = time.time()
@@ -256,8 +304,9 @@ def log_progress(run: Run, progress: Progress, loss: float, grad_norm: float, lr
               "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tok_per_s": tok_s,
               "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
               if peak else None,
-              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device)}
-    print(format_train_line(record), flush=True)
+              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device),
+              **stats}
+    print(format_train_line(record) + "".join(f" | {key} {value:.3f}" for key, value in stats.items()), flush=True)
     run.log.write(record)
     progress.t_log, progress.steps_since_log = now, 0
 
@@ -269,18 +318,21 @@ def validate(run: Run) -> float:
     run.net.eval()
     loader, batches = run.val_data, run.cfg.run.val_batches
     loader.reset()
-    total = torch.zeros((), device=run.rt.device)
+    sums: dict[str, torch.Tensor] = {}
     for _ in range(batches):
-        x, y = loader.next_batch()
         with run.rt.autocast():
-            _, loss = run.net(x.to(run.rt.device), y.to(run.rt.device))
-        total += loss.float()
+            loss, stats = run.task.loss(run, loader.next_batch())
+        add_up(sums, {"loss": loss, **stats})
     run.net.train()
-    run.val_loss = mean_across_ranks(total / batches, run.rt).item()
+    stats = mean_of(sums, batches, run.rt)
+    run.val_loss = stats.pop("loss")
     if run.rt.main:
-        ppl = math.exp(min(run.val_loss, 50))
-        print(f"step {run.step} | val loss {run.val_loss:.3f} | val ppl {ppl:.1f}", flush=True)
-        run.log.write({"kind": "val", "step": run.step, "loss": run.val_loss, "ppl": ppl})
+        if run.task.reports_perplexity:
+            stats = {"ppl": math.exp(min(run.val_loss, 50)), **stats}
+        print(f"step {run.step} | val loss {run.val_loss:.3f}" + "".join(
+            f" | val {key} {value:.1f}" if key == "ppl" else f" | val {key} {value:.3f}"
+            for key, value in stats.items()), flush=True)
+        run.log.write({"kind": "val", "step": run.step, "loss": run.val_loss, **stats})
         plot_losses(run.log.path, run.run_dir / "loss.png")
     return run.val_loss
 
@@ -291,10 +343,10 @@ def write_samples(run: Run) -> None:
     if not (run.rt.main or distributed.sharded(run.cfg, run.rt)):
         return
     s = run.cfg.sampling
-    prompts = [run.tokenizer.encode(p).ids for p in s.prompts]
+    prompts = [run.task.prompt(run.tokenizer, p) for p in s.prompts]
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     with run.rt.autocast():
-        outs = generate(run.model, prompts, params, eos_id=data.eos_token_id(run.tokenizer), seed=run.cfg.general.seed)
+        outs = generate(run.model, prompts, params, eos_id=run.task.stop_id(run.tokenizer), seed=run.cfg.general.seed)
     if run.rt.main:
         for prompt, out in zip(s.prompts, outs):
             text = run.tokenizer.decode(out)
@@ -331,11 +383,12 @@ def save(run: Run, reason: str) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool = False) -> dict:
+def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool = False,
+          task: Optional[Pretraining] = None) -> dict:
     """Run (or continue) training; returns the final step, train loss and validation loss.
     explicit_accumulation: the command line set tokens.batch_accumulation_per_replica, which then wins over keeping
-    parallelism.dp's global batch."""
-    run, ckpt_path = setup(cfg, resume, explicit_accumulation)
+    parallelism.dp's global batch. task: pretraining unless given (sft.py, dpo.py)."""
+    run, ckpt_path = setup(cfg, resume, explicit_accumulation, task or Pretraining())
     rt, steps = run.rt, cfg.tokens.train_steps
     if rt.main:
         print(start_line(run, ckpt_path), flush=True)
@@ -345,7 +398,7 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
     show_bar = rt.main and sys.stderr.isatty()
     run.net.train()
     while run.step < steps:
-        loss, grad_norm, lr = optimizer_step(run, progress)
+        loss, grad_norm, lr, stats = optimizer_step(run, progress)
         run.step += 1
         run.tokens_seen += run.tokens_per_step
         progress.steps_since_log += 1
@@ -357,7 +410,7 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
         if rt.main and (run.step % cfg.logging.iteration_step_info_interval == 0 or last):
             if show_bar:
                 sys.stderr.write("\r\033[K")   # clear the bar; the log line takes its place
-            log_progress(run, progress, loss, grad_norm, lr)
+            log_progress(run, progress, loss, grad_norm, lr, stats)
         if run.step % cfg.tokens.val_check_interval == 0 or last:
             validate(run)
         if cfg.sampling.interval and (run.step % cfg.sampling.interval == 0 or last):
@@ -386,20 +439,25 @@ def finish(run: Run) -> None:
                             f"what is missing there is kept in {run.run_dir}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def arg_parser(doc: str, example: str) -> argparse.ArgumentParser:
+    """The command line of train.py, sft.py and dpo.py: --config, --resume and key=value overrides."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a nanotron-format YAML file, e.g. config_tiny.yaml")
+    parser.add_argument("--config", required=True, help=f"a nanotron-format YAML file, e.g. {example}")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the newest checkpoint of the run (no value; the bucket's when the run dir "
                              "has none), from this checkpoint file, or from s3://bucket/prefix[/checkpoints/step_N.pt]")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokens.micro_batch_size=4")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_command(args, make_task: Callable[[Config], Optional[Pretraining]]) -> int:
+    """Load the config, build the task, train; problems a user can fix are one line and exit code 2."""
     explicit = any(o.split("=", 1)[0].strip() == "tokens.batch_accumulation_per_replica" for o in args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, args.resume, explicit)
-    except (ConfigError, CheckpointError, data.DataError, remote.RemoteError) as e:
+        result = train(cfg, args.resume, explicit, make_task(cfg))
+    except (ConfigError, CheckpointError, ChatError, data.DataError, remote.RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
@@ -410,6 +468,17 @@ def main(argv=None) -> int:
     val = f"{result['val_loss']:.3f}" if result["val_loss"] is not None else "n/a"
     print(f"done: step {result['step']} | train loss {result['train_loss']:.3f} | val loss {val}", flush=True)
     return 0
+
+
+def pretraining(cfg: Config) -> Pretraining:
+    for name in ("sft", "dpo"):
+        if getattr(cfg, name) is not None:
+            raise ConfigError(f"{name}: this config fine-tunes a checkpoint; run it with {name}.py, not train.py")
+    return Pretraining()
+
+
+def main(argv=None) -> int:
+    return run_command(arg_parser(__doc__, "config_tiny.yaml").parse_args(argv), pretraining)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Show a model to people: `python app.py --checkpoint_dir runs/` serves a page to pick a checkpoint, type a prompt and
 watch the text stream in, chat with a fine-tuned checkpoint, or run one prompt through several checkpoints side by side
-next to their loss curves.
+next to their loss curves and benchmark scores.
 
 It builds on generate.py's loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
 exports, tensors read with weights_only so a crafted pickle runs no code) and tokenizer opener, and on sampling.py's
 generate(), the repository's one generation path, with TextStream, which turns its per-step tokens into text; chats
 are rendered by chat.py, the template training used.
-Safe by default: it listens on 127.0.0.1 unless --host or --share say otherwise, loads only what lies under
---checkpoint_dir (its real path, symlinks resolved), and caps the prompt and the number of new tokens.
+Safe by default: it listens on 127.0.0.1 unless --host or --share say otherwise, reads only what lies under
+--checkpoint_dir (confine.py: every file a load opens, symlinks resolved), checks every value a request sends, and
+caps the prompt and the number of new tokens.
 """
 
 import argparse
@@ -27,11 +28,13 @@ import torch
 from tokenizers import Tokenizer
 
 import chat
-from checkpoint import CheckpointError, is_hf_dir, list_checkpoints, resolve_checkpoint, run_dir_of
-from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype
-from metrics import read_metrics
+from checkpoint import (CheckpointError, checkpoint_step, files_to_load, is_hf_dir, list_checkpoints,
+                        resolve_checkpoint, run_dir_of)
+from confine import all_inside, files_inside, resolve_under
+from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype, tokenizer_file
+from metrics import eval_series, read_metrics, short_names, val_curves
 from model import SmolLM2
-from sampling import SamplingParams, TextStream, generate
+from sampling import MAX_SEED, SamplingParams, TextStream, generate
 
 COMPARE_SLOTS = 4   # columns of the compare view: Gradio needs its components declared up front
 CHARS_PER_TOKEN = 16   # a prompt longer than 16 characters per allowed token is refused before it is tokenized
@@ -44,7 +47,9 @@ LOAD_ERRORS = (CheckpointError, InputError, OSError)   # what loading a user's c
 
 def find_checkpoints(root: Path) -> list[tuple[str, str]]:
     """Everything loadable under root, as (label, path relative to root): each run directory (meaning its newest
-    checkpoint) followed by its checkpoints newest first, then each Hugging Face export (a folder with config.json)."""
+    checkpoint) followed by its checkpoints newest first, then each Hugging Face export (a folder with config.json).
+    What would be read from outside root through a link is left out: a run whose newest checkpoint does so is listed
+    by its other checkpoints only."""
     runs, exports = set(), []
     for dirpath, dirnames, filenames in os.walk(root):   # symlinked folders are listed but not entered
         here = Path(dirpath)
@@ -52,29 +57,19 @@ def find_checkpoints(root: Path) -> list[tuple[str, str]]:
         if is_hf_dir(here):
             exports.append(here)
             dirnames.clear()
-        elif any(f.startswith("step_") and f.endswith(".pt") for f in filenames):
+        elif any(checkpoint_step(name) is not None for name in filenames + dirnames):   # files, or sharded folders
             runs.add(here.parent if here.name == "checkpoints" else here)
+            dirnames[:] = [d for d in dirnames if checkpoint_step(d) is None]
     found = []
     for run in sorted(runs):
         files = list_checkpoints(run)
-        if files:
+        kept = [f for f in files if all_inside(root, files_to_load(f))]
+        if files and kept and kept[-1] == files[-1]:
             found.append((f"{run.relative_to(root)} · newest", str(run.relative_to(root))))
-            found += [(str(f.relative_to(root)),) * 2 for f in reversed(files)]
-    found += [(f"{e.relative_to(root)} · Hugging Face export", str(e.relative_to(root))) for e in sorted(exports)]
+        found += [(str(f.relative_to(root)),) * 2 for f in reversed(kept)]
+    found += [(f"{e.relative_to(root)} · Hugging Face export", str(e.relative_to(root))) for e in sorted(exports)
+              if all_inside(root, files_to_load(e))]
     return found
-
-
-def resolve_under(root: Path, name: str) -> Path:
-    """A checkpoint named relative to root (itself resolved) -> its real path; whatever lies outside root is refused."""
-    if not name or not name.strip():
-        raise CheckpointError("no checkpoint picked: choose one from the list")
-    path = (root / name).resolve()   # `..`, an absolute name and symlinks are all resolved before the check
-    if not path.is_relative_to(root):
-        raise CheckpointError(f"{name!r} is outside the checkpoint directory: refused (this app loads only what lies "
-                              "under --checkpoint_dir)")
-    if not path.exists():
-        raise CheckpointError(f"{name}: no such checkpoint under the checkpoint directory")
-    return path
 
 
 @dataclass
@@ -107,13 +102,18 @@ class ModelCache:
     def get(self, name: str) -> Loaded:
         """The loaded checkpoint; raises one of LOAD_ERRORS, whose message is meant for the page."""
         path = resolve_under(self.root, name)
-        file = path if is_hf_dir(path) else resolve_checkpoint(path)
+        files_inside(self.root, files_to_load(path))   # every file the load opens, each checked, links followed
+        file = path if is_hf_dir(path) else resolve_checkpoint(path).resolve()
         with self.lock:
             if file in self.models:
                 self.models.move_to_end(file)
                 return self.models[file]
             model, cfg, info = load(file, self.device, self.dtype)
-            tokenizer = open_tokenizer(self.tokenizer or info["tokenizer"])
+            tok = self.tokenizer or info["tokenizer"]
+            # --tokenizer is the operator's choice; the tokenizer a checkpoint brings must lie inside too
+            if not self.tokenizer and tok and (local := tokenizer_file(tok)) is not None:
+                tok = str(files_inside(self.root, [local])[0])
+            tokenizer = open_tokenizer(tok)
             self.models[file] = Loaded(model, tokenizer, eos_id_for(cfg, tokenizer), info,
                                        run_dir_of(file) if file.is_file() else file)   # an HF dir is its own
             while len(self.models) > self.size:
@@ -165,9 +165,12 @@ def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, s
 
 
 def as_messages(history) -> list[dict]:
-    """The chat box's history -> [{"role", "content": text}]: Gradio hands message contents over as lists of parts."""
+    """The chat box's history as a request sent it -> [{"role", "content": text}]; Gradio may send a message's
+    content as a list of parts. Anything else is refused."""
+    if not isinstance(history, list) or not all(isinstance(m, dict) for m in history):
+        raise UserError("the conversation must be a list of {role, content} messages")
     messages = []
-    for m in history or []:
+    for m in history:
         content = m.get("content")
         if isinstance(content, list):
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
@@ -176,25 +179,67 @@ def as_messages(history) -> list[dict]:
     return messages
 
 
-def loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
-    """Train and validation loss of each run (label -> run directory), from its metrics.jsonl, for a gr.LinePlot."""
+def run_metrics(root: Path, runs: dict[str, Path]) -> dict[str, list[dict]]:
+    """Each run's metrics.jsonl records (label -> records); a metrics file that leads outside root through a link is
+    not read."""
+    files = {label: run_dir / "metrics.jsonl" for label, run_dir in runs.items()}
+    return {label: read_metrics(file) for label, file in files.items() if all_inside(root, [file])}
+
+
+def loss_curves(root: Path, runs: dict[str, Path]) -> pd.DataFrame:
+    """Train and validation loss of each run (label -> run directory), and each data source's validation loss where
+    a run has several, for a gr.LinePlot."""
     kinds = {"train": "train", "val": "validation"}
-    rows = [{"step": r["step"], "loss": r["loss"], "series": f"{label} · {kinds[r['kind']]}"}
-            for label, run_dir in runs.items() for r in read_metrics(run_dir / "metrics.jsonl")
-            if r.get("kind") in kinds and "loss" in r]
+    rows = []
+    for label, records in run_metrics(root, runs).items():
+        rows += [{"step": r["step"], "loss": r["loss"], "series": f"{label} · {kinds[r['kind']]}"}
+                 for r in records if r.get("kind") in kinds and "loss" in r]
+        per_source = val_curves(records)
+        names = short_names(per_source)
+        rows += [{"step": step, "loss": loss, "series": f"{label} · validation · {names[name]}"}
+                 for name, points in per_source.items() for step, loss in points]
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def eval_curves(root: Path, runs: dict[str, Path]) -> pd.DataFrame:
+    """Benchmark scores against step of each run (its metrics.jsonl's eval records), for a gr.LinePlot."""
+    rows = [{"step": step, "score": value, "series": f"{label} · {name}"}
+            for label, records in run_metrics(root, runs).items()
+            for name, points in eval_series(records).items() for step, value in points]
+    return pd.DataFrame(rows, columns=["step", "score", "series"])
 
 
 # ---------------------------------------------------------------- the page
 
 
-def sampling_params(temperature, top_k, top_p, max_new_tokens, repetition_penalty,
-                    seed) -> tuple[SamplingParams, int]:
-    """The sampling controls -> (SamplingParams, seed); a slider at 0 (top-k) or 1 (top-p) means off. Gradio has
-    already refused values outside each slider's range: max new tokens above --max_new_tokens among them."""
-    params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=temperature, top_k=int(top_k) or None,
-                            top_p=top_p if top_p < 1 else None, repetition_penalty=repetition_penalty)
-    return params, int(seed)
+# The sampling controls as (label, minimum, maximum, default, hint): the page's sliders and the check of what a
+# request sends (over the API any value can arrive, so the handlers take raw values and check them here).
+CONTROLS = {"temperature": ("Temperature", 0, 2, 0.8, "0 = greedy"), "top_k": ("Top-k", 0, 200, 50, "0 = off"),
+            "top_p": ("Top-p", 0.05, 1, 0.95, "1 = off"), "max_new_tokens": ("Max new tokens", 1, None, 64, None),
+            "repetition_penalty": ("Repetition penalty", 1, 2, 1.0, "1 = off"),
+            "seed": ("Seed", 0, MAX_SEED, 0, "same seed, same text")}
+WHOLE = {"top_k", "max_new_tokens", "seed"}
+
+
+def checked(key: str, value, high=None) -> float:
+    """A control's value as a request sent it, refused unless it is a number in the control's range (NaN never is)."""
+    label, low, top, _, _ = CONTROLS[key]
+    high, whole = top if high is None else high, key in WHOLE
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and low <= value <= high and (not whole or value == int(value))):
+        kind = "a whole number" if whole else "a number"
+        raise UserError(f"{label}: {str(value)[:40]!r} refused; give {kind} from {low} to {high}"
+                        + (" (--max_new_tokens)" if key == "max_new_tokens" else ""))
+    return int(value) if whole else float(value)
+
+
+def sampling_params(max_new_tokens_cap: int, *values) -> tuple[SamplingParams, int]:
+    """The sampling controls, in CONTROLS' order, -> (SamplingParams, seed); top-k at 0 and top-p at 1 mean off."""
+    v = {key: checked(key, value, max_new_tokens_cap if key == "max_new_tokens" else None)
+         for key, value in zip(CONTROLS, values)}
+    params = SamplingParams(max_new_tokens=v["max_new_tokens"], temperature=v["temperature"], top_k=v["top_k"] or None,
+                            top_p=v["top_p"] if v["top_p"] < 1 else None, repetition_penalty=v["repetition_penalty"])
+    return params, v["seed"]
 
 
 def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tokens: int) -> gr.Blocks:
@@ -204,7 +249,13 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         except LOAD_ERRORS as e:
             raise UserError(str(e)) from None
 
-    def encode_prompt(loaded: Loaded, prompt: str) -> list[int]:
+    def encode_prompt(loaded: Loaded, prompt) -> list[int]:
+        if not isinstance(prompt, str):
+            raise UserError(f"the prompt must be text, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate, which JSON can carry
+            raise UserError("the prompt is not valid UTF-8 text") from None
         limit = min(max_prompt_tokens, loaded.model.config.max_position_embeddings - 1)
         if len(prompt) > CHARS_PER_TOKEN * limit:
             raise UserError(f"the prompt is {len(prompt):,} characters; this app accepts at most {limit} tokens "
@@ -225,20 +276,23 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         return f"**{name}** · {loaded.describe()} · ready in {time.perf_counter() - t0:.1f}s"
 
     def run(name, prompt, *sampling):
+        params, seed = sampling_params(max_new_tokens, *sampling)
         loaded = get(name)
         ids = encode_prompt(loaded, prompt)
-        yield from stream_text(loaded, ids, *sampling_params(*sampling))
+        yield from stream_text(loaded, ids, params, seed)
 
     def converse(name, message, history, system, *sampling):
         """The conversation with the new user message and the reply as it streams; the reply ends at <|im_end|>.
         The oldest turns are left out when the conversation outgrows the prompt limit."""
+        params, seed = sampling_params(max_new_tokens, *sampling)
         loaded = get(name)
-        if not message or not message.strip():
+        if not isinstance(message, str) or not message.strip():
             raise UserError("the message is empty: type something to say")
         if len(message) > CHARS_PER_TOKEN * max_prompt_tokens:
             raise UserError(f"the message is {len(message):,} characters; this app accepts at most "
                             f"{max_prompt_tokens} tokens (--max_prompt_tokens)")
-        params, seed = sampling_params(*sampling)
+        if system is not None and not isinstance(system, str):
+            raise UserError("the system message must be text")
         history = as_messages(history) + [{"role": "user", "content": message}]
         room = min(max_prompt_tokens, loaded.model.config.max_position_embeddings - params.max_new_tokens)
         try:
@@ -251,10 +305,12 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
             yield history + [{"role": "assistant", "content": text}]
 
     def compare(names, prompt, *sampling):
-        names = list(dict.fromkeys(names or []))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UserError("compare takes a list of checkpoint names")
+        names = list(dict.fromkeys(names))
         if not 2 <= len(names) <= COMPARE_SLOTS:
             raise UserError(f"pick between 2 and {COMPARE_SLOTS} checkpoints to compare")
-        params, seed = sampling_params(*sampling)
+        params, seed = sampling_params(max_new_tokens, *sampling)
         shown = [gr.Column(visible=i < len(names)) for i in range(COMPARE_SLOTS)]
         heads, texts = [""] * COMPARE_SLOTS, [""] * COMPARE_SLOTS
         runs, jobs = {}, []
@@ -267,12 +323,12 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
             heads[i] = f"**{name}**\n\n{loaded.describe()}"
             runs[str(loaded.run_dir.relative_to(root))] = loaded.run_dir
             jobs.append((i, loaded, encode_prompt(loaded, prompt)))
-        curves = loss_curves(runs)
-        yield *shown, *heads, *texts, curves
+        curves = loss_curves(root, runs), eval_curves(root, runs)
+        yield *shown, *heads, *texts, *curves
         for i, loaded, ids in jobs:   # one after the other: they would share the same cores anyway
             for text in stream_text(loaded, ids, params, seed):
                 texts[i] = text
-                yield *shown, *heads, *texts, curves
+                yield *shown, *heads, *texts, *curves
 
     choices = find_checkpoints(root)
     first = choices[0][1] if choices else None
@@ -317,39 +373,41 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
                                 columns.append(column)
                                 heads.append(gr.Markdown())
                                 texts.append(gr.Textbox(label="Generated text", lines=8, interactive=False))
-                    plot = gr.LinePlot(loss_curves({}), x="step", y="loss", color="series",
+                    plot = gr.LinePlot(loss_curves(root, {}), x="step", y="loss", color="series",
                                        title="Loss curves of the compared runs", y_title="loss (nats/token)")
+                    scores = gr.LinePlot(eval_curves(root, {}), x="step", y="score", color="series",
+                                         title="Benchmark scores of the compared runs (evaluate.py during training)",
+                                         y_title="score")
             with gr.Column(scale=1, min_width=240):
                 gr.Markdown("### Sampling")
-                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", info="0 = greedy",
-                                        elem_id="temperature")
-                top_k = gr.Slider(0, 200, value=50, step=1, precision=0, label="Top-k", info="0 = off")
-                top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p", info="1 = off")
-                new_tokens = gr.Slider(1, max_new_tokens, value=min(64, max_new_tokens), step=1, precision=0,
-                                       label="Max new tokens", elem_id="max_new_tokens")
-                repetition = gr.Slider(1, 2, value=1.0, step=0.05, label="Repetition penalty", info="1 = off")
-                seed = gr.Number(0, precision=0, minimum=0, label="Seed", info="same seed, same text")
-        sampling = [temperature, top_k, top_p, new_tokens, repetition, seed]
+                top = max(2, max_new_tokens)   # a slider needs its maximum above its minimum; requests are capped
+                sampling = [gr.Slider(low, high or top, value=min(default, high or max_new_tokens),
+                                      step=1 if key in WHOLE else 0.05, label=label, info=hint, elem_id=key)
+                            if key != "seed" else gr.Number(default, precision=0, minimum=low, label=label, info=hint)
+                            for key, (label, low, high, default, hint) in CONTROLS.items()]   # sampling_params' order
 
         def list_checkpoints_api() -> list[str]:
             return [value for _, value in find_checkpoints(root)]
 
         gr.api(list_checkpoints_api, api_name="list_checkpoints")
-        picked.change(status, picked, info, api_name="load")
+        # preprocess=False: the handlers receive what a request sent, unconverted, and refuse a bad value themselves
+        # in one line (Gradio's own range checks would log a traceback for each)
+        picked.change(status, picked, info, api_name="load", preprocess=False)
         rescan.click(lambda: [gr.Dropdown(choices=find_checkpoints(root))] * 3, None, [picked, several, chat_picked],
                      api_visibility="private")
-        started = go.click(run, [picked, prompt, *sampling], output, api_name="generate")
-        submitted = prompt.submit(run, [picked, prompt, *sampling], output, api_visibility="private")
+        started = go.click(run, [picked, prompt, *sampling], output, api_name="generate", preprocess=False)
+        submitted = prompt.submit(run, [picked, prompt, *sampling], output, api_visibility="private",
+                                  preprocess=False)
         halt.click(None, cancels=[started, submitted])
         chat_inputs = [chat_picked, message, conversation, system, *sampling]
-        said = send.click(converse, chat_inputs, conversation, api_name="chat")
-        said_enter = message.submit(converse, chat_inputs, conversation, api_visibility="private")
+        said = send.click(converse, chat_inputs, conversation, api_name="chat", preprocess=False)
+        said_enter = message.submit(converse, chat_inputs, conversation, api_visibility="private", preprocess=False)
         for event in (said, said_enter):
             event.then(lambda: "", None, message, api_visibility="private")
         halt3.click(None, cancels=[said, said_enter])
         forget.click(lambda: [], None, conversation, api_visibility="private")
-        go2.click(compare, [several, prompt2, *sampling], [*columns, *heads, *texts, plot],
-                  api_name="compare")
+        go2.click(compare, [several, prompt2, *sampling], [*columns, *heads, *texts, plot, scores],
+                  api_name="compare", preprocess=False)
     return app
 
 
@@ -360,17 +418,17 @@ def main(argv=None) -> None:
                         "can be loaded")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 is this machine only, "
                         "0.0.0.0 every network it is on")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=whole(1, 65535), default=7860)
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     parser.add_argument("--tokenizer", help="tokenizer.json or hub name for every checkpoint (default: the one found "
                         "with each checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 (or fp16) on a GPU, fp32 on CPU")
-    parser.add_argument("--cache_size", type=int, default=3, help="models kept loaded (in fp32, 135M takes 0.5 GB, "
+    parser.add_argument("--cache_size", type=whole(1, 1000), default=3, help="models kept loaded (in fp32, 135M takes 0.5 GB, "
                         "1.7B 7 GB)")
-    parser.add_argument("--max_prompt_tokens", type=int, default=1024, help="longer prompts are refused")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="the most one request may ask for")
+    parser.add_argument("--max_prompt_tokens", type=whole(1, 10**6), default=1024, help="longer prompts are refused")
+    parser.add_argument("--max_new_tokens", type=whole(1, 10**6), default=512, help="the most one request may ask for")
     args = parser.parse_args(argv)
     root = Path(args.checkpoint_dir).resolve()
     if not root.is_dir():
@@ -382,11 +440,24 @@ def main(argv=None) -> None:
         parser.error(str(e))
     if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
         print("note: the app is reachable from other machines; anyone who reaches it can run the models")
-    cache = ModelCache(root, max(1, args.cache_size), device, dtype, args.tokenizer)
+    cache = ModelCache(root, args.cache_size, device, dtype, args.tokenizer)
     app = build_app(root, cache, args.max_prompt_tokens, args.max_new_tokens)
     # fonts the browser already has: the page must not reach out to a font server, which may be unreachable
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme)
+    try:
+        app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme)
+    except OSError as e:   # the port is taken, or the address is not this machine's
+        parser.error(f"--port {args.port}: cannot listen there on {args.host} ({str(e).split('.')[0]}); pick another "
+                     "--port")
+
+
+def whole(low: int, high: int):
+    """An argparse type: a whole number from low to high."""
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+    return parse
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ row's end, too few for the next conversation, are padding without a target. With
 row of its own, padded at the end. DPO rows: the prompt with the chosen reply and with the rejected one, targets on the
 reply only, each padded to a row. An example longer than a row is left out (and counted in the log).
 
-The loader is data.TokenLoader's: rank r of W reads micro-batches r, r+W, ...; its position goes into checkpoints.
+The loader is data.TokenLoader's, in the interface of stages.StagedLoader: rank r of W reads micro-batches r, r+W, ...; its position goes into checkpoints.
 """
 
 import json
@@ -205,8 +205,31 @@ class RowLoader(data.TokenLoader):
         return tuple(torch.from_numpy(np.ascontiguousarray(batch[:, c])) for c in range(batch.shape[1]))
 
 
-def loaders(cfg: Config, tokenizer, rank: int, world: int) -> tuple[RowLoader, RowLoader]:
-    """The training and validation loaders of an SFT or DPO config."""
+class ChatData:
+    """The training rows and the held-out ones in stages.StagedLoader's interface, which train.py's loop reads: one
+    stage (the dataset), one validation source."""
+
+    def __init__(self, name: str, train: RowLoader, val: RowLoader):
+        self.name, self.train, self.val = name, train, val
+
+    def begin_step(self, step: int) -> bool:
+        return False   # one stage throughout
+
+    def next_batch(self):
+        return self.train.next_batch()
+
+    def validation(self) -> list[tuple[str, float, RowLoader]]:
+        return [(self.name, 1.0, self.val)]
+
+    def state_dict(self) -> dict:
+        return self.train.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train.load_state_dict(state)
+
+
+def loaders(cfg: Config, tokenizer, rank: int, world: int) -> ChatData:
+    """The training and validation rows of an SFT or DPO config."""
     args, T = cfg.sft or cfg.dpo, cfg.tokens.sequence_length
     train, val = held_out(args, cfg.general.seed)
     pad = data.eos_token_id(tokenizer)
@@ -225,4 +248,5 @@ def loaders(cfg: Config, tokenizer, rank: int, world: int) -> tuple[RowLoader, R
               f"tokens ({counts['tokens'] / (len(train_rows) * T * (train_rows.shape[1] // 2)):.0%} filled, "
               f"{counts['targets'] / max(counts['tokens'], 1):.0%} of the tokens are targets); "
               f"{len(val):,} held out" + (f"; left out: {', '.join(skipped)}" if skipped else ""), flush=True)
-    return RowLoader(Rows(train_rows), cfg, rank, world), RowLoader(Rows(val_rows), cfg, rank, world)
+    return ChatData(args.dataset_name, RowLoader(Rows(train_rows), cfg, rank, world),
+                    RowLoader(Rows(val_rows), cfg, rank, world))

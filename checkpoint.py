@@ -37,16 +37,45 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
+class _Writes:
+    """A file's write(), remembering the OSError (a full disk...) that torch.save turns into an opaque RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, fsync, then rename: a kill mid-save leaves the previous file intact."""
+    """torch.save to a temp file, fsync, then rename: a kill mid-save leaves the previous file intact. A save the
+    disk refuses (full, read-only, ...) is a CheckpointError naming the reason, with the temp file removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    writes = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)   # whatever was left there, a link included, is never written through
+        with open(tmp, "xb") as f:
+            writes = _Writes(f)
+            torch.save(obj, writes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:   # a second Ctrl-C included: no temp file stays behind
+        cause = writes.error if writes is not None and writes.error is not None else e
+        tmp.unlink(missing_ok=True)
+        if not isinstance(cause, OSError):   # interrupted, or torch.save failing for another reason than the disk
+            raise
+        raise CheckpointError(f"{path}: could not be written ({cause.strerror or cause}); nothing was replaced and no "
+                              "partial file is left") from None
     sync_dir(path.parent)
 
 
@@ -117,6 +146,17 @@ def load_checkpoint(path) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first[:200]}); it may be truncated, corrupt or "
                               "not a checkpoint of this repository — pick another one") from None
+
+
+def training_checkpoint(path) -> dict:
+    """load_checkpoint, refusing a file that is not one train.py or `convert_hf.py import` wrote (a bare
+    state_dict, ...): every reader of it expects its config and, unless sharded, its model part."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or ("model" not in ckpt and not is_sharded(path)):
+        raise CheckpointError(f"{path}: not a training checkpoint of this repository (it lacks its model, config and "
+                              "train_state parts; a bare state_dict cannot be resumed); give a step_*.pt that "
+                              "train.py or `convert_hf.py import` wrote")
+    return ckpt
 
 
 # Everything the .metadata file of a checkpoint written by distributed.py holds. torch.distributed.checkpoint's own
@@ -220,11 +260,35 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     return cfg
 
 
+def files_to_load(path) -> list[Path]:
+    """Every file load_model(path) reads from a local path: a checkpoint file (a run directory's newest), a sharded
+    checkpoint's index, train_state.pt and every shard file the index names, or a Hugging Face directory's
+    config.json and safetensors weights. A caller that must keep reads inside one folder checks these before loading
+    (app.py does); a new checkpoint layout lists its files here."""
+    path = Path(path)
+    if is_hf_dir(path):
+        return [path / "config.json", *hf_weight_files(path)]
+    file = resolve_checkpoint(path)
+    if not is_sharded(file):
+        return [file]
+    try:   # the index through the same allow-list as SafeReader: reading it runs no code
+        with open(file / ".metadata", "rb") as f:
+            index = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        names = {info.relative_path for info in index.storage_data.values()}
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: its .metadata is not a readable checkpoint index ({e})") from None
+    return [file / ".metadata", file / TRAIN_STATE, *(file / name for name in sorted(names))]
+
+
+def hf_weight_files(path) -> list[Path]:
+    return sorted(Path(path).glob("*.safetensors"))
+
+
 def read_hf_state_dict(path) -> dict:
     """Every tensor of a HF directory's model.safetensors (or its shards), keyed by HF name."""
     from safetensors.torch import load_file
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
+    files = hf_weight_files(path)
     if not files:
         raise CheckpointError(f"{path}: no .safetensors weights next to config.json")
     state = {}
@@ -300,9 +364,7 @@ def _from_hf_dir(path: Path) -> tuple[SmolLM2, Config, dict]:
 
 def _from_training_checkpoint(file: Path) -> tuple[SmolLM2, Config, dict]:
     """A step_N.pt file, or a sharded step_N/ directory whose shards are consolidated into one model."""
-    ckpt = load_checkpoint(file)
-    if ("model" not in ckpt and not is_sharded(file)) or "config" not in ckpt:
-        raise CheckpointError(f"{file}: not a training checkpoint of this repository (no model/config parts)")
+    ckpt = training_checkpoint(file)
     try:
         cfg = config_from_dict(ckpt["config"])
     except ConfigError as e:

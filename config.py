@@ -3,12 +3,14 @@
 The official SmolLM2 pretraining configs are nanotron files; every section below keeps nanotron's key names (and
 `model.model_config` keeps Hugging Face `LlamaConfig`'s), so such a file loads unmodified. What this repository adds
 lives in its own sections: `run` (local training switches), `sampling` (text samples during training), `data_prep`
-(raw text -> token shards) and `s3` (remote checkpoints). YAML is read into these dataclasses with every key and type
+(raw text -> token shards), `s3` (remote checkpoints) and `eval` (benchmarks on checkpoints during training). YAML is read into these dataclasses with every key and type
 checked; a mistake is one `ConfigError` naming the key path and the fix.
 """
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -20,6 +22,34 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem a user can fix: the message names the key path and what is expected."""
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")   # nanotron's logging levels
+
+# Keys of nanotron's files accepted although they cannot change a run on this engine, and why (the README's config
+# section lists them). Every other key is honoured, or refused by name where its value is not implemented.
+NO_EFFECT = {
+    "checkpoints.checkpoints_path_is_shared_file_system": "rank 0 writes every checkpoint, so no node needs to know",
+    "data_stages[].data.num_loading_workers": "the loader reads memory-mapped shards in the training process; "
+                                              "there is no worker to start",
+    "general.step": "nanotron's record of progress, written into its saved configs; checkpoints hold it here",
+    "general.consumed_train_samples": "likewise: a record, not a setting",
+    "general.ignore_sanity_checks": "there are no optional sanity checks to skip: every check here is always on",
+    "logging.log_level": "the log lines are the run's progress report; warnings and errors always print",
+    "logging.log_level_replica": "ranks other than 0 print only warnings and errors",
+    "model.model_config.is_llama_config": "a marker nanotron reads to pick its model class",
+    "model.model_config.initializer_range": "weights are initialized from model.init_method.std, as nanotron does; "
+                                            "it is kept for the exported config.json",
+    "model.model_config.use_cache": "a transformers generation flag, kept for the exported config.json; "
+                                    "generation here always uses its KV cache",
+    "parallelism.pp_engine": "a pipeline-parallel setting: pp is 1 here",
+    "parallelism.tp_linear_async_communication": "a tensor-parallel setting: tp is 1 here",
+    "parallelism.tp_mode": "a tensor-parallel setting: tp is 1 here",
+    "parallelism.tp_recompute_allgather": "a tensor-parallel setting: tp is 1 here",
+    "tokenizer.tokenizer_max_length": "a truncation length for nanotron's evaluation; training packs token ids into "
+                                      "blocks of tokens.sequence_length",
+    "tokens.limit_test_batches": "nanotron itself never reads it",
+}
 
 
 # ---------------------------------------------------------------- nanotron sections
@@ -55,15 +85,15 @@ class DatasetArgs:
     dataset_folder: Union[str, list[str], None] = None
     dataset_weights: Optional[list[float]] = None
 
-    def sources(self) -> list[tuple[str, float, bool]]:
+    def sources(self, where: str = "data_stages[0].data.dataset") -> list[tuple[str, float, bool]]:
         """(name, mixing weight, is a dataset_folder entry) for every source, hf_dataset_or_datasets' first."""
         hf = self.hf_dataset_or_datasets
         named = hf if isinstance(hf, dict) else dict.fromkeys([hf] if isinstance(hf, str) else hf or [], 1.0)
         folders = [self.dataset_folder] if isinstance(self.dataset_folder, str) else self.dataset_folder or []
         weights = self.dataset_weights or [1.0] * len(folders)
         if len(weights) != len(folders):
-            raise ConfigError(f"data_stages[0].data.dataset.dataset_weights: one weight per dataset_folder entry is "
-                              f"needed, got {len(weights)} for {len(folders)}")
+            raise ConfigError(f"{where}.dataset_weights: one weight per dataset_folder entry is needed, got "
+                              f"{len(weights)} for {len(folders)}")
         return [(n, w, False) for n, w in named.items()] + [(f, w, True) for f, w in zip(folders, weights)]
 
 
@@ -149,8 +179,8 @@ class LRSchedulerArgs:
     lr_warmup_style: str = "linear"
     lr_decay_starting_step: Optional[int] = None
     lr_decay_steps: Optional[int] = None
-    lr_decay_style: str = "linear"
-    min_decay_lr: float = 0.0
+    lr_decay_style: Optional[str] = None          # null: linear, as in nanotron
+    min_decay_lr: Optional[float] = None          # null: learning_rate, i.e. no decay at all, as in nanotron
 
 
 @dataclass
@@ -198,9 +228,9 @@ class TokensArgs:
     micro_batch_size: int = 8
     batch_accumulation_per_replica: int = 1
     train_steps: int = 1000
-    val_check_interval: int = 100
-    limit_val_batches: int = 0
-    limit_test_batches: int = 0
+    val_check_interval: int = -1       # validate every this many steps (and after the last); <= 0: after the last only
+    limit_val_batches: int = 0         # micro-batches of each source's held-out split per validation; 0: no validation
+    limit_test_batches: int = 0        # nanotron reads it nowhere; accepted for its files' sake
 
 
 # ---------------------------------------------------------------- this repository's own sections
@@ -215,7 +245,7 @@ class RunArgs:
     keep_last_checkpoints: int = 3
     max_consecutive_bad_steps: int = 5
     loss_spike_factor: float = 3.0
-    val_batches: int = 20
+    weight_decay_exclude_1d: bool = False   # true: no weight decay on 1-D parameters (norm gains); nanotron decays all
     tensorboard: bool = False
     wandb: bool = False
 
@@ -280,6 +310,22 @@ class DPOArgs(PosttrainArgs):
 
 
 @dataclass
+class EvalArgs:
+    """lm-evaluation-harness benchmarks run by evaluate.py on checkpoints while training goes on (a process beside it).
+
+    Field names are evaluate.py's flags. Benchmarks run on saved checkpoints, so `interval` is a multiple of
+    checkpoints.checkpoint_interval; the final checkpoint is always evaluated.
+    """
+    tasks: list[str] = field(default_factory=list)   # lm-eval task, group or tag names; empty: no evals
+    interval: Optional[int] = None     # steps between evals; null: every checkpoint
+    limit: Optional[int] = None        # at most this many items per task (faster; not a comparable score)
+    num_fewshot: Optional[int] = None  # null: each task's own
+    include_path: Optional[str] = None  # a folder of your own task YAML files
+    batch_size: int = 8
+    device: str = "auto"               # where the eval process runs: auto (the GPU if any) | cpu | cuda:N
+
+
+@dataclass
 class Config:
     checkpoints: CheckpointsArgs = field(default_factory=CheckpointsArgs)
     data_stages: list[DataStageArgs] = field(default_factory=lambda: [DataStageArgs()])
@@ -297,6 +343,7 @@ class Config:
     sampling: SamplingArgs = field(default_factory=SamplingArgs)
     data_prep: DataPrepArgs = field(default_factory=DataPrepArgs)
     s3: S3Args = field(default_factory=S3Args)
+    eval: EvalArgs = field(default_factory=EvalArgs)
     sft: Optional[SFTArgs] = None
     dpo: Optional[DPOArgs] = None
 
@@ -305,6 +352,8 @@ class Config:
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+# keys this repository once had, and where their meaning lives now
+MOVED = {"run.val_batches": "tokens.limit_val_batches (nanotron's key: micro-batches per validation, 0 = none)"}
 
 
 def _type_name(tp) -> str:
@@ -346,6 +395,8 @@ def _convert(value: Any, tp, path: str):
         if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             value = float(value)   # YAML 1.1 (PyYAML) reads 1e-4, with no dot, as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):   # YAML's .nan and .inf: no key here means anything by them
+                raise ConfigError(f"{path}: expected a finite number, got {value}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -361,6 +412,8 @@ def _build(cls, data: dict, path: str):
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
+        if where in MOVED:
+            raise ConfigError(f"{where}: this key moved to {MOVED[where]}")
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
@@ -413,6 +466,10 @@ def validate(cfg: Config) -> Config:
         "tokens.micro_batch_size": cfg.tokens.micro_batch_size,
         "tokens.batch_accumulation_per_replica": cfg.tokens.batch_accumulation_per_replica,
         "tokens.train_steps": cfg.tokens.train_steps,
+        "checkpoints.checkpoint_interval": cfg.checkpoints.checkpoint_interval,   # each of these divides the step
+        "logging.iteration_step_info_interval": cfg.logging.iteration_step_info_interval,
+        "run.max_consecutive_bad_steps": cfg.run.max_consecutive_bad_steps,
+        "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
     }
     for key, value in positive.items():
         if value < 1:
@@ -428,9 +485,6 @@ def validate(cfg: Config) -> Config:
                           f"num_attention_heads ({m.num_attention_heads})")
     if m.hidden_act != "silu":
         raise ConfigError(f"model.model_config.hidden_act: only 'silu' (SwiGLU) is implemented, got '{m.hidden_act}'")
-    if m.rope_interleaved:
-        raise ConfigError("model.model_config.rope_interleaved: set it to false. This repository uses Hugging Face's "
-                          "rotate-half rotary layout so checkpoints load in transformers without a weight permutation")
     if m.rope_scaling is not None:
         raise ConfigError("model.model_config.rope_scaling: only null (plain RoPE) is supported")
     if cfg.tokens.sequence_length > m.max_position_embeddings:
@@ -447,12 +501,16 @@ def validate(cfg: Config) -> Config:
     if lrs.lr_warmup_style not in ("linear", "constant"):
         raise ConfigError(f"optimizer.learning_rate_scheduler.lr_warmup_style: 'linear' or 'constant', "
                           f"got '{lrs.lr_warmup_style}'")
-    if lrs.lr_decay_style not in ("linear", "cosine", "1-sqrt"):
+    if lrs.lr_decay_style not in (None, "linear", "cosine", "1-sqrt"):
         raise ConfigError(f"optimizer.learning_rate_scheduler.lr_decay_style: 'linear', 'cosine' or '1-sqrt', "
                           f"got '{lrs.lr_decay_style}'")
     if cfg.run.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"run.precision: 'auto', 'bf16', 'fp16' or 'fp32', got '{cfg.run.precision}'")
+    _validate_nanotron_values(cfg)
+    _validate_stages(cfg)
     _validate_data(cfg)
+    _validate_ranges(cfg)
+    _validate_eval(cfg)
     _validate_posttrain(cfg)
     for key in ("profiler", "lighteval", "s3_upload"):
         if getattr(cfg, key) is not None:
@@ -461,23 +519,118 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _validate_data(cfg: Config) -> None:
-    """The data sources and the data_prep section. A config with no source at all is fine until data is read."""
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Rates, counts, seeds and names that would crash a run hours in, or quietly make it another run than asked."""
+    lrs, opt, s = cfg.optimizer.learning_rate_scheduler, cfg.optimizer, cfg.sampling
+    lr = "optimizer.learning_rate_scheduler."
+    rules = [   # (key, value, holds, what it must be); a null optional value is not checked
+        (lr + "learning_rate", lrs.learning_rate, lambda v: v > 0, "> 0"),
+        (lr + "min_decay_lr", lrs.min_decay_lr, lambda v: v >= 0, ">= 0"),
+        (lr + "lr_warmup_steps", lrs.lr_warmup_steps, lambda v: v >= 0, ">= 0"),
+        (lr + "lr_decay_steps", lrs.lr_decay_steps, lambda v: v >= 0, ">= 0"),
+        (lr + "lr_decay_starting_step", lrs.lr_decay_starting_step, lambda v: v >= 0, ">= 0"),
+        ("optimizer.weight_decay", opt.weight_decay, lambda v: v >= 0, ">= 0"),
+        ("optimizer.clip_grad", opt.clip_grad, lambda v: v > 0, "> 0, or null for no clipping"),
+        ("optimizer.optimizer_factory.adam_beta1", opt.optimizer_factory.adam_beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("optimizer.optimizer_factory.adam_beta2", opt.optimizer_factory.adam_beta2, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("optimizer.optimizer_factory.adam_eps", opt.optimizer_factory.adam_eps, lambda v: v > 0, "> 0"),
+        ("model.init_method.std", cfg.model.init_method.std, lambda v: v > 0, "> 0"),
+        ("model.model_config.rms_norm_eps", cfg.model.model_config.rms_norm_eps, lambda v: v > 0, "> 0"),
+        ("model.model_config.rope_theta", cfg.model.model_config.rope_theta, lambda v: v > 0, "> 0"),
+        ("run.keep_last_checkpoints", cfg.run.keep_last_checkpoints, lambda v: v >= 0,
+         ">= 0 (0 keeps every checkpoint)"),
+        ("run.loss_spike_factor", cfg.run.loss_spike_factor, lambda v: v > 1, "> 1 (a spike is a loss this many times "
+                                                                              "the recent average)"),
+        ("general.seed", cfg.general.seed, lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1 (numpy's seed range)"),
+        ("sampling.interval", s.interval, lambda v: v >= 0, ">= 0 (0: no samples)"),
+        ("sampling.temperature", s.temperature, lambda v: v >= 0, ">= 0 (0: greedy)"),
+        ("sampling.top_k", s.top_k, lambda v: v >= 1, ">= 1, or null"),
+        ("sampling.top_p", s.top_p, lambda v: 0 < v <= 1, "in (0, 1], or null"),
+    ]
+    for key, value, holds, what in rules:
+        if value is not None and not holds(value):
+            raise ConfigError(f"{key}: must be {what}, got {value}")
+    if cfg.model.dtype not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"model.dtype: 'bfloat16', 'float16' or 'float32', got '{cfg.model.dtype}'")
+    if not DEVICE.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got '{cfg.run.device}'")
+    if not cfg.checkpoints.checkpoints_path.strip():
+        raise ConfigError("checkpoints.checkpoints_path: empty; name the run directory, e.g. runs/my-run")
+    for i, prompt in enumerate(s.prompts):
+        if not prompt:
+            raise ConfigError(f"sampling.prompts[{i}]: empty; give some text to continue, or remove it")
+
+
+def _validate_nanotron_values(cfg: Config) -> None:
+    """Keys of nanotron's files whose other values this engine does not implement: refused by name, so a run never
+    silently differs from the one nanotron would make. (The README lists the keys accepted without effect.)"""
+    refusals = [
+        (not cfg.checkpoints.load_lr_scheduler, "checkpoints.load_lr_scheduler: false is not supported; the LR here is "
+         "a function of the step, restored with it, so set it to true"),
+        (not cfg.optimizer.accumulate_grad_in_fp32, "optimizer.accumulate_grad_in_fp32: false is not supported; the "
+         "weights and gradients stay fp32 here (autocast computes in bf16), so set it to true"),
+        (cfg.model.model_config.pretraining_tp != 1, "model.model_config.pretraining_tp: only 1 is supported (it "
+         "only emulates a tensor-parallel split of the matmuls)"),
+        (cfg.model.model_config.vocab_size % max(cfg.model.make_vocab_size_divisible_by, 1) != 0,
+         f"model.make_vocab_size_divisible_by: vocab_size {cfg.model.model_config.vocab_size} is not a multiple of "
+         f"{cfg.model.make_vocab_size_divisible_by}; nanotron would pad the embedding, this repository does not: set "
+         "model.model_config.vocab_size to a multiple of it"),
+        (cfg.general.benchmark_csv_path is not None, "general.benchmark_csv_path: not supported, set it to null; "
+         "throughput is logged to metrics.jsonl"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise ConfigError(message)
+    for key in ("log_level", "log_level_replica"):
+        if getattr(cfg.logging, key) not in LOG_LEVELS:
+            raise ConfigError(f"logging.{key}: one of {', '.join(LOG_LEVELS)}, got '{getattr(cfg.logging, key)}'")
+
+
+def _validate_stages(cfg: Config) -> None:
+    """data_stages as nanotron checks them: put in order of start_training_step, one starting at step 1, names and
+    starting steps unique. A stage runs from its start_training_step (the 1-based optimizer step) until the next."""
     if not cfg.data_stages:
         raise ConfigError("data_stages: at least one stage is needed, with data.dataset naming its sources")
-    where = "data_stages[0].data.dataset"
-    ds = cfg.data_stages[0].data.dataset
-    sources = ds.sources()
-    names = [name for name, _, _ in sources]
-    for name, weight, _ in sources:
-        if weight <= 0:
-            raise ConfigError(f"{where}: the weight of '{name}' must be > 0, got {weight}")
-        if names.count(name) > 1:
-            raise ConfigError(f"{where}: '{name}' is listed twice; give it once, with the sum of its weights")
+    cfg.data_stages.sort(key=lambda stage: stage.start_training_step)
+    names = [stage.name for stage in cfg.data_stages]
+    starts = [stage.start_training_step for stage in cfg.data_stages]
+    if starts[0] != 1:
+        raise ConfigError(f"data_stages: one stage must have start_training_step 1 (the first optimizer step); the "
+                          f"first starts at {starts[0]}")
+    for i, stage in enumerate(cfg.data_stages):
+        if names.count(stage.name) > 1:
+            raise ConfigError(f"data_stages: the name '{stage.name}' is used by {names.count(stage.name)} stages; "
+                              "each stage needs its own name (checkpoints record each stage's position by name)")
+        if starts.count(stage.start_training_step) > 1:
+            raise ConfigError(f"data_stages: {starts.count(stage.start_training_step)} stages start at step "
+                              f"{stage.start_training_step}; give each stage its own start_training_step")
+    folders = [_stage_folder(name) for name in names]
+    for i, folder in enumerate(folders):
+        if folders.index(folder) != i:
+            raise ConfigError(f"data_stages: the names '{names[folders.index(folder)]}' and '{names[i]}' give the same "
+                              f"data folder '{folder}'; make them differ in a letter or digit")
+
+
+def _validate_data(cfg: Config) -> None:
+    """Every stage's sources and the data_prep section. A config with no source at all is fine until data is read."""
+    names = []
+    for i, stage in enumerate(cfg.data_stages):
+        where = f"data_stages[{i}].data.dataset"
+        sources = stage.data.dataset.sources(where)
+        stage_names = [name for name, _, _ in sources]
+        for name, weight, _ in sources:
+            if weight <= 0:
+                raise ConfigError(f"{where}: the weight of '{name}' must be > 0, got {weight}")
+            if stage_names.count(name) > 1:
+                raise ConfigError(f"{where}: '{name}' is listed twice; give it once, with the sum of its weights")
+        names += [name for name in stage_names if name not in names]
     dp = cfg.data_prep
     for name, cap in (dp.max_tokens or {}).items():
         if name not in names:
-            raise ConfigError(f"data_prep.max_tokens.{name}: not a source of {where}; its sources are "
+            raise ConfigError(f"data_prep.max_tokens.{name}: not a source of any stage; the sources are "
                               f"{', '.join(names)}")
         if cap < 1:
             raise ConfigError(f"data_prep.max_tokens.{name}: must be >= 1, got {cap}")
@@ -489,6 +642,53 @@ def _validate_data(cfg: Config) -> None:
     if dp.tokenizer_vocab_size < 259:
         raise ConfigError(f"data_prep.tokenizer_vocab_size: must be >= 259 (256 bytes, EOS and the two chat tokens), "
                           f"got {dp.tokenizer_vocab_size}")
+
+
+def _stage_folder(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "stage"
+
+
+def data_dir(cfg: Config) -> str:
+    """Where the token shards go: data_prep.output_dir, or data/<general.run>."""
+    return cfg.data_prep.output_dir or os.path.join("data", cfg.general.run)
+
+
+def stage_view(cfg: Config, index: int) -> Config:
+    """The config as data stage `index` sees it: data_stages holds that stage alone, and data_prep.output_dir is
+    its own folder (data_dir(cfg) itself when there is one stage, else a subfolder named after the stage). Whatever
+    reads data (sources.py, data.py) reads data_stages[0] of a view; its `stage_index` names the stage in messages."""
+    folder = data_dir(cfg)
+    if len(cfg.data_stages) > 1:
+        folder = os.path.join(folder, _stage_folder(cfg.data_stages[index].name))
+    view = dataclasses.replace(cfg, data_stages=[cfg.data_stages[index]],
+                               data_prep=dataclasses.replace(cfg.data_prep, output_dir=folder))
+    view.stage_index = index
+    return view
+
+
+def notes(cfg: Config) -> list[str]:
+    """One line for each thing in a valid config that runs otherwise than a reader of the file might expect."""
+    lines = []
+    if cfg.model.model_config.rope_interleaved:
+        lines.append("note: model.model_config.rope_interleaved is true (nanotron's layout); this model applies "
+                     "rotary embeddings in Hugging Face's rotate-half layout, which trained from scratch is the same "
+                     "model up to a fixed permutation of the q/k rows")
+    for stage in cfg.data_stages:
+        if stage.start_training_step > cfg.tokens.train_steps:
+            lines.append(f"note: data stage '{stage.name}' starts at step {stage.start_training_step}, after "
+                         f"tokens.train_steps ({cfg.tokens.train_steps}): it will not run")
+    return lines
+
+
+def _validate_eval(cfg: Config) -> None:
+    ev, every = cfg.eval, cfg.checkpoints.checkpoint_interval
+    for key, least in (("interval", 1), ("limit", 1), ("batch_size", 1), ("num_fewshot", 0)):
+        value = getattr(ev, key)
+        if value is not None and value < least:
+            raise ConfigError(f"eval.{key}: must be >= {least}, got {value}")
+    if ev.tasks and ev.interval is not None and ev.interval % every:
+        raise ConfigError(f"eval.interval ({ev.interval}) must be a multiple of checkpoints.checkpoint_interval "
+                          f"({every}): benchmarks run on saved checkpoints")
 
 
 def _validate_posttrain(cfg: Config) -> None:
@@ -520,10 +720,19 @@ def config_from_dict(data: dict) -> Config:
 def load_config(path: str, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML config, apply `key=value` overrides, check everything."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            raw = f.read()
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --config names a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return config_from_dict(apply_overrides(data, overrides or []))

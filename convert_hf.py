@@ -15,6 +15,7 @@ layout, so neither direction needs a rename map or a weight permutation.
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 
 import chat
-from checkpoint import CheckpointError, checkpoint_name, run_dir_of, save_atomic
+from checkpoint import CheckpointError, checkpoint_name, list_checkpoints, run_dir_of, save_atomic
 from config import ModelConfig, config_to_dict
 from generate import load
 
@@ -63,6 +64,29 @@ def local_hf_dir(name: str) -> Path:
 def _refuse_existing(path: Path, force: bool) -> None:
     if path.exists() and (path.is_file() or any(path.iterdir())) and not force:
         raise CheckpointError(f"{path}: already exists; pass --force to overwrite it")
+
+
+def check_outputs(files: list[Path], force: bool, problems: tuple[str, ...] = ()) -> None:
+    """Everything a command will write, checked before it writes anything: a file name that is a folder, a folder
+    that is a file, a folder it may not write in, or a file that exists (without --force) is refused, all together
+    in one error, along with the caller's own `problems`."""
+    problems, existing = list(problems), []
+    for f in files:
+        if f.is_dir():
+            problems.append(f"{f} is a directory, not a file")
+        elif f.exists():
+            existing.append(str(f))
+        else:
+            parent = next(p for p in f.parents if p.exists())
+            if not parent.is_dir():
+                problems.append(f"{parent} is a file, not a folder")
+            elif not os.access(parent, os.W_OK | os.X_OK):
+                problems.append(f"cannot write in {parent} (permission denied)")
+    if existing and not force:
+        problems.append(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} and would be "
+                        "replaced; pass --force to replace")
+    if problems:
+        raise CheckpointError("; ".join(problems) + " (nothing was written)")
 
 
 def _tokenizer_file(source: Optional[str]) -> Optional[Path]:
@@ -112,12 +136,19 @@ def _hf_chat_template(folder: Path) -> Optional[str]:
 
 def export_hf(checkpoint_path: str, out: str, force: bool = False) -> Path:
     """Write a checkpoint (file or run directory) as a HF directory; return the directory."""
+    if not out:
+        raise CheckpointError("--out is empty: name the directory to write")
     out = Path(out)
     if out.is_file():
         raise CheckpointError(f"{out}: is a file; --out names the directory to write")
     _refuse_existing(out, force)
+    check_outputs([out / "config.json"], force=True)   # a parent that is a file or that cannot be written in
     model, cfg, info = load(checkpoint_path, torch.device("cpu"), torch.float32)
     mcfg = model.config
+    tokenizer = _tokenizer_file(info["tokenizer"])
+    read = [Path(info["source"]).resolve()] + ([tokenizer.resolve()] if tokenizer else [])
+    if any(out.resolve() in (f, f.parent) for f in read):
+        raise CheckpointError(f"{out}: is the folder it reads from; export to another folder (nothing was written)")
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
         stale.unlink()   # transformers would read leftover shards of an earlier model as part of this one
@@ -159,12 +190,19 @@ def import_hf(hf_model: str, out: str, force: bool = False) -> Path:
     `out` is a checkpoint file (*.pt) or a run directory (the checkpoint goes to out/checkpoints/step_00000000.pt).
     A tokenizer.json found beside the HF weights is copied to the run directory, where load_model looks for it.
     """
+    if not out:
+        raise CheckpointError("--out is empty: name the .pt file or run directory to write")
     out = Path(out)
     file = out if out.suffix == ".pt" else out / "checkpoints" / checkpoint_name(0)
-    _refuse_existing(file, force)
-    source = local_hf_dir(hf_model)
-    model, cfg, info = load(source, torch.device("cpu"), torch.float32)
     run_dir = run_dir_of(file)
+    source = local_hf_dir(hf_model)
+    writes = [file, run_dir / "tokenizer.json"] if (source / "tokenizer.json").is_file() else [file]
+    others = [p.name for p in list_checkpoints(run_dir) if p != file] if run_dir.is_dir() else []
+    # a run directory holding other checkpoints: the import would put another model beside them
+    check_outputs(writes, force, (f"{run_dir} already holds checkpoints ({', '.join(others[-2:])}); an import "
+                                  "there would sit beside another model: choose a new --out or pass --force",)
+                  if others and not force else ())
+    model, cfg, info = load(source, torch.device("cpu"), torch.float32)
     if info["tokenizer"] is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(info["tokenizer"], run_dir / "tokenizer.json")

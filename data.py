@@ -10,9 +10,12 @@ Packing: documents are concatenated with no padding (EOS stays a training target
 document boundaries); a split's stream is cut into blocks of sequence_length+1 tokens, x = block[:-1] and
 y = block[1:]. The first documents, up to data_prep.val_tokens, are the validation split.
 
+Each source's held-out documents are kept apart (val_<k>_*.bin), so validation reports a loss per source. Every data
+stage has its own folder (config.stage_view); `prepare` prepares them all.
+
 prepare commits its progress after every shard: a killed run continues where it stopped and ends with byte-identical
 shards. The loader reads shards when they exist, prepares local and built-in sources at first use, and streams
-`datasets` sources otherwise.
+`datasets` sources otherwise (streaming.py).
 
     python data.py prepare --config CFG [key=value ...]
     python data.py train-tokenizer --config CFG [key=value ...]
@@ -26,7 +29,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -34,10 +37,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import chat
 import shards
 import sources
-from config import Config, ConfigError, load_config
+import streaming
+from config import Config, ConfigError, data_dir, load_config, stage_view
 from shards import DataError
 
 EOS = "<|endoftext|>"
+POOLED = "all sources"   # what a split of all sources together is called
 EOS_SPELLINGS = (EOS, "</s>", "<|end_of_text|>", "<eos>")
 
 
@@ -59,11 +64,7 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
         except Exception as e:   # tokenizers raises a plain Exception for a malformed file
             raise DataError(f"tokenizer.tokenizer_name_or_path: cannot read {path} ({e})") from None
     else:
-        try:
-            tok = Tokenizer.from_pretrained(name, revision=cfg.tokenizer.tokenizer_revision or "main")
-        except Exception as e:
-            raise DataError(f"tokenizer.tokenizer_name_or_path: cannot load '{name}' from the Hugging Face hub ({e}); "
-                            "offline, give the path of a tokenizer.json") from None
+        tok = _hub_tokenizer(cfg)
     m = cfg.model.model_config
     if tok.get_vocab_size() > m.vocab_size:
         raise DataError(f"tokenizer '{name}' has {tok.get_vocab_size()} tokens but model.model_config.vocab_size is "
@@ -74,6 +75,37 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
         raise DataError(f"model.model_config.eos_token_id is {m.eos_token_id} but tokenizer '{name}' has EOS at id "
                         f"{eos}; set model.model_config.eos_token_id={eos}")
     return tok
+
+
+def _hub_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer of a Hub repository. With the Hub unreachable, the copy in the Hugging Face cache, if any; when
+    the tokenizer or a dataset the run would stream is missing, one error names both at once."""
+    name, revision = cfg.tokenizer.tokenizer_name_or_path, cfg.tokenizer.tokenizer_revision or "main"
+    if not sources.hub_reachable():
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "tokenizer.json", revision=revision)
+        needed = [] if isinstance(cached, str) else [f"the tokenizer '{name}' (tokenizer.tokenizer_name_or_path)"]
+        for view in (stage_view(cfg, i) for i in range(len(cfg.data_stages))):
+            if not _prepared(view):
+                needed += [f"the dataset '{d}' ({sources.dataset_key(view)})" for d in
+                           sources.hub_datasets(sources.sources(view))]
+        if needed:
+            raise sources.offline_error(needed)
+        return Tokenizer.from_file(cached)
+    try:
+        return Tokenizer.from_pretrained(name, revision=revision)
+    except Exception as e:
+        raise DataError(f"tokenizer.tokenizer_name_or_path: cannot load '{name}' from the Hugging Face hub ({e}); "
+                        "offline, give the path of a tokenizer.json") from None
+
+
+def _prepared(cfg: Config) -> bool:
+    """Whether prepare finished in the config's output folder (the loader then reads shards, no source)."""
+    try:
+        with open(os.path.join(data_dir(cfg), shards.STATE), encoding="utf-8") as f:
+            return json.load(f).get("done") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def eos_token_id(tokenizer: Tokenizer) -> int:
@@ -102,6 +134,9 @@ def train_tokenizer(cfg: Config) -> Tokenizer:
     srcs = sources.sources(cfg)
     texts = sources.Mixer([sources.documents(s, cfg) for s in srcs], srcs, use_caps=False)   # caps count tokens
     budget = cfg.data_prep.tokenizer_train_chars
+    print(f"data: training a {size}-token BPE tokenizer on up to {budget:,} characters of the sources "
+          f"(first use; {path})", flush=True)
+    t0 = time.time()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -110,14 +145,11 @@ def train_tokenizer(cfg: Config) -> Tokenizer:
     tok.train_from_iterator(itertools.takewhile(lambda _: sum(texts.taken) < budget, texts), trainer)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     shards.atomic_write(path, tok.to_str().encode())
+    print(f"data: tokenizer trained in {time.time() - t0:.1f} s on {sum(texts.taken):,} characters", flush=True)
     return tok
 
 
 # ---------------------------------------------------------------- prepare: the splits as token shards
-
-
-def output_dir(cfg: Config) -> str:
-    return cfg.data_prep.output_dir or os.path.join("data", cfg.general.run)
 
 
 def _fingerprint(cfg: Config, tok: Tokenizer) -> str:
@@ -131,52 +163,76 @@ def _fingerprint(cfg: Config, tok: Tokenizer) -> str:
 
 
 def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], None] = print) -> dict:
-    """Write the validation and training shards to output_dir(cfg), continuing an interrupted run; return the state.
+    """Write the validation and training shards to data_dir(cfg), continuing an interrupted run; return the state.
 
-    The state (committed after each shard, once the shard itself is in place) holds the mixer's position and the
-    tokens not yet in a shard, so a continued run rebuilds exactly the stream an uninterrupted one would write."""
+    The held-out documents are kept in memory until the validation split is complete, then written per source; from
+    then on the state (committed after each shard, once the shard itself is in place) holds the mixer's position and
+    the tokens not yet in a shard, so a continued run rebuilds exactly the stream an uninterrupted one would write."""
     tok = tok or load_tokenizer(cfg)
-    out, fingerprint = output_dir(cfg), _fingerprint(cfg, tok)
+    out, fingerprint = data_dir(cfg), _fingerprint(cfg, tok)
     with shards.exclusive(os.path.join(out, ".lock")):   # the other ranks wait here, then find the work done
-        state = shards.read_state(out, fingerprint) or {"fingerprint": fingerprint, "docs": None, "taken": None,
-                                                        "split": "val", "carry": [], "shards": [], "done": False}
+        state = shards.read_state(out, fingerprint) or {"fingerprint": fingerprint, "mixer": None, "split": "val",
+                                                        "carry": [], "shards": [], "done": False}
         if state["done"]:
             log(f"data: {out} is already prepared: {_summary(state)}")
             return state
-        mixer = sources.token_mixer(cfg, tok, eos_token_id(tok), state["docs"], state["taken"])
+        if "mixer" not in state:
+            raise DataError(f"{out} was left half-prepared by an older version of data.py; delete it to prepare again")
+        mixer = sources.token_mixer(cfg, tok, eos_token_id(tok), state["mixer"])
         dtype = shards.token_dtype(tok.get_vocab_size())
-
-        def writer(split: str, carry: list[int]) -> shards.ShardWriter:
-            index = sum(r["split"] == split for r in state["shards"])
-            return shards.ShardWriter(out, split, cfg.data_prep.shard_tokens, dtype, index, np.array(carry, np.uint32))
-
-        w, t0, taken0 = writer(state["split"], state["carry"]), time.time(), sum(mixer.taken)
+        w, t0, taken0 = None, time.time(), sum(mixer.taken)
+        if state["split"] == "train":
+            index = sum(r["split"] == "train" for r in state["shards"])
+            w = shards.ShardWriter(out, "train", cfg.data_prep.shard_tokens, dtype, index,
+                                   np.array(state["carry"], np.uint32))
 
         def commit(rows: list[dict], done: bool = False) -> None:
             state["shards"] += rows
-            state.update(docs=mixer.docs, taken=mixer.taken, split=w.split, carry=w.carry().tolist(), done=done)
+            state.update(mixer=mixer.state(), split="train", carry=w.carry().tolist(), done=done)
             shards.write_state(out, state)
+            shards.remember_written(out, rows)
             for row in rows:
                 log(f"data: wrote {os.path.join(out, row['file'])}  {row['tokens']:,} tokens  "
                     f"({(sum(mixer.taken) - taken0) / (time.time() - t0):,.0f} tokens/s)")
 
-        val_taken = sum(r["tokens"] for r in state["shards"] if r["split"] == "val")
-        if w.split == "val":
-            val_taken += len(state["carry"])
-        for is_val, doc in sources.with_split(iter(mixer), cfg.data_prep.val_tokens, val_taken):
+        held = [[] for _ in mixer.srcs]   # each source's validation documents, until the split is complete
+        val_tokens = cfg.data_prep.val_tokens
+        for is_val, (k, doc) in sources.with_split(mixer.tagged(), val_tokens, 0 if w is None else val_tokens,
+                                                   size=lambda item: len(item[1])):
+            if is_val:
+                held[k].append(doc)
+                continue
             rows = []
-            if not is_val and w.split == "val":   # validation is complete: its last shard may be short
-                rows, w = w.flush(), writer("train", [])
+            if w is None:
+                rows = _write_held_out(out, held, mixer.srcs, cfg.data_prep.shard_tokens, dtype)
+                w = shards.ShardWriter(out, "train", cfg.data_prep.shard_tokens, dtype, 0, np.zeros(0, np.uint32))
             rows += w.add(doc)
             if rows:
                 commit(rows)
-        rows = w.flush()
-        if not any(r["split"] == "train" for r in state["shards"] + rows):
+        if w is None:
             raise DataError(f"all {sum(mixer.taken):,} tokens of the corpus went to the validation split: lower "
                             "data_prep.val_tokens or add text")
-        commit(rows, done=True)
+        commit(w.flush(), done=True)
         log(f"data: {out} ready in {time.time() - t0:.1f} s: {_summary(state)}")
         return state
+
+
+def _write_held_out(out: str, held: list[list[np.ndarray]], srcs: list[sources.Source], shard_tokens: int,
+                    dtype: np.dtype) -> list[dict]:
+    """Each source's validation documents as shards val_<k>_<i>.bin, their manifest rows naming the source."""
+    rows = []
+    for k, docs in enumerate(held):
+        tokens = np.concatenate(docs) if docs else np.zeros(0, np.uint32)
+        for i, lo in enumerate(range(0, len(tokens), shard_tokens)):
+            row = shards.write_shard(out, f"val_{k}_{i:06d}.bin", "val", tokens[lo:lo + shard_tokens], dtype)
+            rows.append({**row, "source": srcs[k].name})
+    return rows
+
+
+def prepare_stages(cfg: Config, log: Callable[[str], None] = print) -> list[dict]:
+    """prepare() every data stage, each into its own folder."""
+    tok = load_tokenizer(cfg)
+    return [prepare(stage_view(cfg, i), tok, log) for i in range(len(cfg.data_stages))]
 
 
 def _summary(state: dict) -> str:
@@ -216,35 +272,6 @@ class _Blocks:
         return np.stack([self._block(i % self.n_blocks) for i in range(first, first + count)])
 
 
-class _Stream:
-    """The same blocks, cut from a document stream that is made again from its start when it runs out (next epoch)
-    or when an earlier block is asked for (a reset, a resume): forward-only, for sources streamed without prepare."""
-
-    def __init__(self, make_docs: Callable[[], Iterator[np.ndarray]], block: int):
-        self.make_docs, self.block, self.pos = make_docs, block, 0
-        self.blocks = self._blocks()
-
-    def _blocks(self) -> Iterator[np.ndarray]:
-        while True:
-            buf, n = np.zeros(0, np.uint32), 0
-            for doc in self.make_docs():
-                buf = np.concatenate([buf, doc])
-                while len(buf) >= self.block:
-                    yield buf[:self.block]
-                    buf, n = buf[self.block:], n + 1
-            if n == 0:
-                raise DataError(f"the streamed training split is shorter than one block of sequence_length+1 = "
-                                f"{self.block} tokens: add text or lower tokens.sequence_length")
-
-    def read(self, first: int, count: int) -> np.ndarray:
-        if first < self.pos:
-            self.blocks, self.pos = self._blocks(), 0
-        for _ in range(first - self.pos):
-            next(self.blocks)
-        self.pos = first + count
-        return np.stack([next(self.blocks) for _ in range(count)])
-
-
 class TokenLoader:
     """One rank's micro-batches: next_batch() -> (x, y), int64 tensors of shape (micro_batch_size, sequence_length).
 
@@ -256,13 +283,18 @@ class TokenLoader:
 
     def __init__(self, blocks, cfg: Config, rank: int = 0, world_size: int = 1):
         self.blocks, self.B, self.T = blocks, cfg.tokens.micro_batch_size, cfg.tokens.sequence_length
+        self.vocab_size = cfg.model.model_config.vocab_size
         self.rank, self.world_size = rank, world_size
         self.step = 0   # micro-batches this rank has taken
 
     def next_batch(self):
         import torch   # here, not at the top: prepare and verify never need it, and it takes seconds to import
         m = self.rank + self.step * self.world_size
-        batch = torch.from_numpy(self.blocks.read(m * self.B, self.B).astype(np.int64))   # (B, T+1)
+        blocks = self.blocks.read(m * self.B, self.B)   # (B, T+1)
+        if int(blocks.max()) >= self.vocab_size:   # inputs and targets: an embedding lookup past the table crashes
+            raise DataError(f"micro-batch {m}: token id {int(blocks.max())} is outside the model's vocabulary "
+                            f"({self.vocab_size}); the data was tokenized with another tokenizer")
+        batch = torch.from_numpy(blocks.astype(np.int64))
         self.step += 1
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
@@ -271,8 +303,11 @@ class TokenLoader:
         self.step = 0
 
     def state_dict(self) -> dict:
-        return {"consumed_micro_batches": self.step * self.world_size, "micro_batch_size": self.B,
-                "sequence_length": self.T}
+        state = {"consumed_micro_batches": self.step * self.world_size, "micro_batch_size": self.B,
+                 "sequence_length": self.T}
+        if isinstance(self.blocks, streaming.StreamedBlocks):   # where its sources resume: nothing is read twice
+            state["stream"] = self.blocks.snapshot(state["consumed_micro_batches"] * self.B)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if (state["micro_batch_size"], state["sequence_length"]) != (self.B, self.T):
@@ -282,50 +317,52 @@ class TokenLoader:
             raise DataError(f"the data position ({state['consumed_micro_batches']} micro-batches) cannot be split "
                             f"evenly over {self.world_size} ranks; resume with a world size that divides it")
         self.step = state["consumed_micro_batches"] // self.world_size
+        if "stream" in state and isinstance(self.blocks, streaming.StreamedBlocks):
+            self.blocks.restore(state["stream"])
 
 
 def train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
                  tokenizer: Optional[Tokenizer] = None) -> TokenLoader:
-    return _loader(cfg, "train", rank, world_size, tokenizer)
+    """The training split of the config's (first) data stage; stages.py serves every stage."""
+    return TokenLoader(_split(cfg, "train", rank, tokenizer), cfg, rank, world_size)
 
 
-def val_loader(cfg: Config, rank: int = 0, world_size: int = 1,
-               tokenizer: Optional[Tokenizer] = None) -> TokenLoader:
-    """The held-out split, cycling; call reset() before each evaluation so every evaluation sees the same batches."""
-    return _loader(cfg, "val", rank, world_size, tokenizer)
+def val_loaders(cfg: Config, rank: int = 0, world_size: int = 1,
+                tokenizer: Optional[Tokenizer] = None) -> dict[str, TokenLoader]:
+    """Each source's held-out documents, source name -> loader (none when data_prep.val_tokens is 0). Loaders cycle;
+    call reset() before each evaluation so every evaluation sees the same batches."""
+    return {name: TokenLoader(blocks, cfg, rank, world_size)
+            for name, blocks in _split(cfg, "val", rank, tokenizer).items()}
 
 
-def _loader(cfg: Config, split: str, rank: int, world_size: int, tok: Optional[Tokenizer]) -> TokenLoader:
+def _split(cfg: Config, split: str, rank: int, tok: Optional[Tokenizer]):
+    """The training blocks, or {source name: validation blocks}: from prepared shards, from shards prepared now
+    (local sources), or streamed (datasets sources)."""
     log = print if rank == 0 else (lambda _: None)
-    if split == "train" and len(cfg.data_stages) > 1:
-        log(f"data: reading data_stages[0] ('{cfg.data_stages[0].name}') only; later stages are not implemented")
     if tok is None:   # a caller that already holds the tokenizer passes it, so it is not read again
         tok = load_tokenizer(cfg)
-    out, block = output_dir(cfg), cfg.tokens.sequence_length + 1
+    out, block = data_dir(cfg), cfg.tokens.sequence_length + 1
     state = shards.read_state(out, _fingerprint(cfg, tok))
     if not (state and state["done"]) and sources.all_local(sources.sources(cfg)):
         log(f"data: preparing {out} (first use of these sources)")
         state = prepare(cfg, tok, log)
     if state and state["done"]:
         vocab = cfg.model.model_config.vocab_size
-        arrays = [shards.open_shard(os.path.join(out, r["file"]), vocab) for r in state["shards"] if r["split"] == split]
-        blocks = _Blocks(arrays, block, f"{out} {split} split")
-    else:
-        log(f"data: no prepared shards in {out}: streaming the {split} split from the sources")
-        blocks = _streamed(cfg, tok, split, block)
-    return TokenLoader(blocks, cfg, rank, world_size)
-
-
-def _streamed(cfg: Config, tok: Tokenizer, split: str, block: int):
-    """A split read straight from the sources. Validation is small: it is held in memory, so evaluations do not
-    tokenize it again. Training is cut from the stream as it comes; every rank tokenizes all of it."""
-    def labelled() -> Iterator[tuple[bool, np.ndarray]]:
-        return sources.with_split(iter(sources.token_mixer(cfg, tok, eos_token_id(tok))), cfg.data_prep.val_tokens)
-
-    if split == "val":
-        return _Blocks([doc for _, doc in itertools.takewhile(lambda pair: pair[0], labelled())], block,
-                       "streamed validation split")
-    return _Stream(lambda: (doc for is_val, doc in labelled() if not is_val), block)
+        rows = [r for r in state["shards"] if r["split"] == split]
+        shards.check_shards(out, rows, log)
+        groups = {}   # by source; the training split, and validation prepared before it was kept apart, pooled
+        for r in rows:
+            groups.setdefault(r.get("source", POOLED), []).append(shards.open_shard(os.path.join(out, r["file"]), vocab))
+        if split == "train":
+            return _Blocks(groups.get(POOLED, []), block, f"{out} train split")
+        return {name: _Blocks(arrays, block, f"{out} validation split of '{name}'") for name, arrays in groups.items()}
+    if (hub := sources.hub_datasets(sources.sources(cfg))) and not sources.hub_reachable():
+        raise sources.offline_error([f"the dataset '{d}' ({sources.dataset_key(cfg)})" for d in hub])
+    log(f"data: no prepared shards in {out}: streaming the {split} split from the sources")
+    if split == "train":
+        return streaming.StreamedBlocks(cfg, tok, eos_token_id(tok), block)
+    return {name: _Blocks(docs, block, f"streamed validation split of '{name}'")
+            for name, docs in streaming.held_out(cfg, tok, eos_token_id(tok)).items()}
 
 
 # ---------------------------------------------------------------- command line
@@ -335,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="data.py", description="Tokenizer, token shards and their checks.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, what in (("prepare", "tokenize the configured sources into token shards (continues a killed run)"),
-                       ("train-tokenizer", "train a byte-level BPE tokenizer on the configured sources")):
+                       ("train-tokenizer", "train a byte-level BPE tokenizer on the first data stage's sources")):
         p = commands.add_parser(name, help=what)
         p.add_argument("--config", required=True)
         p.add_argument("overrides", nargs="*", help="key.path=value, e.g. data_prep.shard_tokens=1000000")
@@ -347,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "prepare":
-            prepare(cfg)
+            prepare_stages(cfg)
         else:
             tok = train_tokenizer(cfg)
             print(f"data: saved {cfg.tokenizer.tokenizer_name_or_path} ({tok.get_vocab_size()} tokens, "
@@ -355,6 +392,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # prepare has committed every finished shard
+        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -12,6 +12,7 @@ Only the generated text goes to stdout; logs and timings go to stderr, so the ou
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ from tokenizers import Tokenizer
 
 import chat
 from checkpoint import CheckpointError, list_checkpoints, load_model
-from sampling import SamplingParams, TextStream, generate, use_decode_layout
+from sampling import MAX_SEED, SamplingParams, TextStream, generate, use_decode_layout
 
 
 class InputError(Exception):
@@ -38,12 +39,19 @@ def log(message: str) -> None:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise InputError(f"--device {name}: not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: torch sees no Apple GPU (MPS) here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name}: generation runs on cpu, cuda or mps; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def pick_dtype(device: torch.device, name: str) -> torch.dtype:
@@ -65,17 +73,23 @@ def load(path, device: torch.device, dtype: torch.dtype):
     return model.to(dtype), cfg, info
 
 
-def open_tokenizer(name: Optional[str]) -> Tokenizer:
-    """A tokenizer.json file, a directory holding one, or a Hugging Face hub name (downloaded once, then cached)."""
-    if not name:
-        raise InputError("no tokenizer.json beside the checkpoint and none named in its config; pass --tokenizer FILE")
+def tokenizer_file(name: str) -> Optional[Path]:
+    """The local file a tokenizer name means: the file itself, or a directory's tokenizer.json; None for a hub name."""
     path = Path(name)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file() and name.endswith(".json"):
         raise InputError(f"tokenizer {path}: file not found; pass --tokenizer FILE")
+    return path if path.is_file() else None
+
+
+def open_tokenizer(name: Optional[str]) -> Tokenizer:
+    """A tokenizer.json file, a directory holding one, or a Hugging Face hub name (downloaded once, then cached)."""
+    if not name:
+        raise InputError("no tokenizer.json beside the checkpoint and none named in its config; pass --tokenizer FILE")
+    path = tokenizer_file(name)
     try:
-        return Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_pretrained(name)
+        return Tokenizer.from_file(str(path)) if path is not None else Tokenizer.from_pretrained(name)
     except Exception as e:
         raise InputError(f"tokenizer '{name}' could not be loaded ({e}); pass --tokenizer FILE") from None
 
@@ -91,6 +105,10 @@ def encode_prompts(tokenizer, texts: list[str], context: int, max_new_tokens: in
     room = context - max_new_tokens
     out = []
     for n, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")   # a byte that is not UTF-8 in argv arrives as a lone surrogate
+        except UnicodeEncodeError as e:
+            raise InputError(f"prompt {n} is not valid UTF-8 (at character {e.start}); give UTF-8 text") from None
         ids = tokenizer.encode(text).ids
         if not ids:
             raise InputError(f"prompt {n} is empty: give some text for the model to continue")
@@ -168,24 +186,30 @@ def sampling_params(args, max_new_tokens: int) -> SamplingParams:
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty)
 
 
-def printer(n_prompts: int) -> Callable[[int, str, bool], None]:
-    """on_text for the terminal: one prompt streams as it is generated; several are printed in order, each as soon as
-    it and those before it have finished, separated by a blank line (a header on stderr says which prompt it is)."""
+def printer(prompts: list[str], output_format: str = "text") -> Callable[[int, str, bool], None]:
+    """on_text for the terminal. text: one prompt streams as it is generated; several are printed in order, each as
+    soon as it and those before it have finished, separated by a blank line (a header on stderr says which prompt it
+    is). jsonl: one JSON record {"prompt", "completion"} per line, in order, each when its completion is whole."""
+    n_prompts = len(prompts)
     parts = [""] * n_prompts
     finished = [False] * n_prompts
     shown = 0
 
     def on_text(row: int, text: str, done: bool) -> None:
         nonlocal shown
-        if n_prompts == 1:
+        if n_prompts == 1 and output_format == "text":
             sys.stdout.write(text + ("\n" if done else ""))
             sys.stdout.flush()
             return
         parts[row] += text
         finished[row] = done
         while shown < n_prompts and finished[shown]:
-            log(f"--- prompt {shown + 1}")
-            sys.stdout.write(("\n" if shown else "") + parts[shown] + "\n")
+            if output_format == "jsonl":
+                sys.stdout.write(json.dumps({"prompt": prompts[shown], "completion": parts[shown]},
+                                            ensure_ascii=False) + "\n")
+            else:
+                log(f"--- prompt {shown + 1}")
+                sys.stdout.write(("\n" if shown else "") + parts[shown] + "\n")
             sys.stdout.flush()
             shown += 1
     return on_text
@@ -205,25 +229,31 @@ def read_prompts(args) -> list[str]:
 
 
 def stdin_lines(marker: str) -> Iterator[str]:
-    """Each line of stdin without its newline, until EOF; `marker` on stderr asks for the next when a person types."""
+    """Each line of stdin without its newline, until EOF; `marker` on stderr asks for the next when a person types.
+    A line that is not UTF-8 is reported and skipped."""
     tty = sys.stdin.isatty()
-    while True:
+    for n in itertools.count(1):
         if tty:
             sys.stderr.write(marker)
             sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()   # bytes: a line that is not UTF-8 must not end the session
+        if not raw:
             return
-        yield line.rstrip("\n")
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            log(f"error: line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start}); skipped")
+            continue
+        yield line
 
 
 def interactive(session: Session) -> None:
-    """Read one prompt per line until EOF; each completion streams to stdout."""
+    """Read one prompt per line until EOF; each completion streams to stdout. A line the model cannot take is
+    reported and skipped."""
     for prompt in stdin_lines("> "):
-        if not prompt:
-            continue
         try:
-            session.complete([prompt], printer(1))
+            if prompt:
+                session.complete([prompt], printer([prompt], session.args.output_format))
         except InputError as e:   # an empty or unusable line: say so and wait for the next one
             log(f"error: {e}")
 
@@ -238,7 +268,7 @@ def converse(session: Session, system: Optional[str]) -> None:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            messages.append({"role": "assistant", "content": session.reply(messages, printer(1))})
+            messages.append({"role": "assistant", "content": session.reply(messages, printer([line]))})
         except InputError as e:   # a message too long for the context: say so and wait for the next one
             messages.pop()
             log(f"error: {e}")
@@ -260,6 +290,12 @@ def compare(args) -> None:
         rows.append((session.info["step"], session.info["val_loss"], session.complete(prompts)))
     if not rows:
         raise CheckpointError(f"{args.compare}: none of its {len(paths)} checkpoints could be loaded")
+    if args.output_format == "jsonl":
+        for step, loss, texts in rows:
+            for prompt, text in zip(prompts, texts):
+                print(json.dumps({"step": step, "val_loss": loss, "prompt": prompt, "completion": text},
+                                 ensure_ascii=False))
+        return
     for n, prompt in enumerate(prompts):
         print(f"{'' if n == 0 else chr(10)}prompt: {json.dumps(prompt, ensure_ascii=False)}")
         print(f"{'step':>10}  {'val loss':>8}  completion")
@@ -287,14 +323,19 @@ def parse_args(argv=None):
     ap.add_argument("--top_p", type=float, help="sample among the most likely tokens holding this much probability")
     ap.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeating prompt or output "
                                                                           "tokens (default: 1, off)")
-    ap.add_argument("--seed", type=int, help="makes sampling reproducible")
+    ap.add_argument("--seed", type=int, help="makes sampling reproducible (0 to 2**64 - 1)")
     ap.add_argument("--stop", action="append", help="end a completion before this string; repeatable "
                                                     "(in bash, $'\\n\\n' is a blank line)")
     ap.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto (default): bf16 (or fp16) on a GPU, fp32 on the CPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU only)")
+    ap.add_argument("--output_format", default="text", choices=["text", "jsonl"],
+                    help="text (default): the completions as they are; jsonl: one JSON record per prompt "
+                         '({"prompt", "completion"}; with --compare also "step", "val_loss")')
     args = ap.parse_args(argv)
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        ap.error(f"--seed {args.seed}: give a whole number from 0 to 2**64 - 1")
     if args.interactive and (args.prompt or args.prompt_file or args.compare):
         ap.error("--interactive reads prompts from stdin: drop --prompt/--prompt_file/--compare")
     if args.chat and (args.prompt or args.prompt_file or args.compare or args.interactive):
@@ -321,7 +362,7 @@ def main(argv=None) -> int:
         elif prompts is None:
             interactive(session)
         else:
-            session.complete(prompts, printer(len(prompts)))
+            session.complete(prompts, printer(prompts, args.output_format))
         return 0
     except (InputError, CheckpointError, chat.ChatError) as e:
         log(f"error: {e}")

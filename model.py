@@ -168,6 +168,39 @@ def packed_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx - first, (same & (idx[None, :] <= idx[:, None]))[:, None]
 
 
+LOSS_CHUNK_TOKENS = 1024   # positions per chunk of the loss: 1024 x 49152 fp32 logits = 200 MB at a time
+
+
+def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                          chunk: int = LOSS_CHUNK_TOKENS, per_row: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of the head's logits x @ weight.T (x (B, T, C), targets (B, T)), never holding them whole.
+
+    Full logits for 8 x 2048 tokens over 49k classes are 3.2 GB in fp32, and autograd would also keep their
+    log-softmax and build their gradient. Here each chunk of positions runs the head matmul and an fp32 log-softmax
+    inside a checkpoint, which saves only the chunk's input and recomputes its logits during backward; the loss is
+    the sum over chunks divided by the number of real targets (targets == ignore_index count for nothing).
+    per_row: each row's summed cross-entropy (B,) instead, -log p(that row's targets) (DPO scores whole replies).
+    """
+    if per_row:   # whole rows per chunk, so each row's sum stays its own
+        B, T = targets.shape
+        rows = max(1, chunk // T)
+        return torch.cat([checkpoint(_head_loss, x[i:i + rows].flatten(0, 1), weight, targets[i:i + rows].flatten(),
+                                     ignore_index, "none", use_reentrant=False).view(-1, T).sum(-1)
+                          for i in range(0, B, rows)])                                    # (B,)
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)                           # (N, C), (N,)
+    total = torch.zeros((), device=x.device)
+    for i in range(0, x.size(0), chunk):
+        total = total + checkpoint(_head_loss, x[i:i + chunk], weight, targets[i:i + chunk], ignore_index, "sum",
+                                   use_reentrant=False)
+    return total / (targets != ignore_index).sum()
+
+
+def _head_loss(x, weight, targets, ignore_index, reduction):
+    logits = F.linear(x, weight)                                                           # (n, V), autocast dtype
+    # in fp32: a bf16 log-softmax over 49k classes is too coarse
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
+
+
 class SmolLM2(nn.Module):
     """The causal language model: token ids -> next-token logits (and the loss, when targets are given)."""
 
@@ -210,7 +243,8 @@ class SmolLM2(nn.Module):
                 cache_pos: Optional[int] = None, valid: Optional[torch.Tensor] = None,
                 segments: Optional[torch.Tensor] = None, last_only: bool = False, ignore_index: int = -100,
                 per_row: bool = False):
-        """input_ids (B, T) -> logits (B, T, V) and the mean cross-entropy over targets != ignore_index (or None).
+        """input_ids (B, T) -> (logits (B, T, V), None), or with targets (B, T): (None, the mean cross-entropy over
+        targets != ignore_index), computed chunk by chunk so that the full logits never exist.
 
         cache_pos: where these tokens go in the KV cache (after `setup_cache`); None means no cache.
         valid: (B, S) bool over every slot so far, False at left padding; positions then count valid tokens only.
@@ -245,13 +279,8 @@ class SmolLM2(nn.Module):
             else:
                 x = layer(x, cos, sin, cache_pos, mask)
         x = self.model.norm(x)
+        if targets is not None:
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, ignore_index, per_row=per_row)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)                                                          # (B, T, V)
-        loss = None
-        if targets is not None:   # in fp32: a bf16 log-softmax over 49k classes is too coarse
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=ignore_index, reduction="none" if per_row else "mean")
-            if per_row:
-                loss = loss.view(B, T).sum(-1)                                              # (B,)
-        return logits, loss
+        return self.lm_head(x), None                                                      # (B, T, V)

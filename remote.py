@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -195,8 +195,8 @@ def fetch_folder(client, bucket: str, key: str, dest: Path) -> None:
 
 
 def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> Path:
-    """s3://bucket/prefix (that run's newest checkpoint), or one checkpoint's key s3://bucket/prefix/checkpoints/step_N.pt
-    (a file) or .../step_N (a sharded checkpoint's folder) -> a local checkpoint.
+    """s3://bucket/prefix (that run's newest checkpoint), or one checkpoint's key: .../checkpoints/step_N.pt (a file)
+    or .../checkpoints/step_N (a sharded checkpoint's folder) -> a local checkpoint.
 
     To resume (`run_dir` given) it lands in run_dir/checkpoints/, with the run's metrics.jsonl when the run dir has
     none, so the log goes on from the checkpoint's step. To load, it lands in a cache folder that mirrors the bucket,
@@ -247,13 +247,16 @@ class Uploader:
     The loop calls add_checkpoint() after each save (a lock and a list append, no I/O). The thread uploads the oldest
     waiting file and verifies it; on failure the file goes to the back of the queue and the thread backs off, 1 s
     doubling to a minute, for as long as it takes. A checkpoint stays on local disk until it is in the bucket: rotation
-    asks is_pending(), and once an upload succeeds the thread rotates what was spared. finish() waits at the end.
+    asks is_pending(), and once an upload succeeds the thread rotates what was spared (and what `spare(path)`, another
+    user of the checkpoints, still holds on to). finish() waits at the end.
     """
 
-    def __init__(self, s3: S3Args, run_dir, keep_last: int = 0, part_size: int = PART_SIZE):
+    def __init__(self, s3: S3Args, run_dir, keep_last: int = 0, part_size: int = PART_SIZE,
+                 spare: Optional[Callable[[Path], bool]] = None):
         self.client = make_client(s3.region, s3.endpoint_url)
         check_bucket(self.client, s3.bucket, s3.prefix)
         self.s3, self.run_dir, self.keep_last, self.where = s3, Path(run_dir), keep_last, bucket_url(s3)
+        self.spare = spare
         self.transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size)
         self.waiting: list[_Job] = []
         self.current: Optional[_Job] = None
@@ -274,8 +277,8 @@ class Uploader:
     def _add_logs(self) -> None:
         s3 = self.s3
         drop = frozenset(kind for kind, on in (("train", s3.upload_metrics), ("val", s3.upload_metrics),
-                                               ("sample", s3.upload_samples)) if not on)
-        if len(drop) < 3:   # samples are records of metrics.jsonl; alone, they go up as samples.jsonl
+                                               ("eval", s3.upload_metrics), ("sample", s3.upload_samples)) if not on)
+        if s3.upload_metrics or s3.upload_samples:   # samples are records of metrics.jsonl; alone: samples.jsonl
             self._add(self.run_dir / "metrics.jsonl", "metrics.jsonl" if s3.upload_metrics else "samples.jsonl", drop)
         if s3.upload_plots:
             self._add(self.run_dir / "loss.png")
@@ -377,7 +380,8 @@ class Uploader:
             elif size and job.is_checkpoint:
                 again = f"; uploads work again after {retried} failed tries" if retried else ""
                 say(f"s3: uploaded {job.key} ({size / 2**20:.1f} MB, size and sha256 verified{again})")
-                rotate_checkpoints(self.run_dir, self.keep_last, spare=self.is_pending)
+                rotate_checkpoints(self.run_dir, self.keep_last,
+                                   spare=lambda p: self.is_pending(p) or bool(self.spare and self.spare(p)))
 
     def finish(self, stall_timeout: float = STALL_TIMEOUT_S) -> bool:
         """At the end of training: queue the final logs and wait for every upload, saying how it goes. False when

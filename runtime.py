@@ -9,7 +9,9 @@ import io
 import os
 import random
 import resource
+import signal
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -103,6 +105,44 @@ def mean_across_ranks(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
         dist.all_reduce(x)        # SUM: gloo has no AVG
         x = x / rt.world
     return x
+
+
+class StopSignals:
+    """SIGTERM (schedulers, spot machines) and Ctrl-C while a run trains: the first asks the run to stop after its
+    current step, and asked() says so on every rank at the same step; a second Ctrl-C raises KeyboardInterrupt at
+    once. The handlers found on entry are put back on exit."""
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.received, self.handlers = rt, [], {}
+
+    def __enter__(self) -> "StopSignals":
+        self.handlers = {signum: signal.signal(signum, self._receive) for signum in self.NAMES}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+
+    def _receive(self, signum, frame) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+
+    def asked(self) -> Optional[str]:
+        """The name of the signal that asked the run to stop (on any rank), or None."""
+        if not any_across_ranks(bool(self.received), self.rt):
+            return None
+        return self.NAMES[self.received[0]] if self.received else "a signal to another rank"
+
+
+def any_across_ranks(flag: bool, rt: Runtime) -> bool:
+    """True on every rank when it is True on any: a signal may reach the ranks between two different steps."""
+    if rt.world == 1:
+        return flag
+    x = torch.tensor(float(flag), device=rt.device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())
 
 
 def memory_gb(device: torch.device) -> float:

@@ -15,6 +15,12 @@ import torch
 from model import SmolLM2
 
 
+MAX_SEED = 2**64 - 1   # torch.Generator takes a 64-bit seed
+# the smallest and largest temperature, top_p and repetition penalty accepted: past them, fp32 logits divided or
+# multiplied by the value overflow (or the value itself rounds to 0 in fp32), and the probabilities become NaN
+LOW, HIGH = 1e-6, 1e6
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -24,11 +30,15 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        problems = [(self.max_new_tokens < 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-                    (self.temperature < 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}"),
-                    (self.top_k is not None and self.top_k < 1, f"top_k must be >= 1, got {self.top_k}"),
-                    (self.top_p is not None and not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-                    (self.repetition_penalty <= 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")]
+        # written as `not (good)` so that NaN, which fails every comparison, is refused too
+        problems = [(not self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+                    (not (self.temperature == 0 or LOW <= self.temperature <= HIGH),
+                     f"temperature must be 0 (greedy) or a number from {LOW:g} to {HIGH:g}, got {self.temperature}"),
+                    (self.top_k is not None and not self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
+                    (self.top_p is not None and not LOW <= self.top_p <= 1,
+                     f"top_p must be a number from {LOW:g} to 1, got {self.top_p}"),
+                    (not LOW <= self.repetition_penalty <= HIGH,
+                     f"repetition_penalty must be a number from {LOW:g} to {HIGH:g}, got {self.repetition_penalty}")]
         for bad, message in problems:
             if bad:
                 raise ValueError(message)
@@ -109,6 +119,11 @@ def generate(model: SmolLM2, prompts: list[list[int]], params: SamplingParams, e
     """
     if not prompts or any(len(t) == 0 for t in prompts):
         raise ValueError("every prompt needs at least one token")
+    if (longest := max(len(t) for t in prompts)) >= model.config.max_position_embeddings:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the context of "
+                         f"{model.config.max_position_embeddings}; keep its newest tokens")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed}")
     device = model.lm_head.weight.device
     B, T = len(prompts), max(len(t) for t in prompts)
     max_len = min(T + params.max_new_tokens, model.config.max_position_embeddings)

@@ -75,7 +75,7 @@ class SFT(train.Pretraining):
     def tokenizer(self, cfg: Config):
         return self._tokenizer
 
-    def loaders(self, cfg: Config, rt, tokenizer):
+    def data(self, cfg: Config, rt, tokenizer) -> chat_data.ChatData:
         return chat_data.loaders(cfg, tokenizer, rt.rank, rt.world)
 
     def model(self, cfg: Config, rt, resuming: Optional[dict]) -> SmolLM2:
@@ -143,7 +143,7 @@ def command(argv, doc: str, task: type, score_help: str, report: Callable[[Confi
     parser.add_argument("--score", nargs="+", metavar="CHECKPOINT", help=f"instead of training: {score_help}")
     args = parser.parse_args(argv)
     if not args.score:
-        return train.run_command(args, task)
+        return train.run_command(args, task, f"{task.section}.py")
     try:
         cfg = load_config(args.config, args.overrides)
         section(cfg, task.section)

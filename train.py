@@ -4,11 +4,12 @@ One process per GPU under `torchrun` (DDP or FSDP, see distributed.py), or one p
 Read top to bottom: `setup()` builds a run (data, model, optimizer, and what a checkpoint restores); `train()` loops
 over optimizer steps: `optimizer_step()` sets the LR, runs k micro-batches of forward and backward (each loss divided
 by k), unscales, clips, skips the update if anything is non-finite, and steps; then `log_progress()`, `validate()`,
-`write_samples()` and `save()` run on their intervals. A checkpoint holds every part needed to continue exactly
-(model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any moment resumes with
-the same losses it would have had.
+`write_samples()` and `save()` run on their intervals (a save at an `eval` step also starts the config's benchmarks
+on that checkpoint, in a process beside this one: evaluate.BackgroundEvals). A checkpoint holds every part needed to
+continue exactly (model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any
+moment resumes with the same losses it would have had.
 
-What the run starts from, reads and minimises is its task: `Pretraining` here (a fresh model, token blocks,
+What the run starts from, reads and minimises is its task: `Pretraining` here (a fresh model, the data stages, the
 next-token loss); sft.py and dpo.py subclass it and run through the same loop, checkpoints, resume and distribution.
 """
 
@@ -16,7 +17,7 @@ import argparse
 import math
 import os
 import random
-import signal
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,21 +31,32 @@ import yaml
 
 import data
 import distributed
+import planner
 import remote
 from chat import ChatError
-from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_checkpoint,
-                        load_state_into, resolve_checkpoint, rotate_checkpoints, save_atomic)
-from config import Config, ConfigError, config_to_dict, load_config
-from metrics import (MetricsLog, flops_per_token, format_train_line, human, peak_flops, plot_losses,
-                     progress_bar)
+import stages
+from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_state_into,
+                        resolve_checkpoint, rotate_checkpoints, save_atomic, training_checkpoint)
+from config import Config, ConfigError, config_to_dict, load_config, notes
+from evaluate import BackgroundEvals
+from metrics import (MetricsLog, duration, flops_per_token, format_train_line, format_val_line, human, peak_flops,
+                     plot_losses, progress_bar)
 from model import SmolLM2
 from optimizer import build_optimizer, lr_at
-from runtime import Runtime, gather, memory_gb, mean_across_ranks, rng_state, set_rng_state, setup_runtime
+from runtime import (Runtime, StopSignals, gather, memory_gb, mean_across_ranks, rng_state, set_rng_state,
+                     setup_runtime)
 from sampling import SamplingParams, generate
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the message says why and what to try."""
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C: the run stops where it is, without saving; the message names the newest checkpoint."""
+
+
+QUIET_S = 60.0   # with no terminal (no progress bar), a line at least this often, however long the logging interval
 
 
 @dataclass
@@ -59,12 +71,12 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     tokenizer: object
-    train_data: data.TokenLoader
-    val_data: data.TokenLoader
+    train_data: stages.StagedLoader         # every data stage's batches, and the running stage's validation sources
     accumulation: int                       # micro-batches per optimizer step on each rank
     accumulation_note: str                  # why it differs from the config's, if it does
     task: "Pretraining"                     # what the run starts from, reads and minimises
     uploader: Optional[remote.Uploader] = None
+    evals: Optional[BackgroundEvals] = None   # benchmarks on saved checkpoints, in processes beside this one
     log: Optional[MetricsLog] = None
     step: int = 0                           # optimizer steps completed
     tokens_seen: int = 0
@@ -84,8 +96,11 @@ class Progress:
     bad_streak: int = 0
     loss_ema: Optional[float] = None
     last_loss: float = float("nan")
+    loss_sum: float = 0.0                   # the finite losses since the last log line, and how many
+    loss_count: int = 0
     steps_since_log: int = 0
     t_log: float = field(default_factory=time.time)
+    t_said: float = field(default_factory=time.time)   # when rank 0 last printed a line
     t_start: float = field(default_factory=time.time)
 
 
@@ -93,15 +108,15 @@ class Progress:
 
 
 class Pretraining:
-    """A freshly initialised model, token blocks from data.py, the next-token loss; sft.py and dpo.py subclass it."""
+    """A freshly initialised model, the data stages of data.py, the next-token loss; sft.py and dpo.py subclass it."""
     reports_perplexity = True   # the validation loss is a per-token cross-entropy
 
     def tokenizer(self, cfg: Config):
         return data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
 
-    def loaders(self, cfg: Config, rt: Runtime, tokenizer) -> tuple[data.TokenLoader, data.TokenLoader]:
-        return (data.train_loader(cfg, rt.rank, rt.world, tokenizer),
-                data.val_loader(cfg, rt.rank, rt.world, tokenizer))
+    def data(self, cfg: Config, rt: Runtime, tokenizer):
+        """The training batches, in stages.StagedLoader's interface (next_batch, begin_step, validation, state)."""
+        return stages.StagedLoader(cfg, rt.rank, rt.world, tokenizer)
 
     def model(self, cfg: Config, rt: Runtime, resuming: Optional[dict]) -> SmolLM2:
         """The model before training (a checkpoint being resumed, if any, then loads its weights into it)."""
@@ -110,12 +125,7 @@ class Pretraining:
 
     def loss(self, run: "Run", batch) -> tuple[torch.Tensor, dict]:
         """One micro-batch's loss to minimise, and statistics to log beside it (tensors, averaged like the loss)."""
-        x, y = batch
-        vocab = run.cfg.model.model_config.vocab_size
-        if int(y.max()) >= vocab:   # on the CPU, before the GPU would fail with an opaque assert
-            raise data.DataError(f"step {run.step + 1}: token id {int(y.max())} is outside the model's vocabulary "
-                                 f"({vocab}); the data was tokenized with another tokenizer")
-        x, y = x.to(run.rt.device, non_blocking=True), y.to(run.rt.device, non_blocking=True)
+        x, y = (t.to(run.rt.device, non_blocking=True) for t in batch)   # ids past the vocabulary: refused by data.py
         return run.net(x, y)[1], {}
 
     def prompt(self, tokenizer, text: str) -> list[int]:
@@ -154,18 +164,21 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
           task: Pretraining) -> tuple[Run, Optional[Path]]:
     """Runtime, data, model, optimizer; then every part a checkpoint holds, when resuming. -> (run, checkpoint)."""
     rt = setup_runtime(cfg)
+    sample_params(cfg)   # refused now, not at the first sample hours in
     run_dir = Path(cfg.checkpoints.checkpoints_path)
     k, k_note = distributed.accumulation(cfg, rt.world, explicit_accumulation)
-    # the bucket is checked first, before data preparation and step 1: a typo must not cost hours
-    uploader = remote.Uploader(cfg.s3, run_dir, cfg.run.keep_last_checkpoints) if rt.main and cfg.s3.bucket else None
+    # the eval harness and the bucket are checked first, before data preparation and step 1: a typo must not cost hours
+    evals = BackgroundEvals(cfg.eval, cfg.checkpoints.checkpoint_interval) if rt.main and cfg.eval.tasks else None
+    uploader = remote.Uploader(cfg.s3, run_dir, cfg.run.keep_last_checkpoints,
+                               spare=evals.is_pending if evals else None) if rt.main and cfg.s3.bucket else None
     random.seed(cfg.general.seed)
     np.random.seed(cfg.general.seed)
 
     tokenizer = task.tokenizer(cfg)
-    train_data, val_data = task.loaders(cfg, rt, tokenizer)
+    train_data = task.data(cfg, rt, tokenizer)
 
     ckpt_path = find_resume(cfg, resume, run_dir)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt = training_checkpoint(ckpt_path) if ckpt_path else None
     model = task.model(cfg, rt, ckpt)
     torch.manual_seed(cfg.general.seed + rt.rank)
     model.gradient_checkpointing = cfg.parallelism.recompute_layer
@@ -174,12 +187,16 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
     net = distributed.wrap(model, cfg, rt)
     # fused AdamW on GPUs; sharded parameters use the foreach kernels, which every DTensor op supports
     fused = rt.device.type == "cuda" and cfg.optimizer.optimizer_factory.torch_adam_is_fused
-    optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt))
+    optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt),
+                                cfg.run.weight_decay_exclude_1d)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, val_data, k, k_note, task,
-              uploader)
+    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, task, uploader,
+              evals)
     if ckpt is not None:
         restore(run, ckpt_path, ckpt)
+    train_data.begin_step(run.step + 1)   # the stage of the next step, at its position (the start line names it)
+    if cfg.tokens.limit_val_batches > 0:
+        train_data.validation()   # its held-out data is read (or found missing) now, not at the first validation
     if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -207,7 +224,7 @@ def restore(run: Run, path: Path, ckpt: dict) -> None:
 
 
 def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
-    """model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ... tokens/step"""
+    """model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ..."""
     cfg, rt = run.cfg, run.rt
     t = cfg.tokens
     note = run.accumulation_note
@@ -216,8 +233,11 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
              f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {run.accumulation} accumulation x {rt.world} "
              f"= {run.tokens_per_step:,} tokens/step"]
     parts += [note] if note else []
+    parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # README: threads
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
-              peak_flops(rt.device)[1]]
+              f"data {stages.describe(cfg, stages.stage_at(cfg, run.step + 1))}", peak_flops(rt.device)[1]]
+    every = cfg.logging.iteration_step_info_interval
+    parts += [f"loss: mean of the {every} steps since the previous line"] if every > 1 else []
     parts += [f"resumed from {ckpt_path} at step {run.step}"] if ckpt_path else []
     return " | ".join(parts)
 
@@ -287,52 +307,79 @@ def track_loss(run: Run, progress: Progress, loss: float) -> None:
     if not math.isfinite(loss):
         return
     progress.last_loss = loss
+    progress.loss_sum, progress.loss_count = progress.loss_sum + loss, progress.loss_count + 1
     ema = progress.loss_ema
     if ema is not None and loss > run.cfg.run.loss_spike_factor * ema and run.rt.main:
         print(f"warning: loss spike at step {run.step}: {loss:.3f} vs recent {ema:.3f}", file=sys.stderr)
     progress.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
 
 
-def log_progress(run: Run, progress: Progress, loss: float, grad_norm: float, lr: float, stats: dict) -> None:
-    """The train log line (rank 0), with tokens/s and MFU since the previous line; the same record to metrics.jsonl."""
+def log_progress(run: Run, progress: Progress, grad_norm: float, lr: float, stats: dict) -> None:
+    """The train log line (rank 0): the mean loss of the steps since the previous line (one step's loss swings too
+    much to read), the last step's LR, gradient norm and task statistics (DPO's), tokens/s and MFU; the same record
+    to metrics.jsonl."""
     cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
     now = time.time()
     tok_s = progress.steps_since_log * run.tokens_per_step / max(now - progress.t_log, 1e-9)
     rate = (run.step - progress.start_step) / max(now - progress.t_start, 1e-9)
     peak, _ = peak_flops(rt.device)
-    record = {"kind": "train", "step": run.step, "train_steps": steps, "loss": loss, "lr": lr,
-              "grad_norm": grad_norm, "tokens_seen": run.tokens_seen, "tok_per_s": tok_s,
+    loss = progress.loss_sum / progress.loss_count if progress.loss_count else float("nan")
+    record = {"kind": "train", "step": run.step, "train_steps": steps, "stage": run.train_data.name, "loss": loss,
+              "loss_steps": progress.loss_count, "lr": lr, "grad_norm": grad_norm, "tokens_seen": run.tokens_seen,
+              "tok_per_s": tok_s,
               "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
               if peak else None,
               "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device),
               **stats}
-    print(format_train_line(record) + "".join(f" | {key} {value:.3f}" for key, value in stats.items()), flush=True)
+    print(format_train_line(record, extra=stats), flush=True)
     run.log.write(record)
-    progress.t_log, progress.steps_since_log = now, 0
+    progress.t_log, progress.t_said, progress.steps_since_log = now, now, 0
+    progress.loss_sum, progress.loss_count = 0.0, 0
+
+
+def still_running(run: Run, progress: Progress) -> None:
+    """A line when QUIET_S passed without one and no progress bar shows the run is alive (output to a file or a
+    pipe, a long logging interval)."""
+    now = time.time()
+    if now - progress.t_said >= QUIET_S:
+        print(f"step {run.step}/{run.cfg.tokens.train_steps} | still running, {duration(now - progress.t_said)} since "
+              f"the last line (logging.iteration_step_info_interval={run.cfg.logging.iteration_step_info_interval})",
+              flush=True)
+        progress.t_said = now
+
+
+def validation_due(cfg: Config, step: int) -> bool:
+    """nanotron's keys: tokens.limit_val_batches 0 means no validation; otherwise every tokens.val_check_interval
+    steps (<= 0: never on an interval) and after the last step."""
+    interval = cfg.tokens.val_check_interval
+    return cfg.tokens.limit_val_batches > 0 and (
+        (interval > 0 and step % interval == 0) or step == cfg.tokens.train_steps)
 
 
 @torch.no_grad()
 def validate(run: Run) -> float:
-    """Mean loss over the first run.val_batches batches of the held-out split (the same batches every time); every
-    rank takes part (each reads its own share, and FSDP's forward needs them all)."""
+    """Each source's mean loss over the first tokens.limit_val_batches micro-batches of its held-out documents (the
+    same batches every time), and their mean weighted by the running stage's mixing weights. Every rank takes part
+    (each reads its own share, and FSDP's forward needs them all)."""
     run.net.eval()
-    loader, batches = run.val_data, run.cfg.run.val_batches
-    loader.reset()
-    sums: dict[str, torch.Tensor] = {}
-    for _ in range(batches):
-        with run.rt.autocast():
-            loss, stats = run.task.loss(run, loader.next_batch())
-        add_up(sums, {"loss": loss, **stats})
+    batches, losses, weights, stats = run.cfg.tokens.limit_val_batches, {}, {}, {}
+    for name, weight, loader in run.train_data.validation():
+        loader.reset()
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(batches):
+            with run.rt.autocast():
+                loss, batch_stats = run.task.loss(run, loader.next_batch())
+            add_up(sums, {"loss": loss, **batch_stats})
+        stats = mean_of(sums, batches, run.rt)   # the task's statistics (DPO's) come from its one source
+        losses[name], weights[name] = stats.pop("loss"), weight
     run.net.train()
-    stats = mean_of(sums, batches, run.rt)
-    run.val_loss = stats.pop("loss")
+    run.val_loss = sum(weights[n] * losses[n] for n in losses) / sum(weights.values())
     if run.rt.main:
-        if run.task.reports_perplexity:
-            stats = {"ppl": math.exp(min(run.val_loss, 50)), **stats}
-        print(f"step {run.step} | val loss {run.val_loss:.3f}" + "".join(
-            f" | val {key} {value:.1f}" if key == "ppl" else f" | val {key} {value:.3f}"
-            for key, value in stats.items()), flush=True)
-        run.log.write({"kind": "val", "step": run.step, "loss": run.val_loss, **stats})
+        ppl = {"ppl": math.exp(min(run.val_loss, 50))} if run.task.reports_perplexity else {}
+        record = {"kind": "val", "step": run.step, "stage": run.train_data.name, "loss": run.val_loss, **ppl,
+                  "sources": losses, **stats}
+        print(format_val_line(record, extra=stats), flush=True)
+        run.log.write(record)
         plot_losses(run.log.path, run.run_dir / "loss.png")
     return run.val_loss
 
@@ -343,15 +390,24 @@ def write_samples(run: Run) -> None:
     if not (run.rt.main or distributed.sharded(run.cfg, run.rt)):
         return
     s = run.cfg.sampling
-    prompts = [run.task.prompt(run.tokenizer, p) for p in s.prompts]
-    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    room = max(1, run.cfg.model.model_config.max_position_embeddings - s.max_new_tokens)
+    prompts = [run.task.prompt(run.tokenizer, p)[-room:] for p in s.prompts]   # a long prompt keeps its newest tokens
     with run.rt.autocast():
-        outs = generate(run.model, prompts, params, eos_id=run.task.stop_id(run.tokenizer), seed=run.cfg.general.seed)
+        outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=run.task.stop_id(run.tokenizer),
+                        seed=run.cfg.general.seed)
     if run.rt.main:
         for prompt, out in zip(s.prompts, outs):
             text = run.tokenizer.decode(out)
             print(f"sample @ {run.step} | {prompt!r} -> {text!r}", flush=True)
             run.log.write({"kind": "sample", "step": run.step, "prompt": prompt, "text": text})
+
+
+def sample_params(cfg: Config) -> SamplingParams:
+    s = cfg.sampling
+    try:
+        return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    except ValueError as e:
+        raise ConfigError(f"sampling.{e}") from None
 
 
 def save(run: Run, reason: str) -> None:
@@ -375,8 +431,10 @@ def save(run: Run, reason: str) -> None:
         return
     if run.uploader is not None:   # into the background uploader's queue; a file waiting there is not rotated out
         run.uploader.add_checkpoint(path)
-    rotate_checkpoints(run.run_dir, cfg.run.keep_last_checkpoints,
-                       spare=run.uploader.is_pending if run.uploader else None)
+    if run.evals is not None and run.evals.due(run.step, final=reason == "final"):
+        run.evals.start(path, run.step)   # likewise kept until its benchmarks have read it
+    waits = [q.is_pending for q in (run.uploader, run.evals) if q is not None]
+    rotate_checkpoints(run.run_dir, cfg.run.keep_last_checkpoints, spare=lambda p: any(w(p) for w in waits))
     print(f"saved {path} ({reason})", flush=True)
 
 
@@ -385,19 +443,44 @@ def save(run: Run, reason: str) -> None:
 
 def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool = False,
           task: Optional[Pretraining] = None) -> dict:
-    """Run (or continue) training; returns the final step, train loss and validation loss.
+    """Run (or continue) training; returns the final step, train and validation loss, and `stopped_by` (a signal's
+    name) or `complete` (a resumed run had nothing left to do).
     explicit_accumulation: the command line set tokens.batch_accumulation_per_replica, which then wins over keeping
     parallelism.dp's global batch. task: pretraining unless given (sft.py, dpo.py)."""
     run, ckpt_path = setup(cfg, resume, explicit_accumulation, task or Pretraining())
     rt, steps = run.rt, cfg.tokens.train_steps
+    if run.step >= steps:
+        finish(run)
+        return {"step": run.step, "complete": True}
     if rt.main:
+        for line in notes(cfg):
+            print(line, file=sys.stderr, flush=True)
         print(start_line(run, ckpt_path), flush=True)
-    stop_signal = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
+    if ckpt_path is None and cfg.checkpoints.save_initial_state:
+        save(run, "initial state")
     progress = Progress(run.step)
+    try:
+        with StopSignals(rt) as signals:
+            stopped_by = loop(run, progress, signals.asked)
+    except KeyboardInterrupt:   # a second Ctrl-C
+        if run.evals is not None:
+            run.evals.finish(wait=False)
+        newest = latest_checkpoint(run.run_dir)
+        raise StoppedAtOnce(f"stopped by a second Ctrl-C at step {run.step}, without saving; "
+                            + (f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved")) from None
+    finish(run, stopped=stopped_by is not None)
+    return {"step": run.step, "train_loss": progress.last_loss, "val_loss": run.val_loss, "stopped_by": stopped_by}
+
+
+def loop(run: Run, progress: Progress, stop_asked) -> Optional[str]:
+    """Optimizer steps until tokens.train_steps, or until stop_asked() names a signal that reached some rank: then a
+    checkpoint of that step is saved and the signal's name returned."""
+    cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
     show_bar = rt.main and sys.stderr.isatty()
     run.net.train()
     while run.step < steps:
+        if run.train_data.begin_step(run.step + 1) and rt.main:   # a new data stage starts with this step
+            print(f"data: {stages.describe(cfg, stages.stage_at(cfg, run.step + 1))} starts", flush=True)
         loss, grad_norm, lr, stats = optimizer_step(run, progress)
         run.step += 1
         run.tokens_seen += run.tokens_per_step
@@ -410,25 +493,37 @@ def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool
         if rt.main and (run.step % cfg.logging.iteration_step_info_interval == 0 or last):
             if show_bar:
                 sys.stderr.write("\r\033[K")   # clear the bar; the log line takes its place
-            log_progress(run, progress, loss, grad_norm, lr, stats)
-        if run.step % cfg.tokens.val_check_interval == 0 or last:
+            log_progress(run, progress, grad_norm, lr, stats)
+        elif rt.main and not show_bar:
+            still_running(run, progress)
+        if validation_due(cfg, run.step):
             validate(run)
         if cfg.sampling.interval and (run.step % cfg.sampling.interval == 0 or last):
             write_samples(run)
         if run.step % cfg.checkpoints.checkpoint_interval == 0 or (last and cfg.checkpoints.save_final_state):
             save(run, "interval" if not last else "final")
-        if stop_signal:
+        if run.evals is not None:
+            log_evals(run, run.evals.poll())
+        if stopped_by := stop_asked():
             if run.step % cfg.checkpoints.checkpoint_interval:
-                save(run, "SIGTERM")
-            if rt.main:
-                print(f"stopped by SIGTERM at step {run.step}; continue with --resume", file=sys.stderr)
-            break
-    finish(run)
-    return {"step": run.step, "train_loss": progress.last_loss, "val_loss": run.val_loss}
+                save(run, stopped_by)
+            return stopped_by
+    return None
 
 
-def finish(run: Run) -> None:
-    """The last plot, the log closed, the process group ended, and every upload waited for."""
+def log_evals(run: Run, records: list[dict]) -> None:
+    """Benchmark results that came back from BackgroundEvals: to metrics.jsonl and the plot."""
+    for record in records:
+        run.log.write(record)
+    if records:
+        plot_losses(run.log.path, run.run_dir / "loss.png")
+
+
+def finish(run: Run, stopped: bool = False) -> None:
+    """The evals still running waited for (stopped, when a signal asked to end quickly), the last plot, the log
+    closed, the process group ended, and every upload waited for."""
+    if run.evals is not None:
+        log_evals(run, run.evals.finish(wait=not stopped))
     if run.rt.main:
         plot_losses(run.log.path, run.run_dir / "loss.png")
         run.log.close()
@@ -451,11 +546,17 @@ def arg_parser(doc: str, example: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(args, make_task: Callable[[Config], Optional[Pretraining]]) -> int:
-    """Load the config, build the task, train; problems a user can fix are one line and exit code 2."""
+def run_command(args, make_task: Callable[[Config], Pretraining], script: str) -> int:
+    """Load the config, build the task, train (or plan, --plan); problems a user can fix are one line and exit 2."""
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.append(args.resume)   # `--resume key=value`: argparse took the override for a checkpoint
+        args.resume = "latest"
     explicit = any(o.split("=", 1)[0].strip() == "tokens.batch_accumulation_per_replica" for o in args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
+        if getattr(args, "plan", False):   # train.py --plan: memory, fit, time and cost on --gpu; nothing is trained
+            print(planner.report(cfg, args, explicit))
+            return 0
         result = train(cfg, args.resume, explicit, make_task(cfg))
     except (ConfigError, CheckpointError, ChatError, data.DataError, remote.RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -463,8 +564,25 @@ def run_command(args, make_task: Callable[[Config], Optional[Pretraining]]) -> i
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except StoppedAtOnce as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:   # before the first step: nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") != "0":   # under torchrun, rank 0 speaks for the run
         return 0
+    again = shlex.join(["python", script, "--config", args.config, *args.overrides, "--resume"])
+    if result.get("complete"):
+        steps = cfg.tokens.train_steps
+        more = shlex.join(["python", script, "--config", args.config, *args.overrides,
+                           f"tokens.train_steps={2 * max(steps, result['step'])}", "--resume"])   # the last one wins
+        print(f"the run is complete: step {result['step']} of tokens.train_steps={steps}. To train further, resume "
+              f"with more steps, e.g. {more} (the LR schedule follows the new length)", flush=True)
+        return 0
+    if result["stopped_by"]:
+        print(f"stopped by {result['stopped_by']} at step {result['step']}; continue with: {again}", file=sys.stderr)
+        return 130 if result["stopped_by"] == "Ctrl-C" else 0
     val = f"{result['val_loss']:.3f}" if result["val_loss"] is not None else "n/a"
     print(f"done: step {result['step']} | train loss {result['train_loss']:.3f} | val loss {val}", flush=True)
     return 0
@@ -478,7 +596,9 @@ def pretraining(cfg: Config) -> Pretraining:
 
 
 def main(argv=None) -> int:
-    return run_command(arg_parser(__doc__, "config_tiny.yaml").parse_args(argv), pretraining)
+    parser = arg_parser(__doc__, "config_tiny.yaml")
+    planner.add_arguments(parser)
+    return run_command(parser.parse_args(argv), pretraining, "train.py")
 
 
 if __name__ == "__main__":

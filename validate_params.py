@@ -83,6 +83,7 @@ def pair_from_hf(name: str):
     """Both models read from one HF checkpoint: ours as generate.py loads it, HF's through from_pretrained."""
     from transformers import LlamaForCausalLM
     path = local_hf_dir(name)
+    progress(f"loading {path} into our model and into transformers'")
     # refuses non-Llama configs, weights that do not fit and unreadable files, naming the file
     ours, _, _ = load(path, torch.device("cpu"), torch.float32)
     hf = LlamaForCausalLM.from_pretrained(str(path), attn_implementation="sdpa")
@@ -125,12 +126,14 @@ def run_checks(ours: SmolLM2, hf, copy_weights: bool, seed: int, batch: int, seq
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, mcfg.vocab_size, (batch, seq_len), generator=g)
+    progress(f"logits of both models on {batch}x{seq_len} random tokens")
     ours_logits, hf_logits = ours(tokens)[0], hf(tokens).logits
     diff = (ours_logits - hf_logits).abs().max().item()
     checks.append(Check("logits (fp32)", diff <= LOGIT_TOLERANCE,
                         f"max |diff| {diff:.2e} over {batch}x{seq_len} tokens (limit {LOGIT_TOLERANCE:.0e}, "
                         f"max |logit| {ours_logits.abs().max().item():.2f})"))
 
+    progress(f"{new_tokens} greedy tokens for 2 prompts, through each side's KV cache")
     checks.append(greedy_check(ours, hf, tokens, new_tokens, require_varied))
     return checks
 
@@ -163,6 +166,11 @@ def greedy_check(ours: SmolLM2, hf, tokens: torch.Tensor, new_tokens: int, requi
                                             f"(distinct tokens per prompt: {distinct})")
 
 
+def progress(message: str) -> None:
+    """What the script is doing, on stderr as it starts: at the larger shapes each step takes a while."""
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
 def print_table(checks: list[Check]) -> None:
     width = max(len(c.name) for c in checks)
     print(f"{'check':<{width}} | result | detail")
@@ -171,14 +179,21 @@ def print_table(checks: list[Check]) -> None:
         print(f"{c.name:<{width}} | {'ok' if c.ok else 'FAIL':<6} | {c.detail}")
 
 
+def count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="config_smollm2_135M.yaml", help="YAML config (nanotron schema)")
     parser.add_argument("--hf_model", default=None, help="a local HF Llama directory, or a hub id (needs network)")
     parser.add_argument("--seed", type=int, default=0, help="for the random weights and tokens")
-    parser.add_argument("--batch", type=int, default=2, help="rows of random tokens for the logits check")
-    parser.add_argument("--seq_len", type=int, default=64, help="tokens per row for the logits check")
-    parser.add_argument("--new_tokens", type=int, default=64, help="greedy tokens generated per prompt")
+    parser.add_argument("--batch", type=count, default=2, help="rows of random tokens for the logits check")
+    parser.add_argument("--seq_len", type=count, default=64, help="tokens per row for the logits check")
+    parser.add_argument("--new_tokens", type=count, default=64, help="greedy tokens generated per prompt")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.model_config.num_hidden_layers=2")
     args = parser.parse_args(argv)
     try:
@@ -188,7 +203,9 @@ def main(argv=None) -> int:
             ours, hf = pair_from_hf(args.hf_model)
             source = args.hf_model
         else:
-            ours, hf = pair_from_config(load_config(args.config, args.overrides), args.seed)
+            cfg = load_config(args.config, args.overrides)
+            progress("building our model and transformers' from the config (seconds at 135M, minutes at 1.7B)")
+            ours, hf = pair_from_config(cfg, args.seed)
             source = f"{args.config} {' '.join(args.overrides)}".strip() + " (random weights)"
     except (ConfigError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -39,7 +39,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(root, [f"tokenizer.tokenizer_name_or_path={tmp}/tokenizer.json", "data_prep.val_tokens=0"])
         tok = data.load_tokenizer(cfg)   # trains it: a few seconds
-        texts = list(sources.documents(sources.sources(cfg)[0], cfg))
+        texts = [text for text, _ in sources.documents(sources.sources(cfg)[0], cfg)]
         print(f"corpus: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M characters; "
               f"tokenizer: {tok.get_vocab_size()} tokens; {os.cpu_count()} CPU cores")
 

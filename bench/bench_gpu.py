@@ -170,7 +170,8 @@ def main():
     print(f"{'what':<28} | {'batch':>14} | {'tok/s':>10} | {'MFU':>6} | {'peak GB':>7}")
     for impl in ("ours", "hf"):
         for compiled in ("0", "1"):
-            name = f"{a.config.split('_')[-1].removesuffix('.yaml')} {impl} {'compiled' if compiled == '1' else 'eager'}"
+            mode = "compiled" if compiled == "1" else "eager"
+            name = f"{a.config.split('_')[-1].removesuffix('.yaml')} {impl} {mode}"
             print(row(name, child(base + ["--child", f"{impl}:{compiled}"])), flush=True)
     if not a.skip_fsdp:
         n = max(torch.cuda.device_count(), 1) if not a.dry else 2

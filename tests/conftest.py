@@ -1,9 +1,19 @@
-"""Shared fixtures: small text corpora, a small byte-level tokenizer trained on them, and configs reading them."""
+"""Shared fixtures: small text corpora, a small byte-level tokenizer trained on them, and configs reading them;
+a recorder of the largest tensor an operation creates."""
 
 import random
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
+import torch.utils._pytree as pytree
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 from config import config_from_dict
@@ -57,6 +67,50 @@ def bpe_path(tmp_path_factory) -> str:
     path = str(root / "tokenizer.json")
     data.train_tokenizer(build_config(root, path, {"dataset_folder": str(root / "text")}))
     return path
+
+
+class LargestTensor(TorchDispatchMode):
+    """`with LargestTensor() as rec:` records in rec.numel the element count of the largest tensor any operation
+    returns inside the block, backward included (on the CPU autograd runs the backward on the calling thread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether a user namespace may mount a tmpfs here (util-linux's unshare; some containers forbid it)."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1M tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+def run_on_a_full_disk(folder: Path, argv: list[str], cwd, size_kb: int, file_limit_kb: int):
+    """Run argv with `folder` on a file system of size_kb, which a user namespace may mount (a tmpfs) without root:
+    its writes fail with ENOSPC once it is full. Where namespaces are forbidden, the kernel's file-size limit of
+    file_limit_kb refuses writes instead (EFBIG). -> (exit code, stdout, stderr, files left in folder, the reason a
+    refused write gives)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if can_mount_tmpfs():
+        script = (f"mount -t tmpfs -o size={size_kb}k tmpfs {shlex.quote(str(folder))} && {shlex.join(map(str, argv))};"
+                  f" echo \"--- $?\"; find {shlex.quote(str(folder))} -mindepth 1 -type f -printf '%P\\n'")
+        proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, cwd=cwd,
+                              timeout=600)
+        out, _, tail = proc.stdout.rpartition("--- ")
+        code, *files = tail.split("\n")
+        return int(code), out, proc.stderr, sorted(f for f in files if f), "No space left on device"
+    limit = file_limit_kb * 1024
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, cwd=cwd, timeout=600,
+                          preexec_fn=lambda: (signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+                                              resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))))
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+    return proc.returncode, proc.stdout, proc.stderr, files, "File too large"
 
 
 # two conversations a tiny model learns by heart in seconds: enough to hold a chat that ends its replies itself

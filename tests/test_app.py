@@ -6,14 +6,18 @@ generates must equal what generate.generate gives for the same checkpoint and se
 
 import json
 import os
+import pickle
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -64,7 +68,10 @@ def train_tiny_model(tok: Tokenizer, run_dir: Path) -> None:
             metrics.append({"kind": "train", "step": step, "loss": loss.item()})
             if step % 60 == 0:
                 val = loss.item() + 0.05   # a stand-in: the fixture has no held-out text
-                metrics.append({"kind": "val", "step": step, "loss": val})
+                metrics.append({"kind": "val", "step": step, "loss": val, "stage": "stable",
+                                "sources": {"data/web": val - 0.1, "data/code": val + 0.1}})
+                metrics.append({"kind": "eval", "step": step, "task": "tiny_mc", "n_shot": 0, "items": 12,
+                                "scores": {"acc": step / 240, "word_perplexity": 900.0 / step}, "stderr": {}})
                 save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
                              "train_state": {"step": step, "tokens_seen": step * 16 * 32, "val_loss": val}},
                             run_dir / "checkpoints" / f"step_{step:08d}.pt")
@@ -97,7 +104,70 @@ def runs(tmp_path_factory) -> Path:
     torch.save({"model": RunsCodeWhenUnpickled(tmp / "pwned")}, root / "evil" / "step_00000001.pt")
     shutil.copytree(root / "run1", tmp / "outside")
     (root / "escape").symlink_to(tmp / "outside")
+    lay_traps(root, tmp / "outside")
     return root
+
+
+def lay_traps(root: Path, outside: Path) -> None:
+    """Folders inside root that lead outside it through a link on the way to a file the app would open."""
+    run1, export = root / "run1", root / "export"
+    shutil.copytree(export, outside.parent / "outside_export")
+    # a run whose newest checkpoint is a link to a checkpoint outside (its older one is a real file)
+    (root / "linked" / "checkpoints").mkdir(parents=True)
+    shutil.copy(run1 / "checkpoints" / "step_00000060.pt", root / "linked" / "checkpoints")
+    shutil.copy(run1 / "tokenizer.json", root / "linked")
+    (root / "linked" / "checkpoints" / "step_00000500.pt").symlink_to(outside / "checkpoints" / "step_00000120.pt")
+    # a run whose checkpoints/ folder is a link to a folder outside
+    (root / "dirlink").mkdir()
+    shutil.copy(run1 / "tokenizer.json", root / "dirlink")
+    (root / "dirlink" / "checkpoints").symlink_to(outside / "checkpoints")
+    # Hugging Face folders whose weights, or whose config.json, is a link out
+    for name, linked in (("hf_weights_link", "model.safetensors"), ("hf_config_link", "config.json")):
+        (root / name).mkdir()
+        for f in export.iterdir():
+            if f.name == linked:
+                (root / name / f.name).symlink_to(outside.parent / "outside_export" / f.name)
+            else:
+                shutil.copy(f, root / name)
+    # a run whose tokenizer.json is a link out, and one whose config names a tokenizer outside (none beside it)
+    for name in ("toklink", "cfgtok"):
+        (root / name / "checkpoints").mkdir(parents=True)
+    shutil.copy(run1 / "checkpoints" / "step_00000060.pt", root / "toklink" / "checkpoints")
+    (root / "toklink" / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    ckpt = torch.load(run1 / "checkpoints" / "step_00000060.pt", weights_only=True)
+    ckpt["config"]["tokenizer"]["tokenizer_name_or_path"] = str(outside / "tokenizer.json")
+    save_atomic(ckpt, root / "cfgtok" / "checkpoints" / "step_00000060.pt")
+    # a loadable run whose metrics.jsonl is a link out: its checkpoint loads, its loss curve is not read
+    shutil.copytree(run1, root / "metlink")
+    (root / "metlink" / "metrics.jsonl").unlink()
+    (root / "metlink" / "metrics.jsonl").symlink_to(outside / "metrics.jsonl")
+    # a link to itself: resolving it loops
+    (root / "loop").symlink_to(root / "loop")
+    # sharded checkpoints (torch.distributed.checkpoint folders): one whole, one whose shard file is a link out, one
+    # whose index names a shard file outside
+    step60 = torch.load(run1 / "checkpoints" / "step_00000060.pt", weights_only=True)
+    for name in ("sharded", "sharded_link", "sharded_index"):
+        save_sharded_checkpoint(step60, root / name / "checkpoints" / "step_00000060")
+        shutil.copy(run1 / "tokenizer.json", root / name)
+    shard = root / "sharded_link" / "checkpoints" / "step_00000060" / "__0_0.distcp"
+    shutil.move(shard, outside / "__0_0.distcp")
+    shard.symlink_to(outside / "__0_0.distcp")
+    index = root / "sharded_index" / "checkpoints" / "step_00000060" / ".metadata"
+    metadata = pickle.loads(index.read_bytes())
+    shutil.move(index.parent / "__0_0.distcp", outside / "index_target.distcp")
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../../../outside/index_target.distcp"
+    index.write_bytes(pickle.dumps(metadata))
+
+
+def save_sharded_checkpoint(ckpt: dict, folder: Path) -> None:
+    """A checkpoint as distributed.py writes it, from one process: the model's shards by torch.distributed.checkpoint
+    beside train_state.pt, which holds the other parts."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # no process group: DCP says it assumes one process, which is the intent
+        dcp.save({"model": ckpt["model"]}, checkpoint_id=str(folder))
+    torch.save({k: v for k, v in ckpt.items() if k != "model"}, folder / "train_state.pt")
 
 
 def free_port() -> int:
@@ -157,14 +227,54 @@ def sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=40, repetition_
 
 def test_listing_names_runs_their_checkpoints_and_hf_exports_but_not_what_lies_outside(runs):
     names = [value for _, value in app.find_checkpoints(runs)]
-    assert names == ["broken", "broken/checkpoints/step_00000010.pt", "evil", "evil/step_00000001.pt", "run1",
-                     "run1/checkpoints/step_00000120.pt", "run1/checkpoints/step_00000060.pt", "export"]
+    assert names == ["broken", "broken/checkpoints/step_00000010.pt", "cfgtok", "cfgtok/checkpoints/step_00000060.pt",
+                     "evil", "evil/step_00000001.pt", "linked/checkpoints/step_00000060.pt",   # not its linked newest
+                     "metlink", "metlink/checkpoints/step_00000120.pt", "metlink/checkpoints/step_00000060.pt",
+                     "run1", "run1/checkpoints/step_00000120.pt", "run1/checkpoints/step_00000060.pt",
+                     "sharded", "sharded/checkpoints/step_00000060",
+                     "toklink", "toklink/checkpoints/step_00000060.pt", "export"]
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "../outside/checkpoints/step_00000120.pt", "/etc/passwd",
                                   "escape/checkpoints/step_00000120.pt", "run1/../../outside"])
 def test_paths_that_resolve_outside_the_checkpoint_dir_are_refused(runs, name):
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        app.resolve_under(runs.resolve(), name)
+
+
+# every name here lies inside the folder, but a file its load would open lies outside, through a link
+LINKED_OUT = ["linked", "linked/checkpoints/step_00000500.pt", "dirlink", "dirlink/checkpoints/step_00000120.pt",
+              "hf_weights_link", "hf_config_link", "toklink", "cfgtok", "sharded_link", "sharded_index"]
+
+
+@pytest.mark.parametrize("name", LINKED_OUT)
+def test_a_load_that_would_open_a_file_outside_through_a_link_is_refused(runs, name):
+    cache = app.ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        cache.get(name)
+
+
+def test_a_sharded_checkpoint_inside_loads_and_generates_what_its_file_twin_does(runs):
+    cache = app.ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
+    sharded, twin = cache.get("sharded"), cache.get("run1/checkpoints/step_00000060.pt")
+    assert sharded.info["step"] == 60
+    ids = twin.tokenizer.encode(PROMPT).ids
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    assert generate(sharded.model, [ids], params) == generate(twin.model, [ids], params)
+
+
+def test_a_run_whose_metrics_file_links_outside_loads_but_its_curve_is_not_read(runs):
+    cache = app.ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
+    loaded = cache.get("metlink")
+    assert loaded.info["step"] == 120
+    curves = app.loss_curves(runs.resolve(), {"metlink": loaded.run_dir, "run1": runs.resolve() / "run1"})
+    assert set(curves["series"]) == {"run1 · train", "run1 · validation"}
+
+
+@pytest.mark.parametrize("name,message", [("run1\x00", "NUL"), ("loop", "loop"), ("x" * 5000, "too long")],
+                         ids=["nul", "loop", "long"])
+def test_names_that_cannot_be_paths_are_refused_in_one_message(runs, name, message):
+    with pytest.raises(CheckpointError, match=message):
         app.resolve_under(runs.resolve(), name)
 
 
@@ -215,7 +325,8 @@ def test_loading_shows_step_and_validation_loss(client):
     assert "step 60" in status and "val loss" in status
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "escape/checkpoints/step_00000120.pt"])
+@pytest.mark.parametrize("name", ["../../etc/passwd", "escape/checkpoints/step_00000120.pt", "linked",
+                                  "dirlink", "hf_weights_link", "toklink"])
 def test_the_server_refuses_paths_outside_its_directory(client, name):
     with pytest.raises(Exception, match="outside the checkpoint directory"):
         client.predict(name, PROMPT, *sampling(), api_name="/generate")
@@ -227,8 +338,58 @@ def test_oversized_or_empty_prompts_and_too_many_new_tokens_are_refused_with_the
         client.predict("run1", "stones " * 200, *sampling(), api_name="/generate")
     with pytest.raises(Exception, match="prompt is empty"):
         client.predict("run1", "", *sampling(), api_name="/generate")
-    with pytest.raises(Exception, match=f"maximum value {MAX_NEW_TOKENS}"):
+    with pytest.raises(Exception, match=f"from 1 to {MAX_NEW_TOKENS}"):
         client.predict("run1", PROMPT, *sampling(max_new_tokens=10_000), api_name="/generate")
+
+
+def call_raw(server: str, api: str, data: list) -> str:
+    """POST a request as any HTTP client may (JSON with NaN, wrong types), return the event stream's text."""
+    body = json.dumps({"data": data}).encode()   # allow_nan: Python writes NaN, and the server's parser reads it
+    request = urllib.request.Request(f"{server}gradio_api/call/{api}", body, {"Content-Type": "application/json"})
+    event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+    return urllib.request.urlopen(f"{server}gradio_api/call/{api}/{event}", timeout=60).read().decode()
+
+
+# what a careless or hostile client may send to /generate: (checkpoint, prompt, sampling controls) -> the refusal
+REFUSED = [
+    (["run1", PROMPT, *sampling(temperature=1.0, seed=2**70)], "Seed: .* refused"),
+    (["run1", PROMPT, *sampling(temperature=1.0, seed=-5)], "Seed: .* refused"),
+    (["run1", PROMPT, *sampling(temperature=1.0, seed=1.5)], "Seed: .* refused; give a whole number"),
+    (["run1", PROMPT, *sampling(temperature=float("nan"))], "Temperature: 'nan' refused"),
+    (["run1", PROMPT, *sampling(repetition_penalty=float("inf"))], "Repetition penalty: 'inf' refused"),
+    (["run1", PROMPT, *sampling(top_k=2.5)], "Top-k: .* refused"),
+    (["run1", PROMPT, *sampling(max_new_tokens=0)], "Max new tokens: .* refused"),
+    (["run1", PROMPT, *sampling(temperature="hot")], "Temperature: 'hot' refused"),
+    (["run1", PROMPT, *sampling(seed=True)], "Seed: .* refused"),
+    (["run1\x00", PROMPT, *sampling()], "NUL byte"),
+    (["loop", PROMPT, *sampling()], "symbolic link loop"),
+    ([["run1"], PROMPT, *sampling()], "no checkpoint picked"),
+    (["run1", None, *sampling()], "the prompt must be text"),
+    (["run1", ["a", "b"], *sampling()], "the prompt must be text"),
+    (["run1", "The \ud800 robot", *sampling()], "not valid UTF-8"),
+    (["run1\ud800", PROMPT, *sampling()], "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("data,message", REFUSED, ids=range(len(REFUSED)))
+def test_bad_values_sent_over_http_are_refused_in_one_message(server, data, message):
+    reply = call_raw(server, "generate", data)
+    assert reply.startswith("event: error"), reply
+    assert re.search(message, json.loads(reply.split("data: ", 1)[1])["error"]), reply
+
+
+def test_compare_refuses_what_is_not_a_list_of_names_and_a_huge_seed(server):
+    for names in ("run1", ["run1", 7], None):
+        assert "compare takes a list of checkpoint names" in call_raw(server, "compare", [names, PROMPT, *sampling()])
+    assert "Seed" in call_raw(server, "compare", [["run1", "export"], PROMPT, *sampling(seed=2**64)])
+
+
+def test_refused_values_leave_no_traceback_in_the_server_log(server, runs):
+    for data, _ in REFUSED:
+        call_raw(server, "generate", data)
+    call_raw(server, "load", [["not", "a", "name"]])
+    log = (runs.parent / "app.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
 
 
 def test_a_corrupt_checkpoint_shows_an_error_and_the_next_request_works(client, runs):
@@ -244,17 +405,54 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
     assert not (runs.parent / "pwned").exists()
 
 
-def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_and_loss_curve(client, runs):
+def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_loss_curve_and_scores(client, runs):
     names = ["run1/checkpoints/step_00000060.pt", "run1/checkpoints/step_00000120.pt", "broken"]
     out = client.predict(names, PROMPT, *sampling(max_new_tokens=12), api_name="/compare")
-    heads, texts, plot = out[:4], out[4:8], out[8]   # a header and a text per column (4), then the loss curves
+    heads, texts, plot, scores = out[:4], out[4:8], out[8], out[9]   # a header and a text per column (4), the plots
     assert "step 60" in heads[0] and "step 120" in heads[1] and "not a loadable checkpoint" in heads[2]
     assert heads[3] == texts[2] == texts[3] == ""   # the fourth column stays hidden; the broken one says nothing
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
     assert texts[0] == expected_text(runs / names[0], PROMPT, params)
     assert texts[1] == expected_text(runs / names[1], PROMPT, params)
-    series = {row[2] for row in plot["data"]}
-    assert series == {"run1 · train", "run1 · validation"}
+    series = {row[2] for row in plot["data"]}   # each data source's validation loss too
+    assert series == {"run1 · train", "run1 · validation", "run1 · validation · web", "run1 · validation · code"}
+    # a score per step from the run's eval records; a perplexity, on another scale, stays off this plot
+    assert sorted(tuple(row) for row in scores["data"]) == [(60, 0.25, "run1 · tiny_mc acc"),
+                                                             (120, 0.5, "run1 · tiny_mc acc")]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def run_app(*args: str) -> subprocess.CompletedProcess:
+    """app.py as a user starts it; one that would serve instead of refusing its flags is stopped after a minute."""
+    return subprocess.run([sys.executable, "app.py", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--port", "70000", "--port: must be a whole number from 1 to 65535, got '70000'"),
+    ("--max_new_tokens", "0", "--max_new_tokens: must be a whole number from 1 to"),
+    ("--max_prompt_tokens", "-5", "--max_prompt_tokens: must be a whole number from 1 to"),
+    ("--cache_size", "0", "--cache_size: must be a whole number from 1 to"),
+])
+def test_bad_flags_are_one_line_before_anything_starts(runs, capsys, monkeypatch, flag, value, message):
+    def launch(*args, **kwargs):
+        raise AssertionError("the app started serving with a flag it should have refused")
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    with pytest.raises(SystemExit) as exit_:
+        app.main(["--checkpoint_dir", str(runs), flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_port_already_in_use_is_one_line(runs):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_app("--checkpoint_dir", str(runs), "--port", str(port))
+    assert proc.returncode == 2 and f"--port {port}: cannot listen there" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------- in a real browser

@@ -195,7 +195,7 @@ def test_import_keeps_the_chat_template_of_the_hf_directory_for_the_next_export(
 
 
 def test_generate_chat_holds_a_conversation_and_each_reply_ends_at_im_end(chat_run, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhow are you?\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\nhow are you?\n")))
     code = G.main(["--checkpoint_path", str(chat_run), "--chat", "--temperature", "0", "--max_new_tokens", "40"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -220,7 +220,7 @@ def test_generate_chat_refuses_a_checkpoint_whose_tokenizer_cannot_chat(tmp_path
     save_atomic({"model": SmolLM2(cfg.model.model_config).state_dict(), "config": config_to_dict(cfg)},
                 tmp_path / "checkpoints" / "step_00000001.pt")
     tok.save(str(tmp_path / "tokenizer.json"))
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
     assert G.main(["--checkpoint_path", str(tmp_path), "--chat"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: this tokenizer has no <|im_start|>") and "sft.py" in err[-1]

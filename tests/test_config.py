@@ -1,42 +1,56 @@
 """Configs are nanotron YAML: the official SmolLM2 file loads as it is, every mistake is one error naming its key path,
 and `key=value` overrides reach any key, list items included."""
 
+import json
+import re
+
 import pytest
+import torch
 import yaml
 
-from config import ConfigError, ModelConfig, config_from_dict, load_config
+from config import NO_EFFECT, ConfigError, config_from_dict, data_dir, load_config, notes, stage_view
+from model import SmolLM2
 
-# The sections and keys of the official SmolLM2-135M nanotron file (smollm repo, pre-training/smollm2/). Its dataset
-# is a local Nanoset (dataset_folder, dataset_weights); ours streams from the hub with nanotron's other dataset keys.
-NANOTRON_KEYS = {
-    "checkpoints": {"checkpoint_interval", "checkpoints_path", "checkpoints_path_is_shared_file_system",
-                    "resume_checkpoint_path", "save_final_state", "save_initial_state"},
-    "data_stages": {"data", "name", "start_training_step"},
-    "data_stages.0.data": {"dataset", "num_loading_workers", "seed"},
-    "general": {"benchmark_csv_path", "consumed_train_samples", "ignore_sanity_checks", "project", "run", "seed",
-                "step"},
-    "logging": {"iteration_step_info_interval", "log_level", "log_level_replica"},
-    "model": {"ddp_bucket_cap_mb", "dtype", "init_method", "make_vocab_size_divisible_by", "model_config"},
-    "model.init_method": {"std"},
-    "model.model_config": {"bos_token_id", "eos_token_id", "hidden_act", "hidden_size", "initializer_range",
-                           "intermediate_size", "is_llama_config", "max_position_embeddings", "num_attention_heads",
-                           "num_hidden_layers", "num_key_value_heads", "pad_token_id", "pretraining_tp",
-                           "rms_norm_eps", "rope_interleaved", "rope_scaling", "rope_theta", "tie_word_embeddings",
-                           "use_cache", "vocab_size"},
-    "optimizer": {"accumulate_grad_in_fp32", "clip_grad", "learning_rate_scheduler", "optimizer_factory",
-                  "weight_decay", "zero_stage"},
-    "optimizer.learning_rate_scheduler": {"learning_rate", "lr_decay_starting_step", "lr_decay_steps",
-                                          "lr_decay_style", "lr_warmup_steps", "lr_warmup_style", "min_decay_lr"},
-    "optimizer.optimizer_factory": {"adam_beta1", "adam_beta2", "adam_eps", "name", "torch_adam_is_fused"},
-    "parallelism": {"dp", "expert_parallel_size", "pp", "pp_engine", "recompute_layer", "tp",
-                    "tp_linear_async_communication", "tp_mode", "tp_recompute_allgather"},
-    "profiler": None,
-    "tokenizer": {"tokenizer_max_length", "tokenizer_name_or_path", "tokenizer_revision"},
-    "tokens": {"batch_accumulation_per_replica", "limit_test_batches", "limit_val_batches", "micro_batch_size",
-               "sequence_length", "train_steps", "val_check_interval"},
-}
+OFFICIAL = {size: f"tests/fixtures/smollm2/config_smollm2_{name}.yaml"   # 1B is the file of the 1.7B run
+            for size, name in (("135M", "135M"), ("360M", "360M"), ("1.7B", "1B"))}
+PUBLISHED = {"135M": 134_515_008, "360M": 361_821_120, "1.7B": 1_711_376_384}   # the released models' safetensors
 OUR_SECTIONS = {"run", "sampling", "data_prep", "s3"}
 SHIPPED = ["config_smollm2_135M.yaml", "config_smollm2_360M.yaml", "config_smollm2_1.7B.yaml"]
+# What this repository does with each key of the official files. "refused" keys are refused for any value other
+# than the ones implemented (test_values_not_implemented_are_refused_by_key); NO_EFFECT keys are in config.NO_EFFECT
+# and the README; every other key changes the run as it does in nanotron.
+REFUSED_OTHERWISE = {"general.benchmark_csv_path", "model.make_vocab_size_divisible_by",
+                     "model.model_config.hidden_act", "model.model_config.pretraining_tp", "model.model_config.rope_scaling",
+                     "optimizer.accumulate_grad_in_fp32", "optimizer.optimizer_factory.name",
+                     "parallelism.expert_parallel_size", "parallelism.pp", "parallelism.tp", "profiler"}
+HONOURED = {
+    "checkpoints.checkpoint_interval", "checkpoints.checkpoints_path", "checkpoints.resume_checkpoint_path",
+    "checkpoints.save_final_state", "checkpoints.save_initial_state", "data_stages[].data.dataset.dataset_folder",
+    "data_stages[].data.dataset.dataset_weights", "data_stages[].data.seed", "data_stages[].name",
+    "data_stages[].start_training_step", "general.project", "general.run", "general.seed",
+    "logging.iteration_step_info_interval", "model.ddp_bucket_cap_mb", "model.dtype", "model.init_method.std",
+    *(f"model.model_config.{k}" for k in ("bos_token_id", "eos_token_id", "hidden_size", "intermediate_size",
+                                          "max_position_embeddings", "num_attention_heads", "num_hidden_layers",
+                                          "num_key_value_heads", "pad_token_id", "rms_norm_eps", "rope_interleaved",
+                                          "rope_theta", "tie_word_embeddings", "vocab_size")),
+    "optimizer.clip_grad", "optimizer.weight_decay", "optimizer.learning_rate_scheduler.learning_rate",
+    *(f"optimizer.learning_rate_scheduler.{k}" for k in ("lr_decay_starting_step", "lr_decay_steps",
+                                                         "lr_decay_style", "lr_warmup_steps", "lr_warmup_style",
+                                                         "min_decay_lr")),
+    *(f"optimizer.optimizer_factory.{k}" for k in ("adam_beta1", "adam_beta2", "adam_eps", "torch_adam_is_fused")),
+    "optimizer.zero_stage", "parallelism.dp", "parallelism.recompute_layer", "tokenizer.tokenizer_name_or_path", "tokenizer.tokenizer_revision",
+    *(f"tokens.{k}" for k in ("batch_accumulation_per_replica", "limit_val_batches", "micro_batch_size",
+                              "sequence_length", "train_steps", "val_check_interval")),
+}
+
+
+def leaf_keys(node, prefix="") -> set[str]:
+    """Every key path of a YAML tree, items of a list of sections written as [] (data_stages[].name)."""
+    if isinstance(node, list) and all(isinstance(item, dict) for item in node):
+        return set().union(*(leaf_keys(item, prefix + "[]") for item in node))
+    if isinstance(node, dict) and node:
+        return set().union(*(leaf_keys(v, f"{prefix}.{k}" if prefix else k) for k, v in node.items()))
+    return {prefix}
 
 
 def model_config(**changes) -> dict:
@@ -44,47 +58,52 @@ def model_config(**changes) -> dict:
     return {"model": {"model_config": changes}}
 
 
-def official_135M(tmp_path) -> str:
-    """The shipped 135M file in the official file's exact form: nanotron sections only, a local Nanoset dataset."""
-    data = yaml.safe_load(open("config_smollm2_135M.yaml"))
-    for section in OUR_SECTIONS:
-        data.pop(section, None)
-    data["data_stages"][0]["data"]["dataset"] = {"dataset_folder": ["datasets/smollm2-corpus"],
-                                                 "dataset_weights": [1.0]}
-    data["parallelism"]["dp"] = 64
-    data["general"]["step"] = 2_000_000
-    path = tmp_path / "official.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
 # ---------------------------------------------------------------- the official format
 
 
-@pytest.mark.parametrize("path", SHIPPED)
-def test_shipped_configs_have_exactly_the_official_nanotron_keys_plus_our_sections(path):
-    data = yaml.safe_load(open(path))
-    assert set(data) - OUR_SECTIONS == {k for k in NANOTRON_KEYS if "." not in k}
-    for section, keys in NANOTRON_KEYS.items():
-        node = data
-        for part in section.split("."):
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node = node[0] if isinstance(node, list) else node   # data_stages: every stage has the same keys
-        assert (set(node) if keys is not None else node) == keys, section
-
-
-def test_official_135M_file_loads_into_the_smollm2_135M_model_config(tmp_path):
-    cfg = load_config(official_135M(tmp_path))
-    std = 0.041666666666666664
-    assert cfg.model.model_config == ModelConfig(
-        bos_token_id=0, eos_token_id=0, hidden_act="silu", hidden_size=576, initializer_range=std,
-        intermediate_size=1536, is_llama_config=True, max_position_embeddings=2048, num_attention_heads=9,
-        num_hidden_layers=30, num_key_value_heads=3, pad_token_id=None, pretraining_tp=1, rms_norm_eps=1e-5,
-        rope_interleaved=False, rope_scaling=None, rope_theta=10000.0, tie_word_embeddings=True, use_cache=True,
-        vocab_size=49152)
-    assert cfg.model.init_method.std == std
+@pytest.mark.parametrize("size", OFFICIAL)
+def test_official_files_load_unmodified_and_give_the_published_parameter_counts(size):
+    cfg = load_config(OFFICIAL[size])
+    with torch.device("meta"):   # the shapes alone: no memory for 1.7B weights
+        model = SmolLM2(cfg.model.model_config, cfg.model.init_method.std)
+    assert model.num_parameters() == PUBLISHED[size]
     assert cfg.data_stages[0].data.dataset.dataset_folder == ["datasets/smollm2-corpus"]
-    assert cfg.parallelism.dp == 64
+    assert [n for n in notes(cfg) if "rope_interleaved" in n] == ([] if size != "1.7B" else [notes(cfg)[0]])
+
+
+def test_every_key_of_the_official_files_is_honoured_listed_as_without_effect_or_refused_otherwise():
+    keys = set().union(*(leaf_keys(yaml.safe_load(open(path))) for path in OFFICIAL.values()))
+    assert keys == HONOURED | set(NO_EFFECT) | REFUSED_OTHERWISE
+    assert not HONOURED & set(NO_EFFECT) and not REFUSED_OTHERWISE & set(NO_EFFECT)
+    readme = open("README.md").read()
+    for key, why in NO_EFFECT.items():
+        assert f"`{key}`" in readme, f"the README's config section must list {key} as accepted without effect"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("general.benchmark_csv_path", "bench.csv", "general.benchmark_csv_path: not supported"),
+    ("model.make_vocab_size_divisible_by", 7, "model.make_vocab_size_divisible_by: vocab_size 49152 is not a multiple"),
+    ("model.model_config.hidden_act", "gelu", "model.model_config.hidden_act: only 'silu'"),
+    ("model.model_config.pretraining_tp", 2, "model.model_config.pretraining_tp: only 1"),
+    ("model.model_config.rope_scaling", {"type": "linear", "factor": 2.0}, "model.model_config.rope_scaling: only null"),
+    ("optimizer.accumulate_grad_in_fp32", False, "optimizer.accumulate_grad_in_fp32: false is not supported"),
+    ("optimizer.optimizer_factory.name", "sgd", "optimizer.optimizer_factory.name: only 'adamW'"),
+    ("parallelism.expert_parallel_size", 2, "parallelism.expert_parallel_size: 2 is not supported"),
+    ("profiler", {"profiler_export_path": "x"}, "profiler: nanotron's profiler section is not supported"),
+    ("checkpoints.load_lr_scheduler", False, "checkpoints.load_lr_scheduler: false is not supported"),
+    ("logging.log_level", "loud", "logging.log_level: one of debug, info"),
+])
+def test_values_not_implemented_are_refused_by_key(key, value, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_config(OFFICIAL["135M"], [f"{key}={json.dumps(value)}"])
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_configs_have_exactly_the_official_keys_plus_our_sections(path):
+    data = yaml.safe_load(open(path))
+    official = yaml.safe_load(open(OFFICIAL["135M"]))
+    assert leaf_keys({k: v for k, v in data.items() if k not in OUR_SECTIONS} | {"data_stages": []}) == \
+        leaf_keys(official | {"data_stages": []})
 
 
 def test_shipped_135M_config_is_the_smollm2_recipe():
@@ -96,6 +115,44 @@ def test_shipped_135M_config_is_the_smollm2_recipe():
     assert (cfg.optimizer.weight_decay, cfg.optimizer.clip_grad) == (0.01, 1.0)
     assert cfg.tokens.sequence_length == 2048
     assert cfg.tokenizer.tokenizer_name_or_path == "HuggingFaceTB/cosmo2-tokenizer"
+
+
+# ---------------------------------------------------------------- data stages
+
+
+def stages(*stages) -> dict:
+    return {"data_stages": [{"name": name, "start_training_step": start,
+                             "data": {"dataset": {"hf_dataset_or_datasets": f"org/{name}"}}} for name, start in stages],
+            "tokens": {"train_steps": 100}}
+
+
+def test_data_stages_are_put_in_order_of_their_starting_step_as_nanotron_does():
+    cfg = config_from_dict(stages(("decay", 80), ("stable", 1), ("anneal", 95)))
+    assert [s.name for s in cfg.data_stages] == ["stable", "decay", "anneal"]
+    assert notes(config_from_dict(stages(("stable", 1), ("late", 101)))) == [
+        "note: data stage 'late' starts at step 101, after tokens.train_steps (100): it will not run"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ((("stable", 2), ("decay", 80)), "one stage must have start_training_step 1"),
+    ((("stable", 1), ("stable", 80)), "the name 'stable' is used by 2 stages"),
+    ((("stable", 1), ("decay", 1)), "2 stages start at step 1"),
+    ((("a b", 1), ("a-b", 50)), "the names 'a b' and 'a-b' give the same data folder"),
+])
+def test_data_stages_are_validated_as_nanotron_does(spec, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(stages(*spec))
+
+
+def test_each_stage_has_its_own_data_folder_and_its_sources_are_checked_by_index():
+    cfg = config_from_dict(stages(("stable phase", 1), ("decay", 80)) | {"data_prep": {"output_dir": "d"}})
+    assert [data_dir(stage_view(cfg, i)) for i in range(2)] == ["d/stable-phase", "d/decay"]
+    assert stage_view(cfg, 1).data_stages == [cfg.data_stages[1]]
+    assert data_dir(stage_view(config_from_dict(stages(("only", 1))), 0)) == "data/smollm2"
+    bad = stages(("stable", 1), ("decay", 80))
+    bad["data_stages"][1]["data"]["dataset"] = {"dataset_folder": ["x", "y"], "dataset_weights": [1.0]}
+    with pytest.raises(ConfigError, match=re.escape("data_stages[1].data.dataset.dataset_weights: one weight per")):
+        config_from_dict(bad)
 
 
 # ---------------------------------------------------------------- mistakes are named
@@ -134,9 +191,15 @@ def test_tensor_and_pipeline_parallelism_are_refused_with_the_way_out(key):
         config_from_dict({"parallelism": {key: 2}})
 
 
-def test_interleaved_rope_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match=r"^model\.model_config\.rope_interleaved: set it to false.*rotate-half"):
-        config_from_dict(model_config(rope_interleaved=True))
+def test_interleaved_rope_loads_with_a_one_line_note():
+    cfg = config_from_dict(model_config(rope_interleaved=True))
+    [note] = notes(cfg)
+    assert "rope_interleaved" in note and "rotate-half" in note and "\n" not in note
+
+
+def test_a_key_that_moved_says_where_to():
+    with pytest.raises(ConfigError, match=r"^run\.val_batches: this key moved to tokens\.limit_val_batches"):
+        config_from_dict({"run": {"val_batches": 5}})
 
 
 # ---------------------------------------------------------------- key=value overrides
@@ -173,3 +236,54 @@ def test_malformed_overrides_say_what_is_wrong(override, message):
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match=r"^nope\.yaml: config file not found"):
         load_config("nope.yaml")
+
+
+# ---------------------------------------------------------------- values that would crash or mislead a run later
+
+
+@pytest.mark.parametrize("override,message", [
+    ("checkpoints.checkpoint_interval=0", r"^checkpoints\.checkpoint_interval: must be >= 1, got 0"),
+    ("logging.iteration_step_info_interval=0", r"^logging\.iteration_step_info_interval: must be >= 1, got 0"),
+    ("run.max_consecutive_bad_steps=0", r"^run\.max_consecutive_bad_steps: must be >= 1"),
+    ("run.keep_last_checkpoints=-1", r"^run\.keep_last_checkpoints: must be >= 0 \(0 keeps every checkpoint\)"),
+    ("sampling.interval=-1", r"^sampling\.interval: must be >= 0 \(0: no samples\)"),
+    ("optimizer.learning_rate_scheduler.learning_rate=.nan", r"learning_rate: expected a finite number, got nan"),
+    ("optimizer.learning_rate_scheduler.learning_rate=-3e-3", r"learning_rate: must be > 0, got -0\.003"),
+    ("optimizer.learning_rate_scheduler.learning_rate=0", r"learning_rate: must be > 0, got 0"),
+    ("optimizer.learning_rate_scheduler.min_decay_lr=-1e-5", r"min_decay_lr: must be >= 0"),
+    ("optimizer.learning_rate_scheduler.lr_warmup_steps=-5", r"lr_warmup_steps: must be >= 0"),
+    ("optimizer.learning_rate_scheduler.lr_decay_steps=-5", r"lr_decay_steps: must be >= 0"),
+    ("optimizer.learning_rate_scheduler.lr_decay_starting_step=-1", r"lr_decay_starting_step: must be >= 0"),
+    ("optimizer.weight_decay=.inf", r"^optimizer\.weight_decay: expected a finite number, got inf"),
+    ("optimizer.weight_decay=-0.1", r"^optimizer\.weight_decay: must be >= 0"),
+    ("optimizer.clip_grad=0", r"^optimizer\.clip_grad: must be > 0, or null for no clipping"),
+    ("optimizer.optimizer_factory.adam_beta2=1.0", r"adam_beta2: must be in \[0, 1\), got 1\.0"),
+    ("optimizer.optimizer_factory.adam_eps=0", r"adam_eps: must be > 0"),
+    ("model.init_method.std=-0.02", r"^model\.init_method\.std: must be > 0"),
+    ("model.model_config.rms_norm_eps=0", r"rms_norm_eps: must be > 0"),
+    ("model.model_config.rope_theta=-1", r"rope_theta: must be > 0"),
+    ("model.dtype=bfloat61", r"^model\.dtype: 'bfloat16', 'float16' or 'float32', got 'bfloat61'"),
+    ("run.device=bogus", r"^run\.device: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'bogus'"),
+    ("run.device=cuda:x", r"^run\.device: .* got 'cuda:x'"),
+    ("run.loss_spike_factor=0.5", r"^run\.loss_spike_factor: must be > 1"),
+    ("general.seed=-1", r"^general\.seed: must be from 0 to 2\*\*32 - 1"),
+    ("general.seed=4294967296", r"^general\.seed: must be from 0 to 2\*\*32 - 1"),
+    ("checkpoints.checkpoints_path=''", r"^checkpoints\.checkpoints_path: empty"),
+    ("sampling.temperature=.nan", r"^sampling\.temperature: expected a finite number"),
+    ("sampling.temperature=-1", r"^sampling\.temperature: must be >= 0"),
+    ("sampling.top_k=0", r"^sampling\.top_k: must be >= 1, or null"),
+    ("sampling.top_p=1.5", r"^sampling\.top_p: must be in \(0, 1\], or null"),
+    ("sampling.max_new_tokens=0", r"^sampling\.max_new_tokens: must be >= 1"),
+    ("sampling.prompts=['ok', '']", r"^sampling\.prompts\[1\]: empty"),
+])
+def test_values_that_would_crash_or_silently_mislead_a_run_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("config_tiny.yaml", [override])
+
+
+def test_a_config_that_is_not_utf8_text_or_is_a_folder_is_one_error(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("tokens: {}\ngeneral: {run: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8"):
+        load_config(str(tmp_path / "latin1.yaml"))
+    with pytest.raises(ConfigError, match=r": is a directory; --config names a YAML file"):
+        load_config(str(tmp_path))

@@ -43,14 +43,14 @@ def train_tokenizer(path: Path) -> Path:
     return path
 
 
-def make_run(run_dir: Path, tied: bool = True) -> SmolLM2:
+def make_run(run_dir: Path, tied: bool = True, context: int = 128) -> SmolLM2:
     """A run directory as train.py leaves it: checkpoints/step_00000100.pt and the run's tokenizer.json."""
     cfg = config_from_dict({
         "model": {"init_method": {"std": 0.05},
                   "model_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
                                    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 320,
-                                   "max_position_embeddings": 128, "tie_word_embeddings": tied}},
-        "tokens": {"sequence_length": 128},
+                                   "max_position_embeddings": context, "tie_word_embeddings": tied}},
+        "tokens": {"sequence_length": context},
         "tokenizer": {"tokenizer_name_or_path": str(run_dir / "tokenizer.json")}})
     model = SmolLM2(cfg.model.model_config)
     validate_params.parity_weights(model, 0.05, seed=0)
@@ -167,7 +167,65 @@ def test_import_refuses_to_overwrite_and_refuses_non_llama_directories(tmp_path,
     (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
     assert convert_hf.main(["import", "--hf_model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert "already exists; pass --force" in err[0] and "model_type 'gpt2' is not a Llama model" in err[1]
+    assert "already exists and would be replaced; pass --force" in err[0]
+    assert "model_type 'gpt2' is not a Llama model" in err[1]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("out", ["run", "run/checkpoints/step_00000000.pt", "run/imported.pt"])
+def test_import_never_replaces_or_adds_to_what_it_did_not_create_without_force(tmp_path, capsys, out):
+    hf_llama_dir(tmp_path / "hf")
+    train_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    make_run(tmp_path / "run")                      # a run with its own checkpoint and tokenizer
+    before = snapshot(tmp_path / "run")
+    assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", str(tmp_path / out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "pass --force" in err[0] and "tokenizer.json" in err[0], err
+    assert snapshot(tmp_path / "run") == before, "a refused import wrote something"
+    assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", str(tmp_path / out), "--force"]) == 0
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda out: out.mkdir(parents=True), "is a directory"),                       # --out x.pt names a folder
+    (lambda out: out.parent.parent.mkdir() or out.parent.write_text("x"), "is a file"),   # a parent is a file
+])
+def test_import_to_a_path_it_cannot_write_is_one_line_and_writes_nothing(tmp_path, capsys, make, message):
+    hf_llama_dir(tmp_path / "hf")
+    out = tmp_path / "dest" / "sub" / "model.pt"
+    make(out)
+    before = snapshot(tmp_path / "dest")
+    assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], err
+    assert snapshot(tmp_path / "dest") == before
+
+
+def test_export_to_a_path_it_cannot_write_or_onto_its_own_source_is_one_line_and_writes_nothing(exported, tmp_path,
+                                                                                                  capsys):
+    _, hf = exported
+    (tmp_path / "a_file").write_text("x")
+    before = snapshot(hf)
+    for args, message in ((["--checkpoint_path", str(hf.parent / "run"), "--out", str(tmp_path / "a_file" / "hf")],
+                           "a_file is a file, not a folder"),
+                          (["--checkpoint_path", str(hf), "--out", str(hf), "--force"], "the folder it reads from"),
+                          (["--checkpoint_path", str(hf.parent / "run"), "--out", ""], "--out is empty")):
+        assert convert_hf.main(["export", *args]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], err
+    assert snapshot(hf) == before and (tmp_path / "a_file").read_text() == "x"
+
+
+def test_import_to_an_empty_out_is_refused_instead_of_writing_into_the_current_folder(tmp_path, capsys, monkeypatch):
+    hf_llama_dir(tmp_path / "hf")
+    train_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err and not any((tmp_path / "cwd").iterdir())
 
 
 def test_tied_config_with_a_different_head_in_the_file_is_refused(tmp_path):
@@ -202,6 +260,12 @@ def test_validate_params_passes_against_an_exported_directory(exported, capsys):
     assert "logits (fp32)              | ok" in capsys.readouterr().out
 
 
+def test_validate_params_says_what_it_is_doing_before_each_slow_step(capsys):
+    assert validate_params.main(["--config", "config_tiny.yaml", "--new_tokens", "8"]) == 0
+    steps = [line for line in capsys.readouterr().err.splitlines() if line.startswith("... ")]
+    assert [s.split()[1] for s in steps] == ["building", "logits", "8"], steps
+
+
 def test_validate_params_fails_naming_the_checks_when_rope_is_interleaved():
     result = run_script("-c", INTERLEAVED_ROPE, "--config", "config_tiny.yaml")
     assert result.returncode == 1, result.stdout + result.stderr
@@ -216,3 +280,11 @@ def test_validate_params_bad_input_is_one_line_and_exit_2(args, message):
     result = run_script("validate_params.py", *args)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--new_tokens", "--seq_len", "--batch"])
+def test_validate_params_counts_below_one_are_refused_by_argparse(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        validate_params.main(["--config", "config_tiny.yaml", flag, "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: must be a whole number >= 1, got '0'" in err

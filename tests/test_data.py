@@ -3,27 +3,41 @@ resume."""
 
 import itertools
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from conftest import build_config, corpus
 from tokenizers import Tokenizer
 
 import data
 import shards
 import sources
-from config import ConfigError
+import streaming
+from config import ConfigError, config_to_dict
 from data import DataError
 from sources import Mixer, Source
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def stream_of(out) -> np.ndarray:
     """The whole token stream (validation first, then training) of a prepared folder."""
     rows = [json.loads(line) for line in open(out / "manifest.jsonl")]
     return np.concatenate([shards.open_shard(str(out / r["file"]), 2**16) for r in rows]).astype(np.int64)
+
+
+def texts_of(cfg, source: int = 0) -> list[str]:
+    """The texts of one source of the config, in the order they are read."""
+    return [text for text, _ in sources.documents(sources.sources(cfg)[source], cfg)]
 
 
 def documents_of(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
@@ -56,6 +70,15 @@ def test_missing_local_tokenizer_is_trained_on_first_use(tmp_path):
     path = tmp_path / "new" / "tokenizer.json"
     tok = data.load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
     assert path.exists() and tok.get_vocab_size() == 300
+
+
+def test_training_a_tokenizer_says_so_before_and_after(tmp_path, capsys):
+    corpus(tmp_path / "text", "doc", 20)
+    path = tmp_path / "tokenizer.json"
+    data.load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
+    before, after = capsys.readouterr().out.splitlines()
+    assert before.startswith("data: training a 300-token BPE tokenizer on up to 100,000,000 characters")
+    assert after.startswith("data: tokenizer trained in ")
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_an_error(tmp_path, bpe_path):
@@ -94,13 +117,13 @@ def test_config_names_sources_in_nanotrons_forms_with_weights_and_checked_caps(t
 
 def test_builtin_corpus_is_the_standard_library_without_its_tests(tmp_path, bpe_path):
     cfg = build_config(tmp_path, bpe_path, {"hf_dataset_or_datasets": "builtin:python-stdlib"})
-    texts = list(itertools.islice(sources.documents(sources.sources(cfg)[0], cfg), 20))
+    texts = [text for text, _ in itertools.islice(sources.documents(sources.sources(cfg)[0], cfg), 20)]
     assert len(texts) == 20 and all(("def " in t or "import " in t or '"""' in t) for t in texts)
 
 
 def test_mixing_follows_the_weights_to_within_one_document_and_stops_at_caps():
     def stream(tag, n):
-        return (np.full(10 + i % 7, tag) for i in range(n))
+        return ((np.full(10 + i % 7, tag), i) for i in range(n))
     srcs = [Source("a", 3.0, None, True), Source("b", 1.0, None, True), Source("c", 1.0, 200, True)]
     mixer = Mixer([stream(1, 1000), stream(2, 1000), stream(3, 1000)], srcs)
     for _ in itertools.islice(mixer, 500):   # taken/weight of the active sources stay within one document (<= 16)
@@ -113,14 +136,16 @@ def test_mixing_follows_the_weights_to_within_one_document_and_stops_at_caps():
 
 
 def test_mixing_continues_exactly_from_its_saved_position():
-    def stream(tag, skip=0):
-        return itertools.islice((np.full(5 + i % 3, tag) for i in range(100)), skip, None)
+    def stream(tag, after=None):   # (document, position): the position is the document's index
+        start = 0 if after is None else after + 1
+        return ((np.full(5 + i % 3, tag), i) for i in range(start, 100))
     srcs = [Source("a", 2.0, None, True), Source("b", 1.0, 150, True)]
     whole = [d.tolist() for d in Mixer([stream(1), stream(2)], srcs)]
     first = Mixer([stream(1), stream(2)], srcs)
     head = [d.tolist() for d in itertools.islice(first, 37)]
-    rest = [d.tolist() for d in Mixer([stream(1, first.docs[0]), stream(2, first.docs[1])], srcs, first.docs,
-                                      first.taken)]
+    state = first.state()
+    rest = [d.tolist() for d in Mixer([stream(1, state["positions"][0]), stream(2, state["positions"][1])], srcs,
+                                      state)]
     assert head + rest == whole
 
 
@@ -148,7 +173,7 @@ def test_files_are_shuffled_by_the_seed_and_each_read_exactly_once(tmp_path, bpe
     for seed in (1, 1, 2):
         cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")})
         cfg.data_stages[0].data.seed = seed
-        orders.append(list(sources.documents(sources.sources(cfg)[0], cfg)))
+        orders.append(texts_of(cfg))
     assert orders[0] == orders[1] != orders[2]
     assert sorted(orders[0]) == sorted(orders[2]) == sorted(texts)
 
@@ -158,7 +183,7 @@ def test_jsonl_and_parquet_rows_are_documents(tmp_path, bpe_path):
     (tmp_path / "rows" / "a.jsonl").write_text('{"body": "one"}\n\n{"body": "two"}\n{"body": null}\n')
     pq.write_table(pa.table({"body": ["three", "  ", "four"]}), tmp_path / "rows" / "b.parquet")
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "rows"), "text_column_name": "body"})
-    assert sorted(sources.documents(sources.sources(cfg)[0], cfg)) == ["four", "one", "three", "two"]
+    assert sorted(texts_of(cfg)) == ["four", "one", "three", "two"]
 
 
 def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_blocks_as_prepared_shards(
@@ -169,13 +194,13 @@ def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_block
     pq.write_table(pa.table({"content": texts[80:]}), tmp_path / "hub" / "data" / "train-00001-of-00002.parquet")
     cfg = build_config(tmp_path, bpe_path, {"hf_dataset_or_datasets": str(tmp_path / "hub"),
                                             "hf_dataset_splits": "train", "text_column_name": "content"})
-    assert list(sources.documents(sources.sources(cfg)[0], cfg)) == texts
+    assert texts_of(cfg) == texts
 
     streamed = data.train_loader(cfg)   # a datasets source is streamed when it has not been prepared
-    assert isinstance(streamed.blocks, data._Stream)
-    streamed_val = data.val_loader(cfg)
+    assert isinstance(streamed.blocks, streaming.StreamedBlocks)
+    [streamed_val] = data.val_loaders(cfg).values()
     data.prepare(cfg, log=lambda _: None)
-    prepared, prepared_val = data.train_loader(cfg), data.val_loader(cfg)
+    prepared, [prepared_val] = data.train_loader(cfg), data.val_loaders(cfg).values()
     assert isinstance(prepared.blocks, data._Blocks)
     for _ in range(prepared.blocks.n_blocks // 2 + 3):   # into the second epoch
         assert all(torch.equal(a, b) for a, b in zip(streamed.next_batch(), prepared.next_batch()))
@@ -183,7 +208,7 @@ def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_block
 
     pq.write_table(pa.table({"content": ["a test row"]}), tmp_path / "hub" / "data" / "test-00000-of-00001.parquet")
     cfg.data_stages[0].data.dataset.hf_dataset_splits = ["test", "train"]
-    assert list(sources.documents(sources.sources(cfg)[0], cfg)) == ["a test row"] + texts
+    assert texts_of(cfg) == ["a test row"] + texts
 
     cfg.data_stages[0].data.dataset.text_column_name = "text"
     with pytest.raises(DataError, match="no column 'text' .*it has content"):
@@ -305,7 +330,63 @@ def test_loader_cycles_through_epochs_and_validation_restarts_on_reset(prepared)
     first = blocks_of(loader, 1)
     blocks_of(loader, loader.blocks.n_blocks - 1)   # n_blocks micro-batches of 2 blocks: two whole epochs
     assert blocks_of(loader, 1) == first
-    val = data.val_loader(cfg)
+    [val] = data.val_loaders(cfg).values()
     once = blocks_of(val, 3)
     val.reset()
     assert blocks_of(val, 3) == once
+
+
+def test_a_token_id_past_the_vocabulary_is_refused_wherever_it_sits_in_a_block(prepared):
+    cfg, _, _ = prepared
+    for position in (0, 7, 15):   # an input only, both, a target only (block = sequence_length + 1 = 16 tokens)
+        tokens = np.zeros(64, np.uint16)
+        tokens[16 + position] = 600   # the second block; model vocab_size is 512
+        loader = data.TokenLoader(data._Blocks([tokens], 16, "test"), cfg)
+        with pytest.raises(DataError, match="token id 600 is outside the model's vocabulary \\(512\\)"):
+            loader.next_batch()   # micro-batch of 2 blocks: blocks 0 and 1
+
+
+# ---------------------------------------------------------------- no network
+
+
+def offline(tmp_path) -> dict:
+    """The environment of a machine where the Hub does not answer: its endpoint is a closed local port, and the
+    Hugging Face cache is an empty folder of its own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return {**env, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf_home")}
+
+
+def test_the_135M_config_with_no_network_fails_at_once_naming_the_tokenizer_and_the_dataset(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "config_smollm2_135M.yaml",
+                           f"checkpoints.checkpoints_path={tmp_path / 'run'}",
+                           f"data_prep.output_dir={tmp_path / 'd'}"],
+                          cwd=ROOT, env=offline(tmp_path), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "Retrying" not in proc.stdout + proc.stderr
+    for needed in ("tokenizer 'HuggingFaceTB/cosmo2-tokenizer'", "dataset 'HuggingFaceTB/smollm-corpus'",
+                   "HF_HUB_OFFLINE=1", "python data.py prepare", "dataset_folder", "config_tiny.yaml"):
+        assert needed in lines[0], needed
+
+
+def test_offline_a_tokenizer_in_the_hugging_face_cache_and_a_local_dataset_still_train(tmp_path, bpe_path):
+    env = offline(tmp_path)
+    snapshot = tmp_path / "hf_home" / "hub" / "models--org--tok" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)   # the cache's own layout, as huggingface_hub leaves it after a download
+    (snapshot / "tokenizer.json").write_bytes(open(bpe_path, "rb").read())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    texts = corpus(tmp_path / "texts", "H", 60)
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    cfg = build_config(tmp_path, "org/tok", {"hf_dataset_or_datasets": str(tmp_path / "hub")})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    script = ("import data; from config import load_config; cfg = load_config('cfg.yaml'); "
+              "x, y = data.train_loader(cfg).next_batch(); print('batch', tuple(x.shape))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "batch (2, 15)" in proc.stdout, proc.stderr
+    assert "Retrying" not in proc.stderr

@@ -89,7 +89,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_process(tmp_path, corpus):
     assert "resumed from" in out.stdout and "at step 4" in out.stdout
     assert_close_losses(losses(tmp_path / "one" / "run"), losses(tmp_path / "fsdp" / "run")[4:], 1e-5)
     # and back: the single process's file checkpoint resumes on two sharded ranks
-    back = make_config(tmp_path / "back", corpus, **{**settings, "tokens.train_steps": 8}, **{"optimizer.zero_stage": 3})
+    back = make_config(tmp_path / "back", corpus, **{**settings, "tokens.train_steps": 8, "optimizer.zero_stage": 3})
     out = torchrun(back, "--resume", str(tmp_path / "one" / "run" / "checkpoints" / "step_00000006.pt"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert [s for s, _ in losses(tmp_path / "back" / "run")] == [7, 8]
@@ -113,6 +113,11 @@ def test_a_sharded_checkpoint_generates_and_exports_like_the_model_it_holds(tmp_
                           "def ", "--temperature", "0", "--max_new_tokens", "8"], capture_output=True, text=True,
                          cwd=ROOT)
     assert gen.returncode == 0 and "step 4" in gen.stderr and "8 tokens in" in gen.stderr, gen.stderr
+    import app
+    listed = [value for _, value in app.find_checkpoints(tmp_path)]
+    assert listed[:3] == ["run", "run/checkpoints/step_00000004", "run/checkpoints/step_00000002"]
+    cache = app.ModelCache(tmp_path, 1, torch.device("cpu"), torch.float32)
+    assert cache.get("run/checkpoints/step_00000002").info["step"] == 2
 
 
 def test_compile_and_the_nan_guard_work_under_fsdp(tmp_path, corpus):

@@ -166,6 +166,11 @@ def test_generation_stops_at_the_context_length():
     assert len(out[0]) == 128 - 120
 
 
+def test_a_prompt_that_fills_the_context_is_refused_by_name():
+    with pytest.raises(ValueError, match="a prompt of 128 tokens leaves no room in the context of 128"):
+        generate(tiny_model(), [[5] * 10, [5] * 128], GREEDY)
+
+
 def test_decode_layout_changes_memory_order_only():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -222,9 +227,30 @@ def test_top_k_and_top_p_leave_only_the_allowed_tokens():
 
 def test_invalid_sampling_values_are_refused():
     for bad in (dict(top_p=0.0), dict(top_k=0), dict(temperature=-1.0), dict(max_new_tokens=0),
-                dict(repetition_penalty=0.0)):
+                dict(repetition_penalty=0.0), dict(temperature=math.nan), dict(temperature=math.inf),
+                dict(repetition_penalty=math.nan), dict(repetition_penalty=math.inf), dict(top_p=math.nan),
+                dict(temperature=1e-40), dict(top_p=1e-46), dict(repetition_penalty=1e-300),
+                dict(repetition_penalty=1e300)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("extreme", [dict(temperature=1e-6, top_p=1e-6, repetition_penalty=1e-6),
+                                     dict(temperature=1e6, top_p=1.0, repetition_penalty=1e6)])
+def test_the_extremes_of_each_accepted_range_still_sample_real_tokens(extreme):
+    logits = torch.randn(4, 320, generator=torch.Generator().manual_seed(0)) * 30
+    seen = torch.arange(64).repeat(4, 1)
+    params = SamplingParams(**extreme)
+    assert not torch.isnan(warp_logits(logits, params, seen)).any()
+    drawn = sampling.sample(logits, params, torch.Generator().manual_seed(0), seen)
+    assert ((0 <= drawn) & (drawn < 320)).all()
+
+
+def test_a_seed_outside_64_bits_is_refused_before_generating():
+    for seed in (2**64, -1):
+        with pytest.raises(ValueError, match="seed must be a whole number from 0 to 2\\*\\*64 - 1"):
+            generate(tiny_model(), [[5, 17]], SamplingParams(max_new_tokens=4), seed=seed)
+    assert len(generate(tiny_model(), [[5, 17]], SamplingParams(max_new_tokens=4), seed=2**64 - 1)[0]) == 4
 
 
 # ---------------------------------------------------------------- text streaming
@@ -305,6 +331,30 @@ def test_interactive_reads_prompts_until_eof(run_dir):
                    "8", stdin="The quick\n\ndef\n")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) >= 2 and proc.stderr.count("tok/s") == 2
+
+
+def test_interactive_skips_a_line_that_is_not_utf8_and_goes_on(run_dir):
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(run_dir),
+                           "--interactive", "--temperature", "0", "--max_new_tokens", "8"],
+                          input=b"The quick\ncaf\xe9 \xff\ndef\n", capture_output=True, cwd=ROOT, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "error: line 2 is not valid UTF-8 (byte 0xe9 at position 3); skipped" in err
+    assert err.count("tok/s") == 2
+
+
+def test_jsonl_output_is_one_record_per_prompt_with_the_text_each_prompt_gets_alone(run_dir, capsys):
+    base = ["--checkpoint_path", str(run_dir), "--temperature", "0", "--max_new_tokens", "16"]
+    prompts = ["The quick", "def", "Café\n\nnaïve"]
+    singles = [cli(capsys, *base, "--prompt", p)[1].removesuffix("\n") for p in prompts]
+    code, out, err = cli(capsys, *base, *[a for p in prompts for a in ("--prompt", p)], "--output_format", "jsonl")
+    assert code == 0 and "--- prompt" not in err
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"prompt": p, "completion": c} for p, c in zip(prompts, singles)]
+    code, out, _ = cli(capsys, "--compare", str(run_dir), "--prompt", "def", "--temperature", "0",
+                       "--max_new_tokens", "8", "--output_format", "jsonl")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["step"], r["val_loss"], r["prompt"]) for r in records] == [(100, 4.5, "def"), (200, 3.25, "def")]
 
 
 def test_compare_lists_every_checkpoint_with_its_loss(run_dir, capsys):
@@ -394,8 +444,34 @@ def test_max_new_tokens_beyond_the_context(run_dir, capsys):
 
 
 def test_bad_sampling_flag(run_dir, capsys):
-    assert_fails(capsys, "top_p must be in (0, 1]", "--checkpoint_path", str(run_dir), "--prompt", "x",
+    assert_fails(capsys, "top_p must be a number from 1e-06 to 1", "--checkpoint_path", str(run_dir), "--prompt", "x",
                  "--top_p", "0")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--temperature", "nan", "temperature must be 0 (greedy) or a number from 1e-06 to 1e+06, got nan"),
+    ("--temperature", "inf", "temperature must be 0 (greedy) or a number from 1e-06 to 1e+06, got inf"),
+    ("--repetition_penalty", "nan", "repetition_penalty must be a number from 1e-06 to 1e+06, got nan"),
+    ("--top_p", "1e-300", "top_p must be a number from 1e-06 to 1, got 1e-300"),
+    ("--seed", str(2**64), "--seed 18446744073709551616: give a whole number from 0 to 2**64 - 1"),
+    ("--seed", "-1", "--seed -1: give a whole number from 0 to 2**64 - 1"),
+    ("--output_format", "xml", "invalid choice: 'xml'"),
+])
+def test_non_finite_sampling_values_and_seeds_past_64_bits_are_refused(run_dir, capsys, flag, value, needle):
+    assert_fails(capsys, needle, "--checkpoint_path", str(run_dir), "--prompt", "x", flag, value)
+
+
+def test_a_prompt_that_is_not_utf8_is_named(run_dir, capsys):
+    # a byte that is not UTF-8 in argv reaches Python as a lone surrogate (surrogateescape)
+    assert_fails(capsys, "prompt 2 is not valid UTF-8", "--checkpoint_path", str(run_dir), "--prompt", "ok",
+                 "--prompt", "caf\udce9")
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla", "cpu:x"])
+def test_a_device_generation_cannot_run_on_is_one_line(run_dir, capsys, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    assert_fails(capsys, f"--device {device}", "--checkpoint_path", str(run_dir), "--prompt", "x", "--device", device)
 
 
 def test_missing_tokenizer_file(run_dir, tmp_path, capsys):

@@ -158,8 +158,8 @@ def test_loss_skips_ignore_index_and_keeps_eos_as_a_target():
     targets = random_tokens((2, 16), seed=5)
     targets[0, :4] = -100          # e.g. a prompt that is not trained on
     targets[:, -1] = eos           # end of document: something the model must learn to predict
-    logits, loss = model(tokens, targets)
-    logp = F.log_softmax(logits.float(), -1)
+    loss = model(tokens, targets)[1]
+    logp = F.log_softmax(model(tokens)[0].float(), -1)
     keep = targets != -100
     expected = -logp[keep].gather(-1, targets[keep][:, None]).mean()
     torch.testing.assert_close(loss, expected)

@@ -60,13 +60,14 @@ def small_base(tmp_path_factory) -> Path:
 def write_config(folder: Path, section: str, start: Path, **overrides) -> Path:
     """An sft/dpo config starting from `start` with the built-in tasks, writing its run to folder/run."""
     cfg = {section: {"model_name_or_path": str(start), "max_examples": 4000, "val_examples": 64},
-           "tokens": {"sequence_length": 128, "micro_batch_size": 8, "train_steps": 12, "val_check_interval": 6},
+           "tokens": {"sequence_length": 128, "micro_batch_size": 8, "train_steps": 12, "val_check_interval": 6,
+                      "limit_val_batches": 2},
            "optimizer": {"learning_rate_scheduler": {"learning_rate": 3e-3, "lr_warmup_steps": 5,
                                                      "lr_decay_style": "cosine", "min_decay_lr": 3e-4},
                          "weight_decay": 0.01},
            "checkpoints": {"checkpoints_path": str(folder / "run"), "checkpoint_interval": 6},
            "logging": {"iteration_step_info_interval": 1}, "model": {"dtype": "float32"},
-           "run": {"val_batches": 2, "keep_last_checkpoints": 10}, "sampling": {"interval": 0},
+           "run": {"keep_last_checkpoints": 10}, "sampling": {"interval": 0},
            "general": {"seed": 1}}
     for key, value in overrides.items():
         node = cfg
@@ -104,7 +105,7 @@ def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     base = make_base(tmp / "base", hidden=128, layers=4)
     config = write_config(tmp, "sft", base, **{
         "sft.max_examples": 20000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 300,
-        "tokens.val_check_interval": 100, "checkpoints.checkpoint_interval": 300, "run.val_batches": 4,
+        "tokens.val_check_interval": 100, "checkpoints.checkpoint_interval": 300, "tokens.limit_val_batches": 4,
         "sampling.interval": 300, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})
     out = run_script("sft.py", "--config", config).stdout
     assert "chat: the tokenizer had no <|im_start|>, <|im_end|>: added as ids 512, 513" in out
@@ -127,7 +128,7 @@ def test_dpo_raises_held_out_preference_accuracy_above_one_half(sft_run, tmp_pat
     _, _, sft_dir = sft_run
     config = write_config(tmp_path, "dpo", sft_dir, **{
         "dpo.max_examples": 4000, "dpo.val_examples": 256, "tokens.micro_batch_size": 16, "tokens.train_steps": 60,
-        "tokens.val_check_interval": 30, "checkpoints.checkpoint_interval": 60, "run.val_batches": 16,
+        "tokens.val_check_interval": 30, "checkpoints.checkpoint_interval": 60, "tokens.limit_val_batches": 16,
         "optimizer.learning_rate_scheduler.learning_rate": 1e-4, "optimizer.learning_rate_scheduler.min_decay_lr": 1e-5,
         "optimizer.weight_decay": 0.0})
     out = run_script("dpo.py", "--config", config).stdout
@@ -182,7 +183,7 @@ def test_the_reference_stays_frozen_in_eval_mode_while_the_policy_learns(small_b
     assert all(torch.equal(ref.state_dict()[k], start[k]) for k in start)   # the reference is still the start
     policy = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["model"]
     assert not torch.equal(policy["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
-    batch = chat_data.loaders(cfg, task.tokenizer(cfg), 0, 1)[1].next_batch()   # held-out pairs
+    batch = chat_data.loaders(cfg, task.tokenizer(cfg), 0, 1).val.next_batch()   # held-out pairs
     first, second = dpo.reply_logprobs(ref, batch, "cpu"), dpo.reply_logprobs(ref, batch, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(first, second))   # deterministic: nothing random in eval mode
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import build_config, corpus
+from conftest import build_config, corpus, run_on_a_full_disk
 
 import data
 import shards
@@ -136,3 +137,130 @@ def test_cli_prepares_with_overrides_and_reports_bad_input_in_one_line(setup, tm
         result = run_cli(*args)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the loader checks each shard against the manifest
+
+
+def flip_a_token(path: Path) -> None:
+    """Change one token in place to another id that is still in the vocabulary: the header stays valid."""
+    raw = bytearray(path.read_bytes())
+    raw[shards.HEADER.size + 10] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+def test_the_loader_refuses_a_shard_changed_after_prepare_even_with_ids_in_range(setup, tmp_path):
+    data.prepare(setup, log=lambda _: None)
+    data.train_loader(setup)   # verified once, and remembered
+    flip_a_token(tmp_path / "shards" / "train_000001.bin")
+    with pytest.raises(DataError, match=r"train_000001.bin: sha256 differs from manifest.jsonl.*data.py prepare"):
+        data.train_loader(setup)
+    data.val_loader(setup)   # the validation split does not read that shard
+
+
+def test_the_loader_refuses_a_same_size_shard_from_another_tokenizer(setup, tmp_path, bpe_path):
+    data.prepare(setup, log=lambda _: None)
+    other = tmp_path / "other_tok.json"
+    setup.tokenizer.tokenizer_name_or_path = str(other)
+    setup.data_prep.tokenizer_vocab_size = 280
+    setup.data_prep.output_dir = str(tmp_path / "other")
+    data.prepare(setup, log=lambda _: None)   # trains the other tokenizer first
+    mine, theirs = tmp_path / "shards" / "train_000001.bin", tmp_path / "other" / "train_000001.bin"
+    assert mine.stat().st_size == theirs.stat().st_size and mine.read_bytes() != theirs.read_bytes()
+    os.replace(theirs, mine)   # a rename keeps the file's own mtime
+    setup.tokenizer.tokenizer_name_or_path = bpe_path
+    setup.data_prep.output_dir = str(tmp_path / "shards")
+    setup.data_prep.tokenizer_vocab_size = 300
+    with pytest.raises(DataError, match=r"train_000001.bin: sha256 differs"):
+        data.train_loader(setup)
+
+
+def test_each_shard_is_hashed_only_when_it_changed_since_prepare_wrote_or_a_loader_checked_it(setup, tmp_path,
+                                                                                              monkeypatch):
+    hashed = []
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    data.prepare(setup, log=lambda _: None)
+    rows = [json.loads(line) for line in open(tmp_path / "shards" / "manifest.jsonl")]
+    train = sorted(r["file"] for r in rows if r["split"] == "train")
+    data.train_loader(setup)
+    assert hashed == [], "prepare remembers what it wrote: the first start reads nothing again"
+    (tmp_path / "shards" / shards.CHECKED).unlink()   # as in a folder copied from another machine
+    data.train_loader(setup)
+    assert sorted(hashed) == train
+    hashed.clear()
+    data.train_loader(setup)
+    assert hashed == [], "a shard seen unchanged since its check is not read again"
+    os.utime(tmp_path / "shards" / train[0])   # touched: its size may match, its bytes need a new look
+    data.train_loader(setup)
+    assert hashed == [train[0]]
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(setup, tmp_path):
+    setup.data_prep.shard_tokens = 20_000   # 40 KB shards
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(setup)))
+    out = tmp_path / "shards"
+    code, _, err, files, reason = run_on_a_full_disk(out, [sys.executable, ROOT / "data.py", "prepare", "--config",
+                                                           tmp_path / "cfg.yaml"], ROOT, size_kb=64, file_limit_kb=16)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and f"could not be written ({reason}); nothing was replaced" in err
+    assert not [f for f in files if f.endswith(".tmp")], files
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda out: (out / "manifest.jsonl").write_text("{}\n"), r"manifest.jsonl line 1: not a shard row"),
+    (lambda out: (out / "manifest.jsonl").write_text("[1, 2]\n"), r"manifest.jsonl line 1: not a shard row"),
+    (lambda out: (out / "manifest.jsonl").write_text('{"file": "../../etc/hostname", "split": "train", "tokens": 1, '
+                                                     '"sha256": "00"}\n'), r"line 1: not a shard row"),
+    (lambda out: (out / "manifest.jsonl").write_bytes(b"\xff\xfe\n"), r"manifest.jsonl: unreadable manifest"),
+])
+def test_verify_names_a_damaged_manifest_in_one_line(setup, tmp_path, damage, message):
+    data.prepare(setup, log=lambda _: None)
+    damage(tmp_path / "shards")
+    result = run_cli("verify", tmp_path / "shards")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_verify_of_a_file_instead_of_a_folder_is_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("x: 1\n")
+    result = run_cli("verify", tmp_path / "a.yaml")
+    assert result.returncode == 2 and "a.yaml: not a folder of shards" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("state", [[], {"done": True}, {"done": True, "fingerprint": "x", "shards": [{"file": 3}]},
+                                   "not json"])
+def test_a_damaged_state_file_is_one_error_naming_it(setup, tmp_path, state):
+    data.prepare(setup, log=lambda _: None)
+    fingerprint = json.loads((tmp_path / "shards" / "state.json").read_text())["fingerprint"]
+    if isinstance(state, dict):
+        state = {**state, "fingerprint": fingerprint}
+    (tmp_path / "shards" / "state.json").write_text(state if isinstance(state, str) else json.dumps(state))
+    with pytest.raises(DataError, match=r"state.json: (unreadable|damaged)"):
+        data.train_loader(setup)
+
+
+def test_a_damaged_record_of_checked_shards_means_checking_them_again(setup, tmp_path):
+    data.prepare(setup, log=lambda _: None)
+    for junk in ("[1]", '{"train_000001.bin": 5}', "garbage"):
+        (tmp_path / "shards" / shards.CHECKED).write_text(junk)
+        data.train_loader(setup)
+        assert json.loads((tmp_path / "shards" / shards.CHECKED).read_text())["train_000001.bin"]["sha256"]
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_the_same_command_continues(tmp_path, bpe_path):
+    corpus(tmp_path / "text", "doc", 2000)
+    cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")}, shard_tokens=1000)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    state = tmp_path / "shards" / "state.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "prepare", "--config", tmp_path / "cfg.yaml"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (state.exists() and len(json.loads(state.read_text())["shards"]) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "interrupted: run the same command again to continue where it stopped"], err
+    assert run_cli("prepare", "--config", tmp_path / "cfg.yaml").returncode == 0
+    assert "shards ok" in shards.verify(str(tmp_path / "shards"))

@@ -342,7 +342,8 @@ def test_a_large_file_goes_up_multipart_and_is_verified(server, aws_env, tmp_pat
 
 
 def test_the_upload_flags_choose_what_goes_up_and_a_half_written_record_does_not(server, aws_env, tmp_path):
-    records = [{"kind": "train", "step": 1}, {"kind": "sample", "step": 1, "text": "def f"}, {"kind": "val", "step": 1}]
+    records = [{"kind": "train", "step": 1}, {"kind": "sample", "step": 1, "text": "def f"}, {"kind": "val", "step": 1},
+               {"kind": "eval", "step": 1, "task": "hellaswag", "scores": {"acc": 0.3}}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')
     (tmp_path / "loss.png").write_bytes(b"a plot")
     path = tmp_path / "checkpoints" / checkpoint_name(1)

@@ -50,11 +50,11 @@ def make_config(tmp: Path, corpus: Path, **overrides) -> Path:
     cfg["data_prep"].update(output_dir=str(corpus / "shards"), val_tokens=4000, shard_tokens=20000,
                             tokenizer_vocab_size=512)
     cfg["tokens"].update(sequence_length=32, micro_batch_size=4, batch_accumulation_per_replica=1, train_steps=12,
-                         val_check_interval=4)
+                         val_check_interval=4, limit_val_batches=2)
     cfg["optimizer"]["learning_rate_scheduler"].update(lr_warmup_steps=3, lr_decay_starting_step=6, lr_decay_steps=6)
     cfg["checkpoints"].update(checkpoints_path=str(tmp / "run"), checkpoint_interval=4)
     cfg["logging"]["iteration_step_info_interval"] = 1
-    cfg["run"].update(val_batches=2, keep_last_checkpoints=10)
+    cfg["run"].update(keep_last_checkpoints=10)
     cfg["sampling"]["interval"] = 0
     for key, value in overrides.items():
         node = cfg
@@ -211,7 +211,8 @@ def test_torchrun_two_ranks_keep_the_global_batch_of_one_process_with_2k(tmp_pat
         if r["kind"] == "train":
             assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, sched, 4), abs=1e-15)
     ck = load_checkpoint(list_checkpoints(tmp_path / "ddp" / "run")[-1])
-    assert ck["data"]["consumed_micro_batches"] == 4 * 2 * 2 and len(ck["rng"]) == 2   # steps x k x ranks
+    [position] = ck["data"]["stages"].values()   # the position of the one data stage
+    assert position["consumed_micro_batches"] == 4 * 2 * 2 and len(ck["rng"]) == 2   # steps x k x ranks
 
 
 def test_an_accumulation_given_on_the_command_line_wins_over_the_global_batch(tmp_path, corpus):
@@ -284,4 +285,3 @@ def test_bad_config_and_restarting_a_finished_run_are_one_line_errors(tmp_path, 
     proc = run_train(bad, check=False)                     # same run dir, no --resume: refuse, touch nothing
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
-

@@ -1,0 +1,54 @@
+"""metrics.py: what a run shows its user. The loss curve's train line is smoothed, so the trend shows through the
+noise of single logging intervals, and drawn next to the raw points; validation is reported per data source in the
+log line, the plot and the app."""
+
+import json
+import random
+import statistics
+
+import metrics
+from metrics import format_val_line, plot_losses, short_names, val_curves
+
+
+def test_the_val_line_gives_each_sources_loss_by_a_short_name():
+    record = {"step": 500, "loss": 3.2, "ppl": 24.53, "sources": {"data/web": 3.1, "HuggingFaceTB/stack-edu": 2.9}}
+    assert format_val_line(record) == "step 500 | val loss 3.200 | ppl 24.5 | web 3.100 · stack-edu 2.900"
+    assert format_val_line({**record, "sources": {"data/web": 3.2}}) == "step 500 | val loss 3.200 | ppl 24.5"
+    assert short_names(["a/web", "b/web", "c/code/"]) == {"a/web": "a/web", "b/web": "b/web", "c/code/": "code"}
+
+
+def test_each_source_gets_a_validation_curve_in_the_plot(tmp_path):
+    records = [{"kind": "train", "step": s, "loss": 4.0 - s / 10} for s in range(1, 11)]
+    records += [{"kind": "val", "step": s, "loss": 3.5 - s / 10, "sources": {"web": 3.4 - s / 10, "code": 3.6 - s / 10}}
+                for s in (5, 10)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert val_curves(records) == {"web": [(5, 2.9), (10, 2.4)], "code": [(5, 3.1), (10, 2.6)]}
+    assert plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def mean_jump(values: list[float]) -> float:
+    return statistics.mean(abs(a - b) for a, b in zip(values, values[1:]))
+
+
+def test_the_smoothed_train_curve_follows_the_trend_without_the_noise():
+    rng = random.Random(0)
+    trend = [4 - 2 * i / 1000 for i in range(1000)]
+    raw = [t + rng.gauss(0, 0.5) for t in trend]
+    smooth = metrics.smoothed(raw)
+    assert len(smooth) == len(raw) and smooth[0] == raw[0]   # debiased: the first point is not pulled toward 0
+    assert mean_jump(smooth) < mean_jump(raw) / 20
+    assert max(abs(s - t) for s, t in zip(smooth[100:], trend[100:])) < 0.3
+    assert metrics.smoothed([]) == [] and metrics.smoothed([2.5, 2.5, 2.5]) == [2.5, 2.5, 2.5]
+
+
+def test_the_loss_plot_draws_raw_and_smoothed_train_loss_and_validation(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": s, "loss": 5 - s / 100 + (0.5 if s % 2 else -0.5)} for s in range(1, 201)]
+    rows += [{"kind": "val", "step": s, "loss": 5 - s / 100} for s in (100, 200)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figure = metrics.loss_figure(metrics.read_metrics(log))
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert labels == ["train", "train (smoothed)", "validation"]
+    smooth = figure.axes[0].get_lines()[1].get_ydata()
+    assert mean_jump(list(smooth)) < 0.1   # the raw line jumps by 1 at every step
+    assert metrics.plot_losses(log, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -78,6 +78,9 @@ class SFT(train.Pretraining):
     def data(self, cfg: Config, rt, tokenizer) -> chat_data.ChatData:
         return chat_data.loaders(cfg, tokenizer, rt.rank, rt.world)
 
+    def describe_data(self, cfg: Config, step: int) -> str:
+        return f"{self.args.dataset_name} ({self.section}.dataset_name)"
+
     def model(self, cfg: Config, rt, resuming: Optional[dict]) -> SmolLM2:
         if resuming is not None:   # the same start as the run had: a run directory may have gained checkpoints
             before = (resuming["config"].get(self.section) or {}).get("model_name_or_path")

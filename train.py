@@ -118,6 +118,10 @@ class Pretraining:
         """The training batches, in stages.StagedLoader's interface (next_batch, begin_step, validation, state)."""
         return stages.StagedLoader(cfg, rt.rank, rt.world, tokenizer)
 
+    def describe_data(self, cfg: Config, step: int) -> str:
+        """What feeds optimizer step `step`, for the start line."""
+        return stages.describe(cfg, stages.stage_at(cfg, step))
+
     def model(self, cfg: Config, rt: Runtime, resuming: Optional[dict]) -> SmolLM2:
         """The model before training (a checkpoint being resumed, if any, then loads its weights into it)."""
         torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
@@ -235,7 +239,7 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
     parts += [note] if note else []
     parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # README: threads
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
-              f"data {stages.describe(cfg, stages.stage_at(cfg, run.step + 1))}", peak_flops(rt.device)[1]]
+              f"data {run.task.describe_data(cfg, run.step + 1)}", peak_flops(rt.device)[1]]
     every = cfg.logging.iteration_step_info_interval
     parts += [f"loss: mean of the {every} steps since the previous line"] if every > 1 else []
     parts += [f"resumed from {ckpt_path} at step {run.step}"] if ckpt_path else []

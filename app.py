@@ -137,7 +137,8 @@ def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, s
     pieces: queue.Queue = queue.Queue()   # (text, done) from TextStream, or the worker's exception
     stop = threading.Event()
     eos_id = loaded.eos_id if eos_id is None else eos_id
-    text_stream = TextStream(loaded.tokenizer, 1, eos_id=eos_id, on_text=lambda row, text, done: pieces.put((text, done)))
+    text_stream = TextStream(loaded.tokenizer, 1, eos_id=eos_id,
+                             on_text=lambda row, text, done: pieces.put((text, done)))
 
     def work():
         try:

@@ -13,7 +13,8 @@ row's end, too few for the next conversation, are padding without a target. With
 row of its own, padded at the end. DPO rows: the prompt with the chosen reply and with the rejected one, targets on the
 reply only, each padded to a row. An example longer than a row is left out (and counted in the log).
 
-The loader is data.TokenLoader's, in the interface of stages.StagedLoader: rank r of W reads micro-batches r, r+W, ...; its position goes into checkpoints.
+The loader is data.TokenLoader's, in the interface of stages.StagedLoader: rank r of W reads micro-batches r, r+W,
+...; its position goes into checkpoints.
 """
 
 import json

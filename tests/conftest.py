@@ -130,10 +130,12 @@ def train_chat_model(run_dir, steps: int = 120):
     from checkpoint import save_atomic
     from config import config_to_dict
     from model import SmolLM2
-    tok = byte_bpe([chat.render(c) for c in CHATS] * 20, 300, ("<|endoftext|>", *chat.CHAT_TOKENS))
+    # enough merges (356 tokens in all) that a two-turn prompt, default system turn included, is 45 tokens: it fits
+    # the 64-token prompt limit of tests/test_app.py's server
+    tok = byte_bpe([chat.render(c) for c in CHATS] * 20, 400, ("<|endoftext|>", *chat.CHAT_TOKENS))
     cfg = config_from_dict({"model": {"model_config": {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 128}},
+        "num_key_value_heads": 2, "vocab_size": 384, "max_position_embeddings": 128}},
         "tokens": {"sequence_length": 128}})
     rows, _ = chat_data.sft_rows([{"messages": c} for c in CHATS], tok, 128, packing=True, pad_id=0)
     x, y, seg = (torch.from_numpy(rows[:, c].astype(np.int64)) for c in range(3))

@@ -59,7 +59,7 @@ def small_base(tmp_path_factory) -> Path:
 
 def write_config(folder: Path, section: str, start: Path, **overrides) -> Path:
     """An sft/dpo config starting from `start` with the built-in tasks, writing its run to folder/run."""
-    cfg = {section: {"model_name_or_path": str(start), "max_examples": 4000, "val_examples": 64},
+    cfg = {section: {"model_name_or_path": str(start), "max_examples": 1000, "val_examples": 64},
            "tokens": {"sequence_length": 128, "micro_batch_size": 8, "train_steps": 12, "val_check_interval": 6,
                       "limit_val_batches": 2},
            "optimizer": {"learning_rate_scheduler": {"learning_rate": 3e-3, "lr_warmup_steps": 5,
@@ -100,16 +100,16 @@ def scores(script: str, config: Path, *checkpoints, key: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(config, starting checkpoint, run dir) of a 300-step SFT of a fresh 4-layer model on the built-in tasks."""
+    """(config, starting checkpoint, run dir) of a 200-step SFT of a fresh 4-layer model on the built-in tasks."""
     tmp = tmp_path_factory.mktemp("sft")
     base = make_base(tmp / "base", hidden=128, layers=4)
     config = write_config(tmp, "sft", base, **{
-        "sft.max_examples": 20000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 300,
-        "tokens.val_check_interval": 100, "checkpoints.checkpoint_interval": 300, "tokens.limit_val_batches": 4,
-        "sampling.interval": 300, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})
+        "sft.max_examples": 8000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 200,
+        "tokens.val_check_interval": 50, "checkpoints.checkpoint_interval": 200, "tokens.limit_val_batches": 4,
+        "sampling.interval": 200, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})
     out = run_script("sft.py", "--config", config).stdout
     assert "chat: the tokenizer had no <|im_start|>, <|im_end|>: added as ids 512, 513" in out
-    assert "sample @ 300 | 'How many items are in this list?\\nowl,sun,tree' -> '3'" in out   # ended by <|im_end|>
+    assert "sample @ 200 | 'How many items are in this list?\\nowl,sun,tree' -> '3'" in out   # ended by <|im_end|>
     return config, base, tmp / "run"
 
 
@@ -121,14 +121,14 @@ def test_sft_raises_held_out_exact_match_from_zero(sft_run):
     per_task = sft.score(cfg, str(run))["tasks"]
     assert per_task["count"] >= 0.9, per_task   # a whole skill, on prompts it never saw
     val = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "val"]
-    assert val[-1] < val[0] - 0.3, val
+    assert val[-1] < val[0] - 0.2, val
 
 
 def test_dpo_raises_held_out_preference_accuracy_above_one_half(sft_run, tmp_path):
     _, _, sft_dir = sft_run
     config = write_config(tmp_path, "dpo", sft_dir, **{
-        "dpo.max_examples": 4000, "dpo.val_examples": 256, "tokens.micro_batch_size": 16, "tokens.train_steps": 60,
-        "tokens.val_check_interval": 30, "checkpoints.checkpoint_interval": 60, "tokens.limit_val_batches": 16,
+        "dpo.max_examples": 1000, "dpo.val_examples": 128, "tokens.micro_batch_size": 16, "tokens.train_steps": 40,
+        "tokens.val_check_interval": 40, "checkpoints.checkpoint_interval": 40, "tokens.limit_val_batches": 8,
         "optimizer.learning_rate_scheduler.learning_rate": 1e-4, "optimizer.learning_rate_scheduler.min_decay_lr": 1e-5,
         "optimizer.weight_decay": 0.0})
     out = run_script("dpo.py", "--config", config).stdout
@@ -210,12 +210,12 @@ def losses(run_dir: Path, kind: str = "train") -> list:
 @pytest.mark.parametrize("script", ["sft.py", "dpo.py"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(small_base, tmp_path, script):
     section = script.removesuffix(".py")
-    settings = {"tokens.train_steps": 80, "checkpoints.checkpoint_interval": 8, "tokens.val_check_interval": 20}
+    settings = {"tokens.train_steps": 24, "checkpoints.checkpoint_interval": 8, "tokens.val_check_interval": 12}
     straight = write_config(tmp_path / "a", section, small_base, **settings)
     run_script(script, "--config", straight)
     killed = write_config(tmp_path / "b", section, small_base, **settings)
     kill_after_first_checkpoint(script, killed, tmp_path / "b" / "run")
-    assert len(losses(tmp_path / "b" / "run")) < 80
+    assert len(losses(tmp_path / "b" / "run")) < 24
     out = run_script(script, "--config", killed, "--resume").stdout
     assert "resumed from" in out
     assert losses(tmp_path / "b" / "run") == losses(tmp_path / "a" / "run")              # bitwise, with DPO's stats
@@ -243,7 +243,7 @@ def test_without_packing_each_conversation_has_a_row_and_its_padding_no_target(s
 def test_held_out_examples_are_never_trained_on(small_base, tmp_path):
     cfg = load_config(str(write_config(tmp_path, "sft", small_base)))
     train_set, val = chat_data.held_out(cfg.sft, cfg.general.seed)
-    assert len(val) == 64 and len(train_set) == 4000
+    assert len(val) == 64 and len(train_set) == 1000
     prompts = [{c["messages"][0]["content"] for c in split} for split in (train_set, val)]
     assert len(prompts[1]) == 64 and not prompts[0] & prompts[1]
 
@@ -254,11 +254,12 @@ def test_held_out_examples_are_never_trained_on(small_base, tmp_path):
     ({"model.model_config": {"rms_norm_eps": 1.0e-6}}, "model.model_config: a fine-tuned model keeps the architecture"),
     ({"sft.packin": False}, "sft.packin: unknown key; did you mean 'packing'?"),
 ])
-def test_a_bad_sft_config_is_one_line_and_exit_2(small_base, tmp_path, overrides, message):
+def test_a_bad_sft_config_is_one_line_and_exit_2(small_base, tmp_path, overrides, message, capsys):
     config = write_config(tmp_path, "sft", small_base, **overrides)
-    proc = run_script("sft.py", "--config", config, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
+    assert sft.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
 
 
 def test_train_py_refuses_a_fine_tuning_config_and_a_resume_must_start_where_the_run_did(small_base, tmp_path):

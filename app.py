@@ -180,6 +180,26 @@ def as_messages(history) -> list[dict]:
     return messages
 
 
+def chat_prompt(loaded: Loaded, message, history, system, room: int) -> tuple[list[dict], list[int], int]:
+    """A chat request's values, checked -> (the conversation with the new message, the prompt ids of at most `room`
+    tokens, the id that ends the reply). The oldest turns are left out when the conversation outgrows the room."""
+    if not isinstance(message, str) or not message.strip():
+        raise UserError("the message is empty: type something to say")
+    if len(message) > CHARS_PER_TOKEN * room:
+        raise UserError(f"the message is {len(message):,} characters; this app accepts at most {room} tokens "
+                        "(--max_prompt_tokens)")
+    if system is not None and not isinstance(system, str):
+        raise UserError("the system message must be text")
+    messages = as_messages(history) + [{"role": "user", "content": message}]
+    try:
+        end = chat.end_id(loaded.tokenizer)
+        ids, _ = chat.fit_context(loaded.tokenizer, ([{"role": "system", "content": system}] if system else [])
+                                  + messages, room)
+    except chat.ChatError as e:
+        raise UserError(str(e)) from None
+    return messages, ids, end
+
+
 def run_metrics(root: Path, runs: dict[str, Path]) -> dict[str, list[dict]]:
     """Each run's metrics.jsonl records (label -> records); a metrics file that leads outside root through a link is
     not read."""
@@ -283,25 +303,11 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         yield from stream_text(loaded, ids, params, seed)
 
     def converse(name, message, history, system, *sampling):
-        """The conversation with the new user message and the reply as it streams; the reply ends at <|im_end|>.
-        The oldest turns are left out when the conversation outgrows the prompt limit."""
+        """The conversation with the new user message and the reply as it streams; the reply ends at <|im_end|>."""
         params, seed = sampling_params(max_new_tokens, *sampling)
         loaded = get(name)
-        if not isinstance(message, str) or not message.strip():
-            raise UserError("the message is empty: type something to say")
-        if len(message) > CHARS_PER_TOKEN * max_prompt_tokens:
-            raise UserError(f"the message is {len(message):,} characters; this app accepts at most "
-                            f"{max_prompt_tokens} tokens (--max_prompt_tokens)")
-        if system is not None and not isinstance(system, str):
-            raise UserError("the system message must be text")
-        history = as_messages(history) + [{"role": "user", "content": message}]
         room = min(max_prompt_tokens, loaded.model.config.max_position_embeddings - params.max_new_tokens)
-        try:
-            end = chat.end_id(loaded.tokenizer)
-            ids, _ = chat.fit_context(loaded.tokenizer, ([{"role": "system", "content": system}] if system else [])
-                                      + history, room)
-        except chat.ChatError as e:
-            raise UserError(str(e)) from None
+        history, ids, end = chat_prompt(loaded, message, history, system, room)
         for text in stream_text(loaded, ids, params, seed, eos_id=end):
             yield history + [{"role": "assistant", "content": text}]
 
@@ -356,7 +362,7 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
                                               "dpo.py)", allow_custom_value=True, elem_id="chat_checkpoint")
                     conversation = gr.Chatbot(label="Conversation", render_markdown=False, elem_id="chatbot")
                     message = gr.Textbox(label="Message", lines=2, max_length=CHARS_PER_TOKEN * max_prompt_tokens,
-                                         placeholder="Reverse: owl sun tree", elem_id="message")
+                                         placeholder="What is 12 + 30?", elem_id="message")
                     system = gr.Textbox(label="System message", placeholder=chat.DEFAULT_SYSTEM, lines=1)
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="send")

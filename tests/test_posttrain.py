@@ -224,6 +224,25 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(small_base, tmp_p
     assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
 
 
+def test_dpo_under_fsdp_on_two_ranks_equals_one_process(small_base, tmp_path):
+    # the same global batch (accumulation 2 on one process, 1 on each of two ranks); the frozen reference stays whole
+    settings = {"tokens.train_steps": 4, "tokens.batch_accumulation_per_replica": 2, "tokens.val_check_interval": 4,
+                "checkpoints.checkpoint_interval": 4}
+    single = write_config(tmp_path / "one", "dpo", small_base, **settings)
+    fsdp = write_config(tmp_path / "two", "dpo", small_base, **settings, **{"optimizer.zero_stage": 3})
+    run_script("dpo.py", "--config", single)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "dpo.py"), "--config", str(fsdp)], capture_output=True, text=True, cwd=ROOT,
+                          env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2 over 2 processes (ZeRO-3" in proc.stdout and "x 1 accumulation x 2" in proc.stdout
+    for kind in ("train", "val"):
+        one, two = losses(tmp_path / "one" / "run", kind), losses(tmp_path / "two" / "run", kind)
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], abs=1e-5)
+
+
 # ---------------------------------------------------------------- data and configs
 
 

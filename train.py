@@ -14,6 +14,7 @@ next-token loss); sft.py and dpo.py subclass it and run through the same loop, c
 """
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -532,6 +533,11 @@ def finish(run: Run, stopped: bool = False) -> None:
         plot_losses(run.log.path, run.run_dir / "loss.png")
         run.log.close()
     if run.rt.world > 1:
+        # DDP's reducer holds the process group. Freed after the group was unregistered, it would destroy gloo's
+        # group under the GIL while a gloo thread waits for the GIL to free a tensor: a hang at exit (pytorch#56297).
+        # Dropped first, the group is destroyed by destroy_process_group, whose binding releases the GIL.
+        run.net = None
+        gc.collect()
         dist.destroy_process_group()
     if run.uploader is not None and not run.uploader.finish():
         raise TrainingError(f"training reached step {run.step}, but not every file reached the bucket (see above); "

@@ -55,6 +55,26 @@ def test_fsdp_on_two_ranks_equals_one_process(tmp_path, corpus, zero_stage, accu
         torch.testing.assert_close(consolidated(sharded[-1])[key], value, atol=1e-5, rtol=1e-4)
 
 
+def kill_launcher_and_ranks(launcher: subprocess.Popen) -> None:
+    """SIGKILL torchrun and both ranks at once. Each rank runs in a session of its own, so killing the launcher's
+    process group would leave them training."""
+    ranks = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    assert len(ranks) == 2, ranks
+    for pid in [launcher.pid, *map(int, ranks)]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    for pid in map(int, ranks):   # wait until the kernel has taken them down
+        while alive(pid):
+            time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def test_a_sharded_run_killed_mid_run_resumes_with_the_uninterrupted_losses(tmp_path, corpus):
     settings = {"optimizer.zero_stage": 1, "tokens.batch_accumulation_per_replica": 2, "tokens.train_steps": 60,
                 "checkpoints.checkpoint_interval": 8, "tokens.val_check_interval": 20}
@@ -65,13 +85,12 @@ def test_a_sharded_run_killed_mid_run_resumes_with_the_uninterrupted_losses(tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(ROOT / "train.py"), "--config", str(killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (run_dir / "checkpoints" / "step_00000016").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its step-16 checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)   # the launcher and both ranks, at once
-    proc.wait()
+    kill_launcher_and_ranks(proc)
     assert len(losses(run_dir)) < 60
     out = torchrun(killed, "--resume")
     assert out.returncode == 0, out.stderr[-3000:]

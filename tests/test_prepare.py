@@ -155,7 +155,7 @@ def test_the_loader_refuses_a_shard_changed_after_prepare_even_with_ids_in_range
     flip_a_token(tmp_path / "shards" / "train_000001.bin")
     with pytest.raises(DataError, match=r"train_000001.bin: sha256 differs from manifest.jsonl.*data.py prepare"):
         data.train_loader(setup)
-    data.val_loader(setup)   # the validation split does not read that shard
+    data.val_loaders(setup)   # the validation split does not read that shard
 
 
 def test_the_loader_refuses_a_same_size_shard_from_another_tokenizer(setup, tmp_path, bpe_path):

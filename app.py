@@ -1,10 +1,11 @@
 """Show a model to people: `python app.py --checkpoint_dir runs/` serves a page to pick a checkpoint, type a prompt and
-watch the text stream in, or to run one prompt through several checkpoints side by side next to their loss curves
-and benchmark scores.
+watch the text stream in, chat with a fine-tuned checkpoint, or run one prompt through several checkpoints side by side
+next to their loss curves and benchmark scores.
 
 It builds on generate.py's loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
 exports, tensors read with weights_only so a crafted pickle runs no code) and tokenizer opener, and on sampling.py's
-generate(), the repository's one generation path, with TextStream, which turns its per-step tokens into text.
+generate(), the repository's one generation path, with TextStream, which turns its per-step tokens into text; chats
+are rendered by chat.py, the template training used.
 Safe by default: it listens on 127.0.0.1 unless --host or --share say otherwise, reads only what lies under
 --checkpoint_dir (confine.py: every file a load opens, symlinks resolved), checks every value a request sends, and
 caps the prompt and the number of new tokens.
@@ -26,6 +27,7 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer
 
+import chat
 from checkpoint import (CheckpointError, checkpoint_step, files_to_load, is_hf_dir, list_checkpoints,
                         resolve_checkpoint, run_dir_of)
 from confine import all_inside, files_inside, resolve_under
@@ -129,21 +131,23 @@ class ModelCache:
 GENERATION_LOCK = threading.Lock()   # a model's KV cache serves one generation at a time
 
 
-def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[str]:
-    """Yield the continuation's text as it grows.
+def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, seed: int,
+                eos_id: Optional[int] = None) -> Iterator[str]:
+    """Yield the continuation's text as it grows; it ends at eos_id (default: the checkpoint's EOS).
 
     generate() runs in a worker thread; TextStream, its on_tokens hook, decodes each step and hands over the text
     that can no longer change. When the consumer goes away (Stop pressed, page closed), the hook stops generate().
     """
     pieces: queue.Queue = queue.Queue()   # (text, done) from TextStream, or the worker's exception
     stop = threading.Event()
-    text_stream = TextStream(loaded.tokenizer, 1, eos_id=loaded.eos_id,
+    eos_id = loaded.eos_id if eos_id is None else eos_id
+    text_stream = TextStream(loaded.tokenizer, 1, eos_id=eos_id,
                              on_text=lambda row, text, done: pieces.put((text, done)))
 
     def work():
         try:
             with GENERATION_LOCK:
-                generate(loaded.model, [prompt_ids], params, eos_id=loaded.eos_id, seed=seed,
+                generate(loaded.model, [prompt_ids], params, eos_id=eos_id, seed=seed,
                          on_tokens=lambda tok: text_stream(tok) or stop.is_set())
             text_stream.close()   # the length limit was reached: the row's last piece, done=True
         except Exception as e:   # raised again in the request's thread, where Gradio reports it
@@ -163,6 +167,41 @@ def stream_text(loaded: Loaded, prompt_ids: list[int], params: SamplingParams, s
                 return
     finally:
         stop.set()
+
+
+def as_messages(history) -> list[dict]:
+    """The chat box's history as a request sent it -> [{"role", "content": text}]; Gradio may send a message's
+    content as a list of parts. Anything else is refused."""
+    if not isinstance(history, list) or not all(isinstance(m, dict) for m in history):
+        raise UserError("the conversation must be a list of {role, content} messages")
+    messages = []
+    for m in history:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if m.get("role") in ("user", "assistant") and isinstance(content, str):
+            messages.append({"role": m["role"], "content": content})
+    return messages
+
+
+def chat_prompt(loaded: Loaded, message, history, system, room: int) -> tuple[list[dict], list[int], int]:
+    """A chat request's values, checked -> (the conversation with the new message, the prompt ids of at most `room`
+    tokens, the id that ends the reply). The oldest turns are left out when the conversation outgrows the room."""
+    if not isinstance(message, str) or not message.strip():
+        raise UserError("the message is empty: type something to say")
+    if len(message) > CHARS_PER_TOKEN * room:
+        raise UserError(f"the message is {len(message):,} characters; this app accepts at most {room} tokens "
+                        "(--max_prompt_tokens)")
+    if system is not None and not isinstance(system, str):
+        raise UserError("the system message must be text")
+    messages = as_messages(history) + [{"role": "user", "content": message}]
+    try:
+        end = chat.end_id(loaded.tokenizer)
+        ids, _ = chat.fit_context(loaded.tokenizer, ([{"role": "system", "content": system}] if system else [])
+                                  + messages, room)
+    except chat.ChatError as e:
+        raise UserError(str(e)) from None
+    return messages, ids, end
 
 
 def run_metrics(root: Path, runs: dict[str, Path]) -> dict[str, list[dict]]:
@@ -279,6 +318,16 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         ids = encode_prompt(loaded, prompt)
         yield from stream_text(loaded, ids, params, seed)
 
+    def converse(name, message, history, system, *controls):
+        """The conversation with the new user message and the reply as it streams; the reply ends at <|im_end|>."""
+        *sampling, weights = controls
+        params, seed = sampling_params(max_new_tokens, *sampling)
+        loaded = get(name, weights)
+        room = min(max_prompt_tokens, loaded.model.config.max_position_embeddings - params.max_new_tokens)
+        history, ids, end = chat_prompt(loaded, message, history, system, room)
+        for text in stream_text(loaded, ids, params, seed, eos_id=end):
+            yield history + [{"role": "assistant", "content": text}]
+
     def compare(names, prompt, *controls):
         *sampling, weights = controls
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -326,6 +375,17 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
                         go = gr.Button("Generate", variant="primary", elem_id="generate")
                         halt = gr.Button("Stop")
                     output = gr.Textbox(label="Generated text", lines=8, interactive=False, elem_id="output")
+                with gr.Tab("Chat"):
+                    chat_picked = gr.Dropdown(choices, value=first, label="Checkpoint (fine-tuned by sft.py or "
+                                              "dpo.py)", allow_custom_value=True, elem_id="chat_checkpoint")
+                    conversation = gr.Chatbot(label="Conversation", render_markdown=False, elem_id="chatbot")
+                    message = gr.Textbox(label="Message", lines=2, max_length=CHARS_PER_TOKEN * max_prompt_tokens,
+                                         placeholder="What is 12 + 30?", elem_id="message")
+                    system = gr.Textbox(label="System message", placeholder=chat.DEFAULT_SYSTEM, lines=1)
+                    with gr.Row():
+                        send = gr.Button("Send", variant="primary", elem_id="send")
+                        halt3 = gr.Button("Stop")
+                        forget = gr.Button("New conversation")
                 with gr.Tab("Compare"):
                     several = gr.Dropdown(choices, multiselect=True, max_choices=COMPARE_SLOTS,
                                           allow_custom_value=True, label=f"Checkpoints (2 to {COMPARE_SLOTS})")
@@ -364,12 +424,19 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
         # in one line (Gradio's own range checks would log a traceback for each)
         picked.change(status, [picked, weights], info, api_name="load", preprocess=False)
         weights.change(status, [picked, weights], info, api_visibility="private", preprocess=False)
-        rescan.click(lambda: [gr.Dropdown(choices=find_checkpoints(root))] * 2, None, [picked, several],
+        rescan.click(lambda: [gr.Dropdown(choices=find_checkpoints(root))] * 3, None, [picked, several, chat_picked],
                      api_visibility="private")
         started = go.click(run, [picked, prompt, *controls], output, api_name="generate", preprocess=False)
         submitted = prompt.submit(run, [picked, prompt, *controls], output, api_visibility="private",
                                   preprocess=False)
         halt.click(None, cancels=[started, submitted])
+        chat_inputs = [chat_picked, message, conversation, system, *controls]
+        said = send.click(converse, chat_inputs, conversation, api_name="chat", preprocess=False)
+        said_enter = message.submit(converse, chat_inputs, conversation, api_visibility="private", preprocess=False)
+        for event in (said, said_enter):
+            event.then(lambda: "", None, message, api_visibility="private")
+        halt3.click(None, cancels=[said, said_enter])
+        forget.click(lambda: [], None, conversation, api_visibility="private")
         go2.click(compare, [several, prompt2, *controls], [*columns, *heads, *texts, plot, scores],
                   api_name="compare", preprocess=False)
     return app
@@ -389,8 +456,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 (or fp16) on a GPU, fp32 on CPU")
-    parser.add_argument("--cache_size", type=whole(1, 1000), default=3, help="models kept loaded (in fp32, 135M takes 0.5 GB, "
-                        "1.7B 7 GB)")
+    parser.add_argument("--cache_size", type=whole(1, 1000), default=3,
+                        help="models kept loaded (in fp32, 135M takes 0.5 GB, 1.7B 7 GB)")
     parser.add_argument("--max_prompt_tokens", type=whole(1, 10**6), default=1024, help="longer prompts are refused")
     parser.add_argument("--max_new_tokens", type=whole(1, 10**6), default=512, help="the most one request may ask for")
     args = parser.parse_args(argv)

@@ -285,6 +285,31 @@ class S3Args:
 
 
 @dataclass
+class PosttrainArgs:
+    """What sft.py and dpo.py start from and learn from; the key names are TRL's and the alignment handbook's."""
+    model_name_or_path: Optional[str] = None   # a checkpoint file, run directory, Hugging Face model directory or s3://
+    dataset_name: str = "builtin:chat-tasks"   # a .jsonl file, a Hub dataset, or the built-in tasks (chat_tasks.py)
+    dataset_config: Optional[str] = None
+    dataset_train_split: str = "train"
+    dataset_test_split: Optional[str] = None   # a held-out split; without one, the first val_examples are held out
+    val_examples: int = 200
+    max_examples: Optional[int] = None         # the most training examples read (a Hub dataset is streamed)
+
+
+@dataclass
+class SFTArgs(PosttrainArgs):
+    """Supervised fine-tuning (sft.py) on conversations: {"messages": [{"role": ..., "content": ...}, ...]}."""
+    packing: bool = True                       # several conversations per row, each attending only to itself
+
+
+@dataclass
+class DPOArgs(PosttrainArgs):
+    """Direct preference optimisation (dpo.py) on pairs: {"prompt", "chosen", "rejected"}, texts or messages. The
+    starting checkpoint (an SFT one) is also the frozen reference."""
+    beta: float = 0.1                          # how far the policy may move from the reference: the KL weight
+
+
+@dataclass
 class EvalArgs:
     """lm-evaluation-harness benchmarks run by evaluate.py on checkpoints while training goes on (a process beside it).
 
@@ -319,6 +344,8 @@ class Config:
     data_prep: DataPrepArgs = field(default_factory=DataPrepArgs)
     s3: S3Args = field(default_factory=S3Args)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    sft: Optional[SFTArgs] = None
+    dpo: Optional[DPOArgs] = None
 
 
 # ---------------------------------------------------------------- reading YAML into the dataclasses
@@ -339,6 +366,9 @@ def _convert(value: Any, tp, path: str):
     """Check `value` against the annotation `tp` and build dataclasses; raise ConfigError naming `path`."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        sections = [option for option in typing.get_args(tp) if dataclasses.is_dataclass(option)]
+        if isinstance(value, dict) and len(sections) == 1:   # an optional section: its own errors name the key
+            return _build(sections[0], value, path)
         for option in typing.get_args(tp):
             try:
                 return _convert(value, option, path)
@@ -481,6 +511,7 @@ def validate(cfg: Config) -> Config:
     _validate_data(cfg)
     _validate_ranges(cfg)
     _validate_eval(cfg)
+    _validate_posttrain(cfg)
     for key in ("profiler", "lighteval", "s3_upload"):
         if getattr(cfg, key) is not None:
             hint = "; use the s3 section for uploads" if key == "s3_upload" else ""
@@ -608,8 +639,8 @@ def _validate_data(cfg: Config) -> None:
             raise ConfigError(f"data_prep.{key}: must be >= 1, got {getattr(dp, key)}")
     if dp.val_tokens < 0:
         raise ConfigError(f"data_prep.val_tokens: must be >= 0, got {dp.val_tokens}")
-    if dp.tokenizer_vocab_size < 257:
-        raise ConfigError(f"data_prep.tokenizer_vocab_size: must be >= 257 (256 bytes + EOS), "
+    if dp.tokenizer_vocab_size < 259:
+        raise ConfigError(f"data_prep.tokenizer_vocab_size: must be >= 259 (256 bytes, EOS and the two chat tokens), "
                           f"got {dp.tokenizer_vocab_size}")
 
 
@@ -658,6 +689,26 @@ def _validate_eval(cfg: Config) -> None:
     if ev.tasks and ev.interval is not None and ev.interval % every:
         raise ConfigError(f"eval.interval ({ev.interval}) must be a multiple of checkpoints.checkpoint_interval "
                           f"({every}): benchmarks run on saved checkpoints")
+
+
+def _validate_posttrain(cfg: Config) -> None:
+    if cfg.sft is not None and cfg.dpo is not None:
+        raise ConfigError("sft, dpo: a config runs one of them; keep the section of the script you run")
+    for name, args in (("sft", cfg.sft), ("dpo", cfg.dpo)):
+        if args is None:
+            continue
+        if not args.model_name_or_path:
+            raise ConfigError(f"{name}.model_name_or_path: the checkpoint to fine-tune is needed (a checkpoint file, "
+                              "run directory or Hugging Face model directory)")
+        if args.val_examples < 1:
+            raise ConfigError(f"{name}.val_examples: must be >= 1, got {args.val_examples}")
+        if args.max_examples is not None and args.max_examples < 1:
+            raise ConfigError(f"{name}.max_examples: must be >= 1 or null, got {args.max_examples}")
+        if args.dataset_name.startswith("builtin:") and args.max_examples is None:
+            raise ConfigError(f"{name}.max_examples: {args.dataset_name} is an endless stream of new examples; "
+                              "set how many to train on, e.g. 20000")
+    if cfg.dpo is not None and not cfg.dpo.beta > 0:
+        raise ConfigError(f"dpo.beta: must be > 0, got {cfg.dpo.beta}")
 
 
 def config_from_dict(data: dict) -> Config:

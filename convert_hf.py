@@ -5,9 +5,12 @@
 
 Export writes config.json (LlamaForCausalLM), model.safetensors, generation_config.json and the run's tokenizer, so
 `AutoModelForCausalLM.from_pretrained(DIR)` gives the same logits as our model and the wider ecosystem (evaluation
-harnesses, vLLM, llama.cpp converters) can read it. Import turns a HF Llama directory or hub id into a training
-checkpoint that train.py can start from and generate.py can load. model.py uses HF's parameter names and rotary
-layout, so neither direction needs a rename map or a weight permutation.
+harnesses, vLLM, llama.cpp converters) can read it. A tokenizer with the chat tokens gets the chat template in its
+tokenizer_config.json (chat.py's, or the one an import kept), which `apply_chat_template` and llama.cpp's converter
+read; a fine-tuned checkpoint's generation_config also ends a reply at <|im_end|>. Import turns a HF Llama directory
+or hub id into a training checkpoint that train.py can start from and generate.py can load, and keeps the directory's
+chat template beside the run's tokenizer (chat_template.jinja), for a later export. model.py uses HF's parameter
+names and rotary layout, so neither direction needs a rename map or a weight permutation.
 """
 
 import argparse
@@ -21,6 +24,7 @@ from typing import Optional
 
 import torch
 
+import chat
 from checkpoint import CheckpointError, checkpoint_name, list_checkpoints, run_dir_of, save_atomic
 from config import ModelConfig, config_to_dict
 from generate import load
@@ -95,17 +99,39 @@ def _tokenizer_file(source: Optional[str]) -> Optional[Path]:
     return path if path.is_file() and path.suffix == ".json" else None
 
 
-def _special_tokens(tokenizer_json: Path, mcfg: ModelConfig) -> dict:
-    """bos/eos/pad ids -> their token strings, which is how tokenizer_config.json names them."""
+KEPT_TEMPLATE = "chat_template.jinja"   # beside a run's tokenizer.json: the chat template an import found
+
+
+def _tokenizer_config(tokenizer_json: Path, mcfg: ModelConfig) -> dict:
+    """tokenizer_config.json: bos/eos/pad by their token strings and, for a tokenizer with the chat tokens, the chat
+    template (kept from an import, else chat.py's) with those tokens named as special."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tokenizer_json))
-    named = {}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": mcfg.max_position_embeddings}
     for key in ("bos", "eos", "pad"):
         token_id = getattr(mcfg, f"{key}_token_id")
         text = tok.id_to_token(token_id) if token_id is not None else None
         if text is not None:
-            named[f"{key}_token"] = text
-    return named
+            config[f"{key}_token"] = text
+    kept = tokenizer_json.parent / KEPT_TEMPLATE
+    if kept.is_file():
+        config["chat_template"] = kept.read_text(encoding="utf-8")
+    elif chat.has_chat_tokens(tok):
+        config["chat_template"] = chat.CHAT_TEMPLATE
+    if chat.has_chat_tokens(tok):
+        config["additional_special_tokens"] = list(chat.CHAT_TOKENS)
+    return config
+
+
+def _hf_chat_template(folder: Path) -> Optional[str]:
+    """The chat template of a HF model directory: chat_template.jinja, or tokenizer_config.json's chat_template."""
+    if (folder / KEPT_TEMPLATE).is_file():
+        return (folder / KEPT_TEMPLATE).read_text(encoding="utf-8")
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None
 
 
 def export_hf(checkpoint_path: str, out: str, force: bool = False) -> Path:
@@ -117,7 +143,7 @@ def export_hf(checkpoint_path: str, out: str, force: bool = False) -> Path:
         raise CheckpointError(f"{out}: is a file; --out names the directory to write")
     _refuse_existing(out, force)
     check_outputs([out / "config.json"], force=True)   # a parent that is a file or that cannot be written in
-    model, _, info = load(checkpoint_path, torch.device("cpu"), torch.float32)
+    model, cfg, info = load(checkpoint_path, torch.device("cpu"), torch.float32)
     mcfg = model.config
     tokenizer = _tokenizer_file(info["tokenizer"])
     read = [Path(info["source"]).resolve()] + ([tokenizer.resolve()] if tokenizer else [])
@@ -138,14 +164,19 @@ def export_hf(checkpoint_path: str, out: str, force: bool = False) -> Path:
     (out / "config.json").write_text(json.dumps(hf_config_dict(mcfg), indent=2) + "\n")
     generation = {k: getattr(mcfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if getattr(mcfg, k) is not None}
+    tokenizer = _tokenizer_file(info["tokenizer"])
+    tok_cfg = _tokenizer_config(tokenizer, mcfg) if tokenizer is not None else {}
+    if (cfg.sft or cfg.dpo) is not None and "chat_template" in tok_cfg:   # a chat model's reply ends at <|im_end|>
+        from tokenizers import Tokenizer
+        end = Tokenizer.from_file(str(tokenizer)).token_to_id(chat.IM_END)
+        generation["eos_token_id"] = [e for e in (mcfg.eos_token_id, end) if e is not None]
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.json")
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": mcfg.max_position_embeddings,
-                   **_special_tokens(tokenizer, mcfg)}
         (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        print(f"tokenizer: copied {tokenizer}")
+        kept = " and its chat template" if "chat_template" in tok_cfg else ""
+        print(f"tokenizer: copied {tokenizer}{kept}")
     else:
         print(f"tokenizer: '{info['tokenizer']}' is not a local file, not copied; "
               "load it with AutoTokenizer.from_pretrained of that name")
@@ -176,6 +207,11 @@ def import_hf(hf_model: str, out: str, force: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(info["tokenizer"], run_dir / "tokenizer.json")
         cfg.tokenizer.tokenizer_name_or_path = str(run_dir / "tokenizer.json")
+        template = _hf_chat_template(source)
+        if template is not None:   # kept for a later export; training and chat here use chat.py's template
+            (run_dir / KEPT_TEMPLATE).write_text(template, encoding="utf-8")
+            same = "SmolLM2's" if template == chat.CHAT_TEMPLATE else "not SmolLM2's: sft.py trains chat.py's"
+            print(f"chat template: kept in {run_dir / KEPT_TEMPLATE} ({same})")
     elif not Path(hf_model).exists():
         cfg.tokenizer.tokenizer_name_or_path = hf_model   # a hub id names its own tokenizer
     else:

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import chat
 import shards
 import sources
 import streaming
@@ -117,8 +118,10 @@ def eos_token_id(tokenizer: Tokenizer) -> int:
 
 def train_tokenizer(cfg: Config) -> Tokenizer:
     """Train a byte-level BPE tokenizer of data_prep.tokenizer_vocab_size tokens on up to tokenizer_train_chars
-    characters of the mixed sources and save it at tokenizer.tokenizer_name_or_path. EOS is the only special token,
-    so it gets id 0, as in SmolLM2 (bos_token_id = eos_token_id = 0). Byte-level: any text encodes, nothing is <unk>."""
+    characters of the mixed sources and save it at tokenizer.tokenizer_name_or_path. The special tokens take the first
+    ids, as in SmolLM2: EOS is 0 (bos_token_id = eos_token_id = 0), and the chat template's <|im_start|> and <|im_end|>
+    are 1 and 2, reserved so that a model pretrained here can be fine-tuned to chat (sft.py) with its vocabulary as it
+    is. Byte-level: any text encodes, nothing is <unk>."""
     path, size = cfg.tokenizer.tokenizer_name_or_path, cfg.data_prep.tokenizer_vocab_size
     if not path.endswith(".json"):
         raise DataError(f"tokenizer.tokenizer_name_or_path is '{path}': a trained tokenizer is saved to a local file, "
@@ -137,7 +140,7 @@ def train_tokenizer(cfg: Config) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[EOS, *chat.CHAT_TOKENS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(itertools.takewhile(lambda _: sum(texts.taken) < budget, texts), trainer)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

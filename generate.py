@@ -5,6 +5,7 @@ checkpoint), a Hugging Face model directory or an s3:// path; the decoding itsel
 
     python generate.py --checkpoint_path runs/tiny --prompt "def " --max_new_tokens 64
     python generate.py --checkpoint_path runs/tiny --interactive
+    python generate.py --checkpoint_path runs/tiny-sft --chat
     python generate.py --compare runs/tiny --prompt "import os" --temperature 0
     python generate.py --checkpoint_path runs/tiny --quantize int8 --prompt "def "    # int8 weights: faster on a CPU
 
@@ -18,11 +19,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from tokenizers import Tokenizer
 
+import chat
 from checkpoint import CheckpointError, list_checkpoints, load_model
 from quantize import QUANTIZE_CHOICES
 from sampling import MAX_SEED, SamplingParams, TextStream, compile_unavailable, generate, use_decode_layout
@@ -155,11 +157,27 @@ class Session:
         mc = self.model.config
         ids = encode_prompts(self.tokenizer, prompts, mc.max_position_embeddings, self.params.max_new_tokens,
                              mc.vocab_size)
-        stream = TextStream(self.tokenizer, len(ids), self.args.stop or (), self.eos_id, on_text)
+        return self._generate(ids, self.eos_id, on_text)
+
+    def reply(self, messages: list[dict], on_text=None) -> str:
+        """The assistant's next message in a conversation (chat.py's template), ending at <|im_end|>. When the
+        conversation outgrows the context, its oldest turns are left out, whole."""
+        try:
+            end = chat.end_id(self.tokenizer)
+            room = self.model.config.max_position_embeddings - self.params.max_new_tokens
+            ids, dropped = chat.fit_context(self.tokenizer, messages, room)
+        except chat.ChatError as e:
+            raise InputError(str(e)) from None
+        if dropped:
+            log(f"note: the conversation outgrew the context of {self.model.config.max_position_embeddings} tokens; "
+                f"its {dropped} oldest turns are left out")
+        return self._generate([ids], end, on_text)[0]
+
+    def _generate(self, ids: list[list[int]], eos_id: Optional[int], on_text) -> list[str]:
+        stream = TextStream(self.tokenizer, len(ids), self.args.stop or (), eos_id, on_text)
         use_decode_layout(self.model, len(ids))
         t0 = time.perf_counter()
-        new = generate(self.model, ids, self.params, self.eos_id, self.args.seed, on_tokens=stream,
-                       compile=self.compile)
+        new = generate(self.model, ids, self.params, eos_id, self.args.seed, on_tokens=stream, compile=self.compile)
         seconds = time.perf_counter() - t0
         n = sum(len(row) for row in new)
         log(f"{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tok/s")
@@ -213,24 +231,49 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def interactive(session: Session) -> None:
-    """Read one prompt per line until EOF; each completion streams to stdout. A line that is not UTF-8, or that the
-    model cannot take, is reported and skipped."""
+def stdin_lines(marker: str) -> Iterator[str]:
+    """Each line of stdin without its newline, until EOF; `marker` on stderr asks for the next when a person types.
+    A line that is not UTF-8 is reported and skipped."""
     tty = sys.stdin.isatty()
     for n in itertools.count(1):
         if tty:
-            sys.stderr.write("> ")
+            sys.stderr.write(marker)
             sys.stderr.flush()
         raw = sys.stdin.buffer.readline()   # bytes: a line that is not UTF-8 must not end the session
         if not raw:
             return
         try:
-            prompt = raw.decode("utf-8").rstrip("\r\n")
-            if prompt:
-                session.complete([prompt], printer([prompt], session.args.output_format))
+            line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
             log(f"error: line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start}); skipped")
+            continue
+        yield line
+
+
+def interactive(session: Session) -> None:
+    """Read one prompt per line until EOF; each completion streams to stdout. A line the model cannot take is
+    reported and skipped."""
+    for prompt in stdin_lines("> "):
+        try:
+            if prompt:
+                session.complete([prompt], printer([prompt], session.args.output_format))
         except InputError as e:   # an empty or unusable line: say so and wait for the next one
+            log(f"error: {e}")
+
+
+def converse(session: Session, system: Optional[str]) -> None:
+    """A conversation on stdin and stdout: each line is a user message, and the reply, which ends at <|im_end|>,
+    streams to stdout on its own line. The whole conversation so far is the next reply's prompt."""
+    chat.end_id(session.tokenizer)   # a checkpoint that cannot chat says so before the first message
+    messages = [{"role": "system", "content": system}] if system else []
+    for line in stdin_lines("you> "):
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            messages.append({"role": "assistant", "content": session.reply(messages, printer([line]))})
+        except InputError as e:   # a message too long for the context: say so and wait for the next one
+            messages.pop()
             log(f"error: {e}")
 
 
@@ -274,6 +317,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     ap.add_argument("--prompt_file", help="a file of prompts, one per line")
     ap.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    ap.add_argument("--chat", action="store_true", help="hold a conversation: each stdin line is a user message, each "
+                    "reply ends at <|im_end|> (a checkpoint fine-tuned by sft.py or dpo.py)")
+    ap.add_argument("--system", help="with --chat: the system message (default: SmolLM2's own)")
     ap.add_argument("--max_new_tokens", type=int, help="default: 128, or half the context if that is shorter")
     ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default: 0.8)")
     ap.add_argument("--top_k", type=int, help="sample among the k most likely tokens only")
@@ -298,6 +344,10 @@ def parse_args(argv=None):
         ap.error(f"--seed {args.seed}: give a whole number from 0 to 2**64 - 1")
     if args.interactive and (args.prompt or args.prompt_file or args.compare):
         ap.error("--interactive reads prompts from stdin: drop --prompt/--prompt_file/--compare")
+    if args.chat and (args.prompt or args.prompt_file or args.compare or args.interactive):
+        ap.error("--chat reads the user's messages from stdin: drop --prompt/--prompt_file/--compare/--interactive")
+    if args.system is not None and not args.chat:
+        ap.error("--system is the system message of a --chat conversation: add --chat")
     try:   # bad sampling values are refused before a model is loaded
         sampling_params(args, 1 if args.max_new_tokens is None else args.max_new_tokens)
     except ValueError as e:
@@ -311,14 +361,16 @@ def main(argv=None) -> int:
         if args.compare:
             compare(args)
             return 0
-        prompts = None if args.interactive else read_prompts(args)
+        prompts = None if args.interactive or args.chat else read_prompts(args)
         session = Session(args.checkpoint_path, args)
-        if prompts is None:
+        if args.chat:
+            converse(session, args.system)
+        elif prompts is None:
             interactive(session)
         else:
             session.complete(prompts, printer(prompts, args.output_format))
         return 0
-    except (InputError, CheckpointError) as e:
+    except (InputError, CheckpointError, chat.ChatError) as e:
         log(f"error: {e}")
         return 1
     except KeyboardInterrupt:

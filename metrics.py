@@ -82,8 +82,9 @@ def duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def format_train_line(r: dict) -> str:
-    """One line a user scans at a glance: step 120/500 | loss 3.412 | lr 3.0e-04 | ... | eta 2m13s."""
+def format_train_line(r: dict, extra: dict = {}) -> str:
+    """One line a user scans at a glance: step 120/500 | loss 3.412 | lr 3.0e-04 | ... | eta 2m13s, then the task's
+    statistics in `extra` (DPO's accuracy and margins)."""
     parts = [f"step {r['step']}/{r['train_steps']}", f"loss {r['loss']:.3f}", f"lr {r['lr']:.1e}",
              f"gnorm {r['grad_norm']:.2f}", f"{human(r['tok_per_s'])} tok/s"]
     if r.get("mfu") is not None:
@@ -91,7 +92,7 @@ def format_train_line(r: dict) -> str:
     parts.append(f"eta {duration(r['eta_s'])}")
     if r.get("mem_gb") is not None:
         parts.append(f"mem {r['mem_gb']:.1f}GB")
-    return " | ".join(parts)
+    return " | ".join(parts + [f"{key} {value:.3f}" for key, value in extra.items()])
 
 
 def short_names(names) -> dict[str, str]:
@@ -101,9 +102,11 @@ def short_names(names) -> dict[str, str]:
     return {name: s if list(short.values()).count(s) == 1 else name for name, s in short.items()}
 
 
-def format_val_line(r: dict) -> str:
-    """step 500 | val loss 3.412 | ppl 30.3 | web 3.301 · code 2.957 (each source's loss when there are several)."""
-    line = f"step {r['step']} | val loss {r['loss']:.3f} | ppl {r['ppl']:.1f}"
+def format_val_line(r: dict, extra: dict = {}) -> str:
+    """step 500 | val loss 3.412 | ppl 30.3 | web 3.301 · code 2.957 (each source's loss when there are several), or
+    with DPO's loss, no perplexity and its statistics (`extra`): step 500 | val loss 0.512 | val accuracy 0.781 | ..."""
+    line = f"step {r['step']} | val loss {r['loss']:.3f}" + (f" | ppl {r['ppl']:.1f}" if "ppl" in r else "")
+    line += "".join(f" | val {key} {value:.3f}" for key, value in extra.items())
     if len(r.get("sources") or {}) > 1:
         names = short_names(r["sources"])
         line += " | " + " · ".join(f"{names[n]} {loss:.3f}" for n, loss in r["sources"].items())

@@ -155,30 +155,50 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
 
+def packed_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment ids (B, T) of sequences packed side by side -> positions counted from each sequence's first token
+    (B, T), and the attention mask (B, 1, T, T), True where a query may see a key: causal, and block-diagonal so that
+    no sequence sees another."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device)                                        # (T,)
+    begins = torch.ones_like(segments, dtype=torch.bool)
+    begins[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(begins, idx, 0).cummax(-1).values                               # (B, T): its sequence's start
+    same = segments[:, :, None] == segments[:, None, :]                                  # (B, T, T)
+    return idx - first, (same & (idx[None, :] <= idx[:, None]))[:, None]
+
+
 LOSS_CHUNK_TOKENS = 1024   # positions per chunk of the loss: 1024 x 49152 fp32 logits = 200 MB at a time
 
 
 def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                          chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+                          chunk: int = LOSS_CHUNK_TOKENS, per_row: bool = False) -> torch.Tensor:
     """Mean cross-entropy of the head's logits x @ weight.T (x (B, T, C), targets (B, T)), never holding them whole.
 
     Full logits for 8 x 2048 tokens over 49k classes are 3.2 GB in fp32, and autograd would also keep their
     log-softmax and build their gradient. Here each chunk of positions runs the head matmul and an fp32 log-softmax
     inside a checkpoint, which saves only the chunk's input and recomputes its logits during backward; the loss is
     the sum over chunks divided by the number of real targets (targets == ignore_index count for nothing).
+    per_row: each row's summed cross-entropy (B,) instead, -log p(that row's targets) (DPO scores whole replies).
     """
+    if per_row:   # whole rows per chunk, so each row's sum stays its own
+        B, T = targets.shape
+        rows = max(1, chunk // T)
+        return torch.cat([checkpoint(_head_loss, x[i:i + rows].flatten(0, 1), weight, targets[i:i + rows].flatten(),
+                                     ignore_index, "none", use_reentrant=False).view(-1, T).sum(-1)
+                          for i in range(0, B, rows)])                                    # (B,)
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)                           # (N, C), (N,)
     total = torch.zeros((), device=x.device)
     for i in range(0, x.size(0), chunk):
-        total = total + checkpoint(_head_loss_sum, x[i:i + chunk], weight, targets[i:i + chunk], ignore_index,
+        total = total + checkpoint(_head_loss, x[i:i + chunk], weight, targets[i:i + chunk], ignore_index, "sum",
                                    use_reentrant=False)
     return total / (targets != ignore_index).sum()
 
 
-def _head_loss_sum(x, weight, targets, ignore_index):
+def _head_loss(x, weight, targets, ignore_index, reduction):
     logits = F.linear(x, weight)                                                           # (n, V), autocast dtype
     # in fp32: a bf16 log-softmax over 49k classes is too coarse
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
 
 
 class SmolLM2(nn.Module):
@@ -220,14 +240,18 @@ class SmolLM2(nn.Module):
             layer.self_attn.kv_cache = None
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                cache_pos: Optional[int] = None, valid: Optional[torch.Tensor] = None, last_only: bool = False,
-                ignore_index: int = -100):
+                cache_pos: Optional[int] = None, valid: Optional[torch.Tensor] = None,
+                segments: Optional[torch.Tensor] = None, last_only: bool = False, ignore_index: int = -100,
+                per_row: bool = False):
         """input_ids (B, T) -> (logits (B, T, V), None), or with targets (B, T): (None, the mean cross-entropy over
         targets != ignore_index), computed chunk by chunk so that the full logits never exist.
 
         cache_pos: where these tokens go in the KV cache (after `setup_cache`); None means no cache.
         valid: (B, S) bool over every slot so far, False at left padding; positions then count valid tokens only.
+        segments: (B, T) ids of the sequences packed into each row (e.g. conversations); each one is computed as if
+            alone: its positions start at 0 and its tokens attend only to earlier tokens of the same sequence.
         last_only: compute logits for the last position only (what a decoder needs to pick the next token).
+        per_row: the loss is each row's summed cross-entropy (B,), -log p(targets of that row), instead of the mean.
         """
         B, T = input_ids.shape
         start = cache_pos or 0
@@ -236,15 +260,17 @@ class SmolLM2(nn.Module):
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]   # (B, T)
         else:
             positions = slots
-        cos, sin = self.model.rotary_emb(positions)
         mask = None
-        if valid is not None or (start > 0 and T > 1):   # a single new token may attend to every slot
+        if segments is not None:   # packed training rows (no cache, no padding)
+            positions, mask = packed_layout(segments)
+        elif valid is not None or (start > 0 and T > 1):   # a single new token may attend to every slot
             keys = torch.arange(start + T, device=input_ids.device)                     # (S,)
             mask = keys[None, :] <= slots[:, None]                                       # (T, S) causal
             if valid is not None:
                 # a padding slot may still see itself, so no softmax row is empty (an empty row gives NaN)
                 mask = mask & (valid[:, None, :start + T] | (keys[None, :] == slots[:, None]))  # (B, T, S)
                 mask = mask[:, None]                                                           # (B, 1, T, S)
+        cos, sin = self.model.rotary_emb(positions)
 
         x = self.model.embed_tokens(input_ids)                                           # (B, T, C)
         for layer in self.model.layers:
@@ -254,7 +280,7 @@ class SmolLM2(nn.Module):
                 x = layer(x, cos, sin, cache_pos, mask)
         x = self.model.norm(x)
         if targets is not None:
-            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, ignore_index)
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, ignore_index, per_row=per_row)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x), None                                                      # (B, T, V)

@@ -8,6 +8,9 @@ by k), unscales, clips, skips the update if anything is non-finite, and steps; t
 on that checkpoint, in a process beside this one: evaluate.BackgroundEvals). A checkpoint holds every part needed to
 continue exactly (model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any
 moment resumes with the same losses it would have had.
+
+What the run starts from, reads and minimises is its task: `Pretraining` here (a fresh model, the data stages, the
+next-token loss); sft.py and dpo.py subclass it and run through the same loop, checkpoints, resume and distribution.
 """
 
 import argparse
@@ -20,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ import data
 import distributed
 import planner
 import remote
+from chat import ChatError
 import stages
 from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_state_into,
                         resolve_checkpoint, rotate_checkpoints, save_atomic, training_checkpoint)
@@ -71,6 +75,7 @@ class Run:
     train_data: stages.StagedLoader         # every data stage's batches, and the running stage's validation sources
     accumulation: int                       # micro-batches per optimizer step on each rank
     accumulation_note: str                  # why it differs from the config's, if it does
+    task: "Pretraining"                     # what the run starts from, reads and minimises
     uploader: Optional[remote.Uploader] = None
     evals: Optional[BackgroundEvals] = None   # benchmarks on saved checkpoints, in processes beside this one
     log: Optional[MetricsLog] = None
@@ -100,6 +105,42 @@ class Progress:
     t_start: float = field(default_factory=time.time)
 
 
+# ---------------------------------------------------------------- the task: what a run starts from, reads, minimises
+
+
+class Pretraining:
+    """A freshly initialised model, the data stages of data.py, the next-token loss; sft.py and dpo.py subclass it."""
+    reports_perplexity = True   # the validation loss is a per-token cross-entropy
+
+    def tokenizer(self, cfg: Config):
+        return data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
+
+    def data(self, cfg: Config, rt: Runtime, tokenizer):
+        """The training batches, in stages.StagedLoader's interface (next_batch, begin_step, validation, state)."""
+        return stages.StagedLoader(cfg, rt.rank, rt.world, tokenizer)
+
+    def describe_data(self, cfg: Config, step: int) -> str:
+        """What feeds optimizer step `step`, for the start line."""
+        return stages.describe(cfg, stages.stage_at(cfg, step))
+
+    def model(self, cfg: Config, rt: Runtime, resuming: Optional[dict]) -> SmolLM2:
+        """The model before training (a checkpoint being resumed, if any, then loads its weights into it)."""
+        torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
+        return SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
+
+    def loss(self, run: "Run", batch) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss to minimise, and statistics to log beside it (tensors, averaged like the loss)."""
+        x, y = (t.to(run.rt.device, non_blocking=True) for t in batch)   # ids past the vocabulary: refused by data.py
+        return run.net(x, y)[1], {}
+
+    def prompt(self, tokenizer, text: str) -> list[int]:
+        """A sampling.prompts entry as the ids samples continue."""
+        return tokenizer.encode(text).ids
+
+    def stop_id(self, tokenizer) -> int:
+        return data.eos_token_id(tokenizer)
+
+
 # ---------------------------------------------------------------- setup
 
 
@@ -124,7 +165,8 @@ def find_resume(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[P
     return None
 
 
-def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tuple[Run, Optional[Path]]:
+def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
+          task: Pretraining) -> tuple[Run, Optional[Path]]:
     """Runtime, data, model, optimizer; then every part a checkpoint holds, when resuming. -> (run, checkpoint)."""
     rt = setup_runtime(cfg)
     sample_params(cfg)   # refused now, not at the first sample hours in
@@ -137,15 +179,14 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     random.seed(cfg.general.seed)
     np.random.seed(cfg.general.seed)
 
-    tokenizer = data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
-    train_data = stages.StagedLoader(cfg, rt.rank, rt.world, tokenizer)
+    tokenizer = task.tokenizer(cfg)
+    train_data = task.data(cfg, rt, tokenizer)
 
-    torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
-    model = SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
-    torch.manual_seed(cfg.general.seed + rt.rank)
-    model.gradient_checkpointing = cfg.parallelism.recompute_layer
     ckpt_path = find_resume(cfg, resume, run_dir)
     ckpt = training_checkpoint(ckpt_path) if ckpt_path else None
+    model = task.model(cfg, rt, ckpt)
+    torch.manual_seed(cfg.general.seed + rt.rank)
+    model.gradient_checkpointing = cfg.parallelism.recompute_layer
     if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
         load_state_into(model, ckpt["model"], str(ckpt_path))
     net = distributed.wrap(model, cfg, rt)
@@ -154,7 +195,8 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool) -> tu
     optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt),
                                 cfg.run.weight_decay_exclude_1d)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, uploader, evals)
+    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, task, uploader,
+              evals)
     if ckpt is not None:
         restore(run, ckpt_path, ckpt)
     train_data.begin_step(run.step + 1)   # the stage of the next step, at its position (the start line names it)
@@ -198,7 +240,7 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
     parts += [note] if note else []
     parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # README: threads
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
-              f"data {stages.describe(cfg, stages.stage_at(cfg, run.step + 1))}", peak_flops(rt.device)[1]]
+              f"data {run.task.describe_data(cfg, run.step + 1)}", peak_flops(rt.device)[1]]
     every = cfg.logging.iteration_step_info_interval
     parts += [f"loss: mean of the {every} steps since the previous line"] if every > 1 else []
     parts += [f"resumed from {ckpt_path} at step {run.step}"] if ckpt_path else []
@@ -208,24 +250,25 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
 # ---------------------------------------------------------------- one optimizer step
 
 
-def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float]:
-    """One update from k micro-batches -> (mean loss, gradient norm before clipping, LR). A non-finite loss or
-    gradient skips the update (fp16's GradScaler lowers its scale instead); too many in a row stop the run."""
+def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float, dict]:
+    """One update from k micro-batches -> (mean loss, gradient norm before clipping, LR, the task's statistics). A
+    non-finite loss or gradient skips the update (fp16's GradScaler lowers its scale instead); too many in a row stop
+    the run."""
     cfg, rt, k = run.cfg, run.rt, run.accumulation
     lr = lr_at(run.step, cfg.optimizer.learning_rate_scheduler, cfg.tokens.train_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), device=rt.device)
+    sums: dict[str, torch.Tensor] = {}
     for micro in range(k):
-        x, y = run.train_data.next_batch()   # ids past the vocabulary are refused there, before the GPU asserts
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        batch = run.train_data.next_batch()
         with distributed.gradient_sync(run.net, last_micro_batch=micro == k - 1):
             with rt.autocast():
-                _, loss = run.net(x, y)
+                loss, stats = run.task.loss(run, batch)
             # the gradients of k micro-batches add up; dividing each loss by k makes that sum a mean
             run.scaler.scale(loss / k).backward()
-        loss_sum += loss.detach().float()
-    step_loss = mean_across_ranks(loss_sum / k, rt).item()
+        add_up(sums, {"loss": loss, **stats})
+    stats = mean_of(sums, k, rt)
+    step_loss = stats.pop("loss")
     run.scaler.unscale_(run.optimizer)
     grad_norm = distributed.clip_grad_norm(run.model, cfg.optimizer.clip_grad or float("inf"))
     overflow = run.scaler.is_enabled() and not math.isfinite(grad_norm)
@@ -236,7 +279,17 @@ def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float]:
         skip_update(run, progress, step_loss, grad_norm)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, lr
+    return step_loss, grad_norm, lr, stats
+
+
+def add_up(sums: dict, values: dict) -> None:
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0) + value.detach().float()
+
+
+def mean_of(sums: dict, n: int, rt: Runtime) -> dict[str, float]:
+    """Each sum over n micro-batches as a mean over them and over every rank (one all-reduce for all of them)."""
+    return dict(zip(sums, mean_across_ranks(torch.stack(list(sums.values())) / n, rt).tolist()))
 
 
 def skip_update(run: Run, progress: Progress, loss: float, grad_norm: float) -> None:
@@ -266,9 +319,10 @@ def track_loss(run: Run, progress: Progress, loss: float) -> None:
     progress.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
 
 
-def log_progress(run: Run, progress: Progress, grad_norm: float, lr: float) -> None:
+def log_progress(run: Run, progress: Progress, grad_norm: float, lr: float, stats: dict) -> None:
     """The train log line (rank 0): the mean loss of the steps since the previous line (one step's loss swings too
-    much to read), the last step's LR and gradient norm, tokens/s and MFU; the same record to metrics.jsonl."""
+    much to read), the last step's LR, gradient norm and task statistics (DPO's), tokens/s and MFU; the same record
+    to metrics.jsonl."""
     cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
     now = time.time()
     tok_s = progress.steps_since_log * run.tokens_per_step / max(now - progress.t_log, 1e-9)
@@ -280,8 +334,9 @@ def log_progress(run: Run, progress: Progress, grad_norm: float, lr: float) -> N
               "tok_per_s": tok_s,
               "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
               if peak else None,
-              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device)}
-    print(format_train_line(record), flush=True)
+              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device),
+              **stats}
+    print(format_train_line(record, extra=stats), flush=True)
     run.log.write(record)
     progress.t_log, progress.t_said, progress.steps_since_log = now, now, 0
     progress.loss_sum, progress.loss_count = 0.0, 0
@@ -312,22 +367,23 @@ def validate(run: Run) -> float:
     same batches every time), and their mean weighted by the running stage's mixing weights. Every rank takes part
     (each reads its own share, and FSDP's forward needs them all)."""
     run.net.eval()
-    batches, losses, weights = run.cfg.tokens.limit_val_batches, {}, {}
+    batches, losses, weights, stats = run.cfg.tokens.limit_val_batches, {}, {}, {}
     for name, weight, loader in run.train_data.validation():
         loader.reset()
-        total = torch.zeros((), device=run.rt.device)
+        sums: dict[str, torch.Tensor] = {}
         for _ in range(batches):
-            x, y = loader.next_batch()
             with run.rt.autocast():
-                _, loss = run.net(x.to(run.rt.device), y.to(run.rt.device))
-            total += loss.float()
-        losses[name], weights[name] = mean_across_ranks(total / batches, run.rt).item(), weight
+                loss, batch_stats = run.task.loss(run, loader.next_batch())
+            add_up(sums, {"loss": loss, **batch_stats})
+        stats = mean_of(sums, batches, run.rt)   # the task's statistics (DPO's) come from its one source
+        losses[name], weights[name] = stats.pop("loss"), weight
     run.net.train()
     run.val_loss = sum(weights[n] * losses[n] for n in losses) / sum(weights.values())
     if run.rt.main:
-        record = {"kind": "val", "step": run.step, "stage": run.train_data.name, "loss": run.val_loss,
-                  "ppl": math.exp(min(run.val_loss, 50)), "sources": losses}
-        print(format_val_line(record), flush=True)
+        ppl = {"ppl": math.exp(min(run.val_loss, 50))} if run.task.reports_perplexity else {}
+        record = {"kind": "val", "step": run.step, "stage": run.train_data.name, "loss": run.val_loss, **ppl,
+                  "sources": losses, **stats}
+        print(format_val_line(record, extra=stats), flush=True)
         run.log.write(record)
         plot_losses(run.log.path, run.run_dir / "loss.png")
     return run.val_loss
@@ -340,9 +396,9 @@ def write_samples(run: Run) -> None:
         return
     s = run.cfg.sampling
     room = max(1, run.cfg.model.model_config.max_position_embeddings - s.max_new_tokens)
-    prompts = [run.tokenizer.encode(p).ids[-room:] for p in s.prompts]   # a long prompt keeps its newest tokens
+    prompts = [run.task.prompt(run.tokenizer, p)[-room:] for p in s.prompts]   # a long prompt keeps its newest tokens
     with run.rt.autocast():
-        outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=data.eos_token_id(run.tokenizer),
+        outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=run.task.stop_id(run.tokenizer),
                         seed=run.cfg.general.seed)
     if run.rt.main:
         for prompt, out in zip(s.prompts, outs):
@@ -390,12 +446,13 @@ def save(run: Run, reason: str) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool = False) -> dict:
+def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool = False,
+          task: Optional[Pretraining] = None) -> dict:
     """Run (or continue) training; returns the final step, train and validation loss, and `stopped_by` (a signal's
     name) or `complete` (a resumed run had nothing left to do).
     explicit_accumulation: the command line set tokens.batch_accumulation_per_replica, which then wins over keeping
-    parallelism.dp's global batch."""
-    run, ckpt_path = setup(cfg, resume, explicit_accumulation)
+    parallelism.dp's global batch. task: pretraining unless given (sft.py, dpo.py)."""
+    run, ckpt_path = setup(cfg, resume, explicit_accumulation, task or Pretraining())
     rt, steps = run.rt, cfg.tokens.train_steps
     if run.step >= steps:
         finish(run)
@@ -429,7 +486,7 @@ def loop(run: Run, progress: Progress, stop_asked) -> Optional[str]:
     while run.step < steps:
         if run.train_data.begin_step(run.step + 1) and rt.main:   # a new data stage starts with this step
             print(f"data: {stages.describe(cfg, stages.stage_at(cfg, run.step + 1))} starts", flush=True)
-        loss, grad_norm, lr = optimizer_step(run, progress)
+        loss, grad_norm, lr, stats = optimizer_step(run, progress)
         run.step += 1
         run.tokens_seen += run.tokens_per_step
         progress.steps_since_log += 1
@@ -441,7 +498,7 @@ def loop(run: Run, progress: Progress, stop_asked) -> Optional[str]:
         if rt.main and (run.step % cfg.logging.iteration_step_info_interval == 0 or last):
             if show_bar:
                 sys.stderr.write("\r\033[K")   # clear the bar; the log line takes its place
-            log_progress(run, progress, grad_norm, lr)
+            log_progress(run, progress, grad_norm, lr, stats)
         elif rt.main and not show_bar:
             still_running(run, progress)
         if validation_due(cfg, run.step):
@@ -487,27 +544,31 @@ def finish(run: Run, stopped: bool = False) -> None:
                             f"what is missing there is kept in {run.run_dir}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def arg_parser(doc: str, example: str) -> argparse.ArgumentParser:
+    """The command line of train.py, sft.py and dpo.py: --config, --resume and key=value overrides."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a nanotron-format YAML file, e.g. config_tiny.yaml")
+    parser.add_argument("--config", required=True, help=f"a nanotron-format YAML file, e.g. {example}")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the newest checkpoint of the run (no value; the bucket's when the run dir "
                              "has none), from this checkpoint file, or from s3://bucket/prefix[/checkpoints/step_N.pt]")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokens.micro_batch_size=4")
-    planner.add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_command(args, make_task: Callable[[Config], Pretraining], script: str) -> int:
+    """Load the config, build the task, train (or plan, --plan); problems a user can fix are one line and exit 2."""
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides.append(args.resume)   # `--resume key=value`: argparse took the override for a checkpoint
         args.resume = "latest"
     explicit = any(o.split("=", 1)[0].strip() == "tokens.batch_accumulation_per_replica" for o in args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.plan:   # memory, fit, time and cost of this config on --gpu; nothing is trained or loaded
+        if getattr(args, "plan", False):   # train.py --plan: memory, fit, time and cost on --gpu; nothing is trained
             print(planner.report(cfg, args, explicit))
             return 0
-        result = train(cfg, args.resume, explicit)
-    except (ConfigError, CheckpointError, data.DataError, remote.RemoteError) as e:
+        result = train(cfg, args.resume, explicit, make_task(cfg))
+    except (ConfigError, CheckpointError, ChatError, data.DataError, remote.RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
@@ -521,10 +582,10 @@ def main(argv=None) -> int:
         return 130
     if os.environ.get("RANK", "0") != "0":   # under torchrun, rank 0 speaks for the run
         return 0
-    again = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume"])
+    again = shlex.join(["python", script, "--config", args.config, *args.overrides, "--resume"])
     if result.get("complete"):
         steps = cfg.tokens.train_steps
-        more = shlex.join(["python", "train.py", "--config", args.config, *args.overrides,
+        more = shlex.join(["python", script, "--config", args.config, *args.overrides,
                            f"tokens.train_steps={2 * max(steps, result['step'])}", "--resume"])   # the last one wins
         print(f"the run is complete: step {result['step']} of tokens.train_steps={steps}. To train further, resume "
               f"with more steps, e.g. {more} (the LR schedule follows the new length)", flush=True)
@@ -535,6 +596,19 @@ def main(argv=None) -> int:
     val = f"{result['val_loss']:.3f}" if result["val_loss"] is not None else "n/a"
     print(f"done: step {result['step']} | train loss {result['train_loss']:.3f} | val loss {val}", flush=True)
     return 0
+
+
+def pretraining(cfg: Config) -> Pretraining:
+    for name in ("sft", "dpo"):
+        if getattr(cfg, name) is not None:
+            raise ConfigError(f"{name}: this config fine-tunes a checkpoint; run it with {name}.py, not train.py")
+    return Pretraining()
+
+
+def main(argv=None) -> int:
+    parser = arg_parser(__doc__, "config_tiny.yaml")
+    planner.add_arguments(parser)
+    return run_command(parser.parse_args(argv), pretraining, "train.py")
 
 
 if __name__ == "__main__":

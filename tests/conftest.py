@@ -33,12 +33,13 @@ def corpus(folder, tag: str, n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def byte_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE with <|endoftext|> as id 0, as data.py trains for real runs, in miniature."""
+def byte_bpe(texts: list[str], vocab_size: int, special: tuple = ("<|endoftext|>",)) -> Tokenizer:
+    """A byte-level BPE with <|endoftext|> as id 0 (then any other special tokens), as data.py trains for real runs,
+    in miniature."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     assert tok.token_to_id("<|endoftext|>") == 0
     return tok
@@ -110,3 +111,44 @@ def run_on_a_full_disk(folder: Path, argv: list[str], cwd, size_kb: int, file_li
                                               resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))))
     files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
     return proc.returncode, proc.stdout, proc.stderr, files, "File too large"
+
+
+# two conversations a tiny model learns by heart in seconds: enough to hold a chat that ends its replies itself
+CHATS = [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there, friend"},
+          {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "very well, thanks"}],
+         [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you soon"}]]
+
+
+def train_chat_model(run_dir, steps: int = 120):
+    """A tiny SmolLM2 trained on CHATS in SmolLM2's chat format, saved as train.py lays a run out (a checkpoint with
+    its config, tokenizer.json beside it); returns the model."""
+    import numpy as np
+    import torch
+
+    import chat
+    import chat_data
+    from checkpoint import save_atomic
+    from config import config_to_dict
+    from model import SmolLM2
+    # enough merges (356 tokens in all) that a two-turn prompt, default system turn included, is 45 tokens: it fits
+    # the 64-token prompt limit of tests/test_app.py's server
+    tok = byte_bpe([chat.render(c) for c in CHATS] * 20, 400, ("<|endoftext|>", *chat.CHAT_TOKENS))
+    cfg = config_from_dict({"model": {"model_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 384, "max_position_embeddings": 128}},
+        "tokens": {"sequence_length": 128}})
+    rows, _ = chat_data.sft_rows([{"messages": c} for c in CHATS], tok, 128, packing=True, pad_id=0)
+    x, y, seg = (torch.from_numpy(rows[:, c].astype(np.int64)) for c in range(3))
+    torch.manual_seed(0)
+    model = SmolLM2(cfg.model.model_config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        _, loss = model(x, y, segments=seg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
+                 "train_state": {"step": steps, "tokens_seen": 0, "val_loss": loss.item()}},
+                run_dir / "checkpoints" / f"step_{steps:08d}.pt")
+    tok.save(str(run_dir / "tokenizer.json"))
+    return model.eval()

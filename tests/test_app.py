@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 import app
-from conftest import byte_bpe
+from conftest import CHATS, byte_bpe, train_chat_model
 from checkpoint import CheckpointError, load_model, save_atomic
 from config import config_from_dict, config_to_dict
 from convert_hf import export_hf
@@ -91,12 +91,13 @@ class RunsCodeWhenUnpickled:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """tmp/runs: run1 (steps 60, 120), broken (a corrupt checkpoint), evil (a pickle that runs code), export (HF);
+    """tmp/runs: run1 (steps 60, 120), chat (a model that holds CHATS' conversations), broken (a corrupt checkpoint), evil (a pickle that runs code), export (HF);
     tmp/outside: a valid checkpoint that must stay out of reach, also linked from runs/escape."""
     tmp = tmp_path_factory.mktemp("app")
     root = tmp / "runs"
     tok = byte_bpe([TEXT] * 4, 320)
     train_tiny_model(tok, root / "run1")
+    train_chat_model(root / "chat")
     export_hf(str(root / "run1"), str(root / "export"))
     (root / "broken" / "checkpoints").mkdir(parents=True)
     (root / "broken" / "checkpoints" / "step_00000010.pt").write_bytes(b"PK\x03\x04 not really a zip" * 10)
@@ -228,6 +229,7 @@ def sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=40, repetition_
 def test_listing_names_runs_their_checkpoints_and_hf_exports_but_not_what_lies_outside(runs):
     names = [value for _, value in app.find_checkpoints(runs)]
     assert names == ["broken", "broken/checkpoints/step_00000010.pt", "cfgtok", "cfgtok/checkpoints/step_00000060.pt",
+                     "chat", "chat/checkpoints/step_00000120.pt",
                      "evil", "evil/step_00000001.pt", "linked/checkpoints/step_00000060.pt",   # not its linked newest
                      "metlink", "metlink/checkpoints/step_00000120.pt", "metlink/checkpoints/step_00000060.pt",
                      "run1", "run1/checkpoints/step_00000120.pt", "run1/checkpoints/step_00000060.pt",
@@ -472,6 +474,23 @@ def test_a_port_already_in_use_is_one_line(runs):
         proc = run_app("--checkpoint_dir", str(runs), "--port", str(port))
     assert proc.returncode == 2 and f"--port {port}: cannot listen there" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_chat_keeps_the_conversation_and_streams_each_reply_until_im_end(client, runs):
+    job = client.submit("chat", "hello", [], "", *sampling(), api_name="/chat")
+    history = job.result()
+    first = app.as_messages(history)   # Gradio sends each message's content as a list of parts
+    assert first == CHATS[0][:2]   # the reply stops at <|im_end|>, long before 40 new tokens
+    seen = [app.as_messages(m)[-1]["content"] for m in job.outputs() if len(m) == 2]
+    assert len(seen) > 2 and seen[-1] == CHATS[0][1]["content"]
+    assert all(seen[-1].startswith(part) for part in seen)   # streamed: each update extends the one before
+    second = client.submit("chat", "how are you?", history, "", *sampling(), api_name="/chat").result()
+    assert app.as_messages(second) == CHATS[0]   # the reply to the second turn, with the first in context
+
+
+def test_the_chat_refuses_a_checkpoint_whose_tokenizer_has_no_chat_tokens(client):
+    with pytest.raises(Exception, match="fine-tune the checkpoint with sft.py"):
+        client.predict("run1", "hello", [], "", *sampling(), api_name="/chat")
 
 
 # ---------------------------------------------------------------- in a real browser

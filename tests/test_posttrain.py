@@ -1,0 +1,297 @@
+"""sft.py and dpo.py as a user runs them: they learn (held-out exact match and preference accuracy rise), resume
+exactly after a SIGKILL, keep DPO's reference frozen, compute DPO's loss as the paper writes it, and refuse bad
+configs in one line. The starting checkpoint is a small SmolLM2 whose tokenizer (trained on the built-in tasks' text)
+lacks the chat tokens, so every run also goes through adding them."""
+
+import itertools
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import chat
+import chat_data
+import chat_tasks
+import dpo
+import sft
+import train
+from checkpoint import list_checkpoints, load_checkpoint, load_model, save_atomic
+from config import config_from_dict, config_to_dict, load_config
+from conftest import byte_bpe
+from metrics import read_metrics
+from model import SmolLM2
+
+ROOT = Path(__file__).resolve().parent.parent
+# one thread: these small models gain little from a second, and on a busy machine OpenMP's waiting threads make a run
+# several times slower
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def make_base(run_dir: Path, hidden: int, layers: int) -> Path:
+    """A freshly initialised model saved as a pretraining run (checkpoint + tokenizer.json without chat tokens)."""
+    texts = [chat.render(chat_tasks.as_conversation(e)["messages"])
+             for e in itertools.islice(chat_tasks.examples(seed=99), 3000)]
+    tok = byte_bpe(texts, 512)
+    run_dir.mkdir(parents=True)
+    tok.save(str(run_dir / "tokenizer.json"))
+    cfg = config_from_dict({"model": {"model_config": {
+        "hidden_size": hidden, "intermediate_size": 2 * hidden + hidden // 2, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256}},
+        "tokens": {"sequence_length": 256}, "tokenizer": {"tokenizer_name_or_path": str(run_dir / "tokenizer.json")}})
+    torch.manual_seed(0)
+    save_atomic({"model": SmolLM2(cfg.model.model_config).state_dict(), "config": config_to_dict(cfg),
+                 "train_state": {"step": 0}}, run_dir / "checkpoints" / "step_00000000.pt")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("small") / "base", hidden=64, layers=2)
+
+
+def write_config(folder: Path, section: str, start: Path, **overrides) -> Path:
+    """An sft/dpo config starting from `start` with the built-in tasks, writing its run to folder/run."""
+    cfg = {section: {"model_name_or_path": str(start), "max_examples": 1000, "val_examples": 64},
+           "tokens": {"sequence_length": 128, "micro_batch_size": 8, "train_steps": 12, "val_check_interval": 6,
+                      "limit_val_batches": 2},
+           "optimizer": {"learning_rate_scheduler": {"learning_rate": 3e-3, "lr_warmup_steps": 5,
+                                                     "lr_decay_style": "cosine", "min_decay_lr": 3e-4},
+                         "weight_decay": 0.01},
+           "checkpoints": {"checkpoints_path": str(folder / "run"), "checkpoint_interval": 6},
+           "logging": {"iteration_step_info_interval": 1}, "model": {"dtype": "float32"},
+           "run": {"keep_last_checkpoints": 10}, "sampling": {"interval": 0},
+           "general": {"seed": 1}}
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return folder / "config.yaml"
+
+
+def run_script(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=ENV, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def scores(script: str, config: Path, *checkpoints, key: str) -> list[float]:
+    """`sft.py/dpo.py --score`: the figure after `key` on each checkpoint's line."""
+    out = run_script(script, "--config", config, "--score", *checkpoints).stdout.strip().splitlines()
+    assert len(out) == len(checkpoints), out
+    return [float(line.split(key, 1)[1].split()[0].rstrip(",")) for line in out]
+
+
+# ---------------------------------------------------------------- they learn
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(config, starting checkpoint, run dir) of a 200-step SFT of a fresh 4-layer model on the built-in tasks."""
+    tmp = tmp_path_factory.mktemp("sft")
+    base = make_base(tmp / "base", hidden=128, layers=4)
+    config = write_config(tmp, "sft", base, **{
+        "sft.max_examples": 8000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 200,
+        "tokens.val_check_interval": 50, "checkpoints.checkpoint_interval": 200, "tokens.limit_val_batches": 4,
+        "sampling.interval": 200, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})
+    out = run_script("sft.py", "--config", config).stdout
+    assert "chat: the tokenizer had no <|im_start|>, <|im_end|>: added as ids 512, 513" in out
+    assert "sample @ 200 | 'How many items are in this list?\\nowl,sun,tree' -> '3'" in out   # ended by <|im_end|>
+    return config, base, tmp / "run"
+
+
+def test_sft_raises_held_out_exact_match_from_zero(sft_run):
+    config, base, run = sft_run
+    before, after = scores("sft.py", config, base, run, key="exact match")
+    assert before == 0.0 and after >= 0.25, (before, after)
+    cfg = load_config(str(config))
+    per_task = sft.score(cfg, str(run))["tasks"]
+    assert per_task["count"] >= 0.9, per_task   # a whole skill, on prompts it never saw
+    val = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "val"]
+    assert val[-1] < val[0] - 0.2, val
+
+
+def test_dpo_raises_held_out_preference_accuracy_above_one_half(sft_run, tmp_path):
+    _, _, sft_dir = sft_run
+    config = write_config(tmp_path, "dpo", sft_dir, **{
+        "dpo.max_examples": 1000, "dpo.val_examples": 128, "tokens.micro_batch_size": 16, "tokens.train_steps": 40,
+        "tokens.val_check_interval": 40, "checkpoints.checkpoint_interval": 40, "tokens.limit_val_batches": 8,
+        "optimizer.learning_rate_scheduler.learning_rate": 1e-4, "optimizer.learning_rate_scheduler.min_decay_lr": 1e-5,
+        "optimizer.weight_decay": 0.0})
+    out = run_script("dpo.py", "--config", config).stdout
+    assert "val accuracy" in out and "val ppl" not in out
+    before, after = scores("dpo.py", config, sft_dir, tmp_path / "run", key="preference accuracy")
+    assert before == 0.5 and after >= 0.6, (before, after)   # 0.5: the policy equals the reference, no preference
+
+
+# ---------------------------------------------------------------- DPO: the loss, the reference
+
+
+def test_dpo_loss_and_gradient_equal_a_hand_computed_example():
+    beta = 0.5
+    pc = torch.tensor([-2.0, -4.0], requires_grad=True)     # policy: log p(chosen), log p(rejected) of two pairs
+    pr = torch.tensor([-3.0, -1.0], requires_grad=True)
+    rc, rr = torch.tensor([-2.5, -4.0]), torch.tensor([-2.5, -1.5])   # reference
+    loss, stats = dpo.dpo_loss(pc, pr, rc, rr, beta)
+    # pair 1: rewards 0.5*(0.5) = 0.25 and 0.5*(-0.5) = -0.25, margin 0.5; pair 2: 0 and 0.25, margin -0.25
+    margins = [0.5, -0.25]
+    want = sum(math.log(1 + math.exp(-m)) for m in margins) / 2   # -log sigmoid(m) = log(1 + e^-m)
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert stats["margin"].item() == pytest.approx(0.125) and stats["accuracy"].item() == 0.5
+    assert stats["chosen_reward"].item() == pytest.approx(0.125) and stats["rejected_reward"].item() == 0.0
+    loss.backward()
+    # d/d log p(chosen) = -beta * sigmoid(-m) / 2 per pair; d/d log p(rejected) is its opposite
+    grad = [-beta / (1 + math.exp(m)) / 2 for m in margins]
+    assert pc.grad.tolist() == pytest.approx(grad, abs=1e-7)
+    assert pr.grad.tolist() == pytest.approx([-g for g in grad], abs=1e-7)
+
+
+def test_reply_logprobs_sum_the_replys_token_logprobs_and_nothing_else(small_base, tmp_path):
+    cfg = load_config(str(write_config(tmp_path, "dpo", small_base)))
+    model, tok, _ = sft.start_from(cfg, cfg.dpo)
+    pairs = [{"prompt": "Reverse: owl sun", "chosen": "sun owl", "rejected": "owl sun"}]
+    rows, _ = chat_data.dpo_rows(pairs, tok, 64, pad_id=0)
+    batch = tuple(torch.from_numpy(rows[:, c].astype("int64")) for c in range(4))
+    chosen, rejected = dpo.reply_logprobs(model, batch, "cpu")
+    for got, (x, y) in zip((chosen, rejected), (batch[:2], batch[2:])):
+        logp = F.log_softmax(model(x)[0].float(), -1)
+        want = sum(logp[0, t, y[0, t]] for t in range(y.shape[1]) if y[0, t] != -100)
+        torch.testing.assert_close(got[0], want)
+        assert 3 <= (y != -100).sum() <= 6   # the reply's few tokens and <|im_end|>, not the prompt
+
+
+def test_the_reference_stays_frozen_in_eval_mode_while_the_policy_learns(small_base, tmp_path):
+    cfg = load_config(str(write_config(tmp_path, "dpo", small_base, **{"tokens.train_steps": 6})))
+    task = dpo.DPO(cfg)
+    start = {k: v.clone() for k, v in task.start.state_dict().items()}
+    train.train(cfg, task=task)
+    ref = task.reference
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(ref.state_dict()[k], start[k]) for k in start)   # the reference is still the start
+    policy = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["model"]
+    assert not torch.equal(policy["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    batch = chat_data.loaders(cfg, task.tokenizer(cfg), 0, 1).val.next_batch()   # held-out pairs
+    first, second = dpo.reply_logprobs(ref, batch, "cpu"), dpo.reply_logprobs(ref, batch, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))   # deterministic: nothing random in eval mode
+
+
+# ---------------------------------------------------------------- exact resume after SIGKILL
+
+
+def kill_after_first_checkpoint(script: str, config: Path, run_dir: Path) -> None:
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--config", str(config)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step_00000008.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-8 checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def losses(run_dir: Path, kind: str = "train") -> list:
+    return [(r["step"], r["loss"], r.get("accuracy")) for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py"])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(small_base, tmp_path, script):
+    section = script.removesuffix(".py")
+    settings = {"tokens.train_steps": 24, "checkpoints.checkpoint_interval": 8, "tokens.val_check_interval": 12}
+    straight = write_config(tmp_path / "a", section, small_base, **settings)
+    run_script(script, "--config", straight)
+    killed = write_config(tmp_path / "b", section, small_base, **settings)
+    kill_after_first_checkpoint(script, killed, tmp_path / "b" / "run")
+    assert len(losses(tmp_path / "b" / "run")) < 24
+    out = run_script(script, "--config", killed, "--resume").stdout
+    assert "resumed from" in out
+    assert losses(tmp_path / "b" / "run") == losses(tmp_path / "a" / "run")              # bitwise, with DPO's stats
+    assert losses(tmp_path / "b" / "run", "val") == losses(tmp_path / "a" / "run", "val")
+    final = [load_checkpoint(list_checkpoints(tmp_path / k / "run")[-1])["model"] for k in "ab"]
+    assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
+
+
+def test_dpo_under_fsdp_on_two_ranks_equals_one_process(small_base, tmp_path):
+    # the same global batch (accumulation 2 on one process, 1 on each of two ranks); the frozen reference stays whole
+    settings = {"tokens.train_steps": 4, "tokens.batch_accumulation_per_replica": 2, "tokens.val_check_interval": 4,
+                "checkpoints.checkpoint_interval": 4}
+    single = write_config(tmp_path / "one", "dpo", small_base, **settings)
+    fsdp = write_config(tmp_path / "two", "dpo", small_base, **settings, **{"optimizer.zero_stage": 3})
+    run_script("dpo.py", "--config", single)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "dpo.py"), "--config", str(fsdp)], capture_output=True, text=True, cwd=ROOT,
+                          env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2 over 2 processes (ZeRO-3" in proc.stdout and "x 1 accumulation x 2" in proc.stdout
+    one, two = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")   # loss and accuracy per step
+    assert len(one) == len(two) == 4 and one[-1][1] != pytest.approx(math.log(2))   # the policy left the reference
+    for a, b in zip(one, two):
+        assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], abs=1e-5)
+    # (validation differs by design: each rank reads its own limit_val_batches micro-batches of the held-out pairs)
+    weights = [load_model(list_checkpoints(tmp_path / k / "run")[-1])[0].state_dict() for k in ("one", "two")]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- data and configs
+
+
+def test_without_packing_each_conversation_has_a_row_and_its_padding_no_target(small_base):
+    tok = byte_bpe(["Repeat: owl sun"], 300, ("<|endoftext|>", *chat.CHAT_TOKENS))
+    conversations = [chat_tasks.as_conversation(e) for e in itertools.islice(chat_tasks.examples(), 5)]
+    rows, counts = chat_data.sft_rows(conversations, tok, 256, packing=False, pad_id=0)
+    assert rows.shape == (5, 2, 256) and counts["examples"] == 5
+    for row, c in zip(rows, conversations):
+        ids, mask = chat.encode(tok, c["messages"])
+        n = len(ids) - 1
+        assert list(row[0, :n]) == ids[:-1] and (row[0, n:] == 0).all() and (row[1, n:] == -100).all()
+        assert tok.decode([int(t) for t in row[1] if t != -100], skip_special_tokens=False) == \
+            c["messages"][-1]["content"] + chat.IM_END
+
+
+def test_held_out_examples_are_never_trained_on(small_base, tmp_path):
+    cfg = load_config(str(write_config(tmp_path, "sft", small_base)))
+    train_set, val = chat_data.held_out(cfg.sft, cfg.general.seed)
+    assert len(val) == 64 and len(train_set) == 1000
+    prompts = [{c["messages"][0]["content"] for c in split} for split in (train_set, val)]
+    assert len(prompts[1]) == 64 and not prompts[0] & prompts[1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sft.model_name_or_path": None}, "sft.model_name_or_path: the checkpoint to fine-tune is needed"),
+    ({"sft.max_examples": None}, "sft.max_examples: builtin:chat-tasks is an endless stream"),
+    ({"model.model_config": {"rms_norm_eps": 1.0e-6}}, "model.model_config: a fine-tuned model keeps the architecture"),
+    ({"sft.packin": False}, "sft.packin: unknown key; did you mean 'packing'?"),
+])
+def test_a_bad_sft_config_is_one_line_and_exit_2(small_base, tmp_path, overrides, message, capsys):
+    config = write_config(tmp_path, "sft", small_base, **overrides)
+    assert sft.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
+
+
+def test_train_py_refuses_a_fine_tuning_config_and_a_resume_must_start_where_the_run_did(small_base, tmp_path):
+    config = write_config(tmp_path, "sft", small_base, **{"tokens.train_steps": 6})
+    proc = run_script("train.py", "--config", config, check=False)
+    assert proc.returncode == 2 and "run it with sft.py, not train.py" in proc.stderr
+    run_script("sft.py", "--config", config)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("checkpoints", "tokenizer.json"):   # the same weights under another name
+        (other / name).symlink_to(small_base / name)
+    proc = run_script("sft.py", "--config", config, f"sft.model_name_or_path={other}", "--resume", check=False)
+    assert proc.returncode == 2 and "this run started from" in proc.stderr and "resume with" in proc.stderr

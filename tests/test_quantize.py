@@ -7,11 +7,10 @@ trained here until it recites its text, where greedy decoding must agree with fp
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import generate as G
 from checkpoint import load_model
-from config import ModelConfig, load_config
+from config import load_config
 from conftest import byte_bpe
 from model import SmolLM2
 from quantize import Int8Embedding, Int8Linear, QuantizedModelError, quantize_model, quantize_rows

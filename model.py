@@ -7,12 +7,13 @@ rotary layout is HF's rotate-half, so no weight permutation is needed either.
 """
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from config import ModelConfig
 
@@ -144,6 +145,24 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# What a layer keeps for its backward: the outputs of its matmuls and of attention, the costly ops. Everything
+# between them (norms, casts, RoPE, SiLU, products) is recomputed from those in the backward, for a few percent of
+# the step's time: autograd would otherwise keep two or three tensors per such op, most of a layer's memory.
+_KEPT_OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _keep_matmul_outputs(intermediate_size: int, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep _KEPT_OPS' outputs, except down_proj's (the one matmul over the MLP's hidden units): it only feeds the
+    residual sum, which needs nothing for its backward, and a layer's recompute stops before reaching it."""
+    if op in _KEPT_OPS and not (op is torch.ops.aten.mm.default and args[0].shape[-1] == intermediate_size):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class LlamaModel(nn.Module):
     """The decoder stack without the output head: HF calls this `model`, hence the `model.` key prefix."""
 
@@ -211,7 +230,8 @@ class SmolLM2(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:   # one matrix reads tokens in and scores them out
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False   # recompute whole layers, keeping only their inputs (recompute_layer)
+        self.selective_recompute = True       # recompute only what lies between matmuls (run.selective_recompute)
         self.init_weights(init_std)
 
     @torch.no_grad()
@@ -227,6 +247,12 @@ class SmolLM2(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())   # a tied matrix is one parameter, counted once
+
+    def _recompute_policy(self) -> dict:
+        if self.gradient_checkpointing:   # the default policy: recompute everything
+            return {}
+        keep = partial(_keep_matmul_outputs, self.config.intermediate_size)
+        return {"context_fn": partial(create_selective_checkpoint_contexts, keep)}
 
     # ---- KV cache
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
@@ -274,8 +300,8 @@ class SmolLM2(nn.Module):
 
         x = self.model.embed_tokens(input_ids)                                           # (B, T, C)
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, cache_pos, mask, use_reentrant=False)
+            if self.training and torch.is_grad_enabled() and (self.gradient_checkpointing or self.selective_recompute):
+                x = checkpoint(layer, x, cos, sin, cache_pos, mask, use_reentrant=False, **self._recompute_policy())
             else:
                 x = layer(x, cos, sin, cache_pos, mask)
         x = self.model.norm(x)

@@ -11,8 +11,10 @@ the rest is arithmetic on the config. Per GPU, for P parameters on N processes:
 - compute copies of the weights: bf16 autocast caches a cast of every matmul weight until the forward ends (DDP);
   FSDP2 gathers each layer's bf16 weights and keeps them until that layer's backward (zero_stage 1-2: every layer
   at the peak) or frees them after each use (zero_stage 3: about two layers, plus the embedding and head).
-- activations: what autograd keeps from the forward for the backward, tensor by tensor (`layer_bytes`); with
-  parallelism.recompute_layer only each layer's input is kept and one layer at a time is rebuilt in the backward.
+- activations: what the backward needs from the forward, tensor by tensor, in one of three modes (`RECOMPUTE`):
+  everything autograd keeps (`layer_bytes`); with run.selective_recompute (the default) the outputs of the matmuls
+  and of attention only, the rest rebuilt layer by layer in the backward; with parallelism.recompute_layer only each
+  layer's input, and one whole layer at a time is rebuilt.
 - the loss path: one chunk of model.LOSS_CHUNK_TOKENS positions' logits, log-softmax and gradient, never more.
 - the KV cache of the training samples, taken after a step, when activations and gradients are gone.
 The activation counts match peaks measured on the CPU within a few percent (tests/test_planner.py). Flash attention
@@ -32,6 +34,7 @@ from metrics import GPU, GPUS, duration, flops_per_token, human
 from model import LOSS_CHUNK_TOKENS, SmolLM2
 
 GiB = 2 ** 30
+RECOMPUTE = ("none", "selective", "full")   # what a layer keeps for its backward: everything, matmul outputs, input
 RESERVED_GIB = 1.0   # CUDA context, cuBLAS and NCCL workspaces: on the GPU, never available to tensors
 HEADROOM = 0.9       # of the rest: the caching allocator's fragmentation takes some of what is free
 
@@ -72,28 +75,40 @@ def layer_bytes(m: ModelConfig, compute: int, residual: int) -> int:
     return norm(3) + attention + norm(2) + mlp
 
 
+def kept_bytes(m: ModelConfig, compute: int, residual: int, recompute: str) -> int:
+    """Bytes one decoder layer keeps for its backward, per token, under a `recompute` mode (RECOMPUTE)."""
+    C, I, kv = m.hidden_size, m.intermediate_size, m.num_key_value_heads * m.head_dim
+    if recompute == "full":        # the layer's input
+        return residual * C
+    if recompute == "selective":   # its input; q, k, v; attention's output and fp32 logsumexp; o_proj; gate, up
+        return residual * C + compute * (3 * C + 2 * kv + 2 * I) + 4 * m.num_attention_heads
+    return layer_bytes(m, compute, residual)
+
+
 def loss_bytes(m: ModelConfig, tokens: int) -> int:
     """The loss path's peak, in its backward: one chunk's fp32 log-softmax, its gradient and the incoming one."""
     return 12 * min(tokens, LOSS_CHUNK_TOKENS) * m.vocab_size
 
 
-def step_bytes(m: ModelConfig, tokens: int, compute: int, residual: int, recompute: bool,
+def step_bytes(m: ModelConfig, tokens: int, compute: int, residual: int, recompute: str,
                p: Params) -> tuple[dict[str, int], int]:
     """What the forward and backward of `tokens` positions (micro-batch x sequence) add to what is held: by part,
     and at the peak. Under autocast (compute < residual) the forward ends holding a bf16 copy of every matmul
     weight; the backward keeps them unless layers are recomputed (then one layer's and the head's at a time), and
     works on the loss (its first step) or on one layer (each step after), never both."""
     C, I, layer = m.hidden_size, m.intermediate_size, layer_bytes(m, compute, residual)
-    parts = {"activations kept": tokens * (m.num_hidden_layers * (residual * C if recompute else layer)
+    rebuilt = recompute != "none"
+    parts = {"activations kept": tokens * (m.num_hidden_layers * kept_bytes(m, compute, residual, recompute)
                                            + 4 * C + 2 * residual * C)}
     copies = 2 * p.cast if compute < residual else 0
     if copies:
         parts["autocast weight copies"] = copies
     parts["loss path (chunked)"] = loss_bytes(m, tokens)
-    # a layer's backward: its activations again when recomputed, and the gradients flowing through it (two
-    # residual-sized tensors and 4 bytes per MLP unit, as measured)
-    parts["one layer's backward"] = tokens * ((layer if recompute else 0) + 2 * residual * C + 4 * I)
-    copies_in_backward = 2 * (p.layer_cast + p.head) if copies and recompute else copies
+    # a layer's backward: what its recompute rebuilds (the rest of what "none" keeps), and the gradients flowing
+    # through it (two residual-sized tensors and 4 bytes per MLP unit, as measured)
+    rebuilds = layer - kept_bytes(m, compute, residual, recompute) + residual * C if rebuilt else 0
+    parts["one layer's backward"] = tokens * (rebuilds + 2 * residual * C + 4 * I)
+    copies_in_backward = 2 * (p.layer_cast + p.head) if copies and rebuilt else copies
     working = max(parts["loss path (chunked)"], parts["one layer's backward"])
     return parts, parts["activations kept"] + max(copies, copies_in_backward + working)
 
@@ -108,7 +123,7 @@ def samples_kv_bytes(cfg: Config) -> int:
     return 2 * m.num_hidden_layers * len(s.prompts) * m.num_key_value_heads * slots * m.head_dim * 4
 
 
-def memory(cfg: Config, nproc: int, micro_batch: int, recompute: bool, compute: int = 2,
+def memory(cfg: Config, nproc: int, micro_batch: int, recompute: str, compute: int = 2,
            p: Optional[Params] = None) -> tuple[dict[str, int], int]:
     """Bytes per GPU by what holds them, and the peak. compute: 2 for bf16/fp16, 4 for fp32."""
     m, zero = cfg.model.model_config, cfg.optimizer.zero_stage
@@ -135,13 +150,13 @@ class Plan:
     price_per_gpu_hour: Optional[float]
     parameters: int
     accumulation: int
+    recompute: str                 # the config's mode, one of RECOMPUTE
     memory: dict[str, int]
     peak: int
-    other_activations: int         # activations kept with recompute_layer switched
+    activations: dict[str, int]    # activations kept, in each recompute mode
     kv_cache: int
     usable: int
-    largest: int                   # the largest micro-batch that fits, with the config's recompute_layer (0: none)
-    largest_other: int             # ... and with it switched
+    largest: dict[str, int]        # the largest micro-batch that fits, in each recompute mode (0: none)
 
     @property
     def fits(self) -> bool:
@@ -166,7 +181,7 @@ def usable_bytes(gpu: GPU) -> int:
     return int((gpu.memory_gib - RESERVED_GIB) * HEADROOM * GiB)
 
 
-def largest_micro_batch(cfg: Config, nproc: int, gpu: GPU, recompute: bool, compute: int = 2,
+def largest_micro_batch(cfg: Config, nproc: int, gpu: GPU, recompute: str, compute: int = 2,
                         p: Optional[Params] = None) -> int:
     """The largest micro-batch whose peak fits `gpu` (0 when not even 1 does); memory grows with it, so bisect."""
     p = p or count_parameters(cfg.model.model_config)
@@ -189,6 +204,13 @@ def find_gpu(key: str) -> GPU:
     raise ConfigError(f"--gpu {key}: unknown GPU; one of {', '.join(g.key for g in GPUS)}")
 
 
+def recompute_mode(cfg: Config) -> str:
+    """The config's recompute mode: parallelism.recompute_layer wins over run.selective_recompute."""
+    if cfg.parallelism.recompute_layer:
+        return "full"
+    return "selective" if cfg.run.selective_recompute else "none"
+
+
 def precision(cfg: Config) -> str:
     """What run.precision gives on a GPU (runtime.resolve_precision): the config's model.dtype when 'auto'."""
     if cfg.run.precision == "auto":
@@ -203,43 +225,43 @@ def plan(cfg: Config, gpu: str = "a10g", nproc: int = 1, price_per_gpu_hour: Opt
     spec = find_gpu(gpu)
     if nproc < 1 or not 0 < mfu <= 1:
         raise ConfigError(f"--nproc must be >= 1 and --mfu in (0, 1], got {nproc} and {mfu}")
-    t, recompute = cfg.tokens, cfg.parallelism.recompute_layer
+    t, recompute = cfg.tokens, recompute_mode(cfg)
     k = accumulation(cfg, nproc, explicit_accumulation)[0]
     compute = 4 if precision(cfg) == "fp32" else 2
     p = count_parameters(cfg.model.model_config)
     lines, peak = memory(cfg, nproc, t.micro_batch_size, recompute, compute, p)
-    other = memory(cfg, nproc, t.micro_batch_size, not recompute, compute, p)[0]["activations kept"]
-    return Plan(cfg, spec, nproc, mfu, price_per_gpu_hour, p.total, k, lines, peak, other,
-                samples_kv_bytes(cfg),
-                usable_bytes(spec), largest_micro_batch(cfg, nproc, spec, recompute, compute, p),
-                largest_micro_batch(cfg, nproc, spec, not recompute, compute, p))
+    activations = {mode: memory(cfg, nproc, t.micro_batch_size, mode, compute, p)[0]["activations kept"]
+                   for mode in RECOMPUTE}
+    largest = {mode: largest_micro_batch(cfg, nproc, spec, mode, compute, p) for mode in RECOMPUTE}
+    return Plan(cfg, spec, nproc, mfu, price_per_gpu_hour, p.total, k, recompute, lines, peak, activations,
+                samples_kv_bytes(cfg), usable_bytes(spec), largest)
 
 
 def format_plan(p: Plan) -> str:
     cfg, t, g = p.cfg, p.cfg.tokens, p.gpu
-    zero, rec = cfg.optimizer.zero_stage, cfg.parallelism.recompute_layer
+    zero = cfg.optimizer.zero_stage
     mode = "DDP" if zero == 0 or p.nproc == 1 else ("FSDP2, ZeRO-3" if zero >= 3 else "FSDP2, ZeRO-2")
-    on = lambda r: f"recompute_layer {str(r).lower()}"
+    others = lambda values: ", ".join(f"{m}: {values[m]}" for m in RECOMPUTE if m != p.recompute)
     row = lambda name, n, note="": f"  {name:<30}{n / GiB:7.2f} GiB{note}"
     lines = [f"plan: {human(p.parameters)} parameters on {p.nproc} x {g.key} "
              f"({g.memory_gib:g} GiB, {g.bf16_tflops:g} TFLOP/s dense bf16) | {precision(cfg)} | {mode} "
-             f"(optimizer.zero_stage {zero}) | {on(rec)}",
+             f"(optimizer.zero_stage {zero}) | recompute {p.recompute}",
              f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {p.accumulation} accumulation x {p.nproc} "
              f"GPU(s) = {p.tokens_per_step:,} tokens/step",
              "memory per GPU (at the peak, the loss path and one layer's backward come one after the other):"]
     for name, n in p.memory.items():
         note = ""
         if name == "activations kept":
-            note = f"   ({on(not rec)}: {p.other_activations / GiB:.2f} GiB)"
+            note = "   (" + others({m: f"{n / GiB:.2f} GiB" for m, n in p.activations.items()}) + ")"
         elif name == "loss path (chunked)":
             note = f"   ({LOSS_CHUNK_TOKENS} positions at a time)"
-        elif name == "one layer's backward" and rec:
-            note = "   (rebuilt from its input)"
+        elif name == "one layer's backward" and p.recompute != "none":
+            note = "   (rebuilt from what it kept)"
         lines.append(row(name, n, note))
     lines += [row("peak", p.peak, f" of {p.usable / GiB:.1f} usable: " + ("fits" if p.fits else "DOES NOT FIT")),
               row("samples' KV cache", p.kv_cache, "   (after a step, when activations are gone)"),
-              f"largest micro-batch that fits: {p.largest or 'none'} ({on(rec)}), {p.largest_other or 'none'} "
-              f"({on(not rec)})"]
+              f"largest micro-batch that fits: {p.largest[p.recompute] or 'none'} (recompute {p.recompute}; "
+              + others({m: n or "none" for m, n in p.largest.items()}) + ")"]
     cost = (f", ${p.seconds / 3600 * p.nproc * p.price_per_gpu_hour:,.0f} at ${p.price_per_gpu_hour:g}/GPU-hour"
             if p.price_per_gpu_hour is not None else "; --price_per_gpu_hour gives the cost")
     lines.append(f"at {100 * p.mfu:.0f}% MFU: {human(p.tokens_per_s)} tokens/s, {t.train_steps} steps in "

@@ -187,6 +187,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
     model = task.model(cfg, rt, ckpt)
     torch.manual_seed(cfg.general.seed + rt.rank)
     model.gradient_checkpointing = cfg.parallelism.recompute_layer
+    model.selective_recompute = cfg.run.selective_recompute
     if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
         load_state_into(model, ckpt["model"], str(ckpt_path))
     net = distributed.wrap(model, cfg, rt)

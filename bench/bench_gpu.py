@@ -10,7 +10,8 @@ A step is forward + backward + clip + AdamW (fused on CUDA) under bf16 autocast,
 steps (which also absorb compilation). MFU = tokens/s x training FLOPs per token / the GPU's dense bf16 peak
 (metrics.PEAK_TFLOPS, from the vendors' data sheets). Each measurement runs in its own process, so peak memory
 (torch.cuda.max_memory_allocated) belongs to it alone. The FSDP part runs train.py's own wrapping
-(distributed.wrap: optimizer.zero_stage and parallelism.recompute_layer from the 1.7B config) under torchrun.
+(distributed.wrap: optimizer.zero_stage, parallelism.recompute_layer and run.selective_recompute from the 1.7B
+config) under torchrun.
 """
 
 import argparse
@@ -62,7 +63,8 @@ def timed_steps(net, params, tokens, steps: int, warmup: int, device, loss_of) -
 
 
 def single(impl: str, compiled: bool, config: str, steps: int, warmup: int) -> dict:
-    """One process, one device: our model or transformers', eager or compiled, at the config's micro-batch."""
+    """One process, one device: our model (ours-stored: with run.selective_recompute off) or transformers', eager
+    or compiled, at the config's micro-batch."""
     import torch
     from config import load_config
     from metrics import flops_per_token, peak_flops
@@ -74,6 +76,7 @@ def single(impl: str, compiled: bool, config: str, steps: int, warmup: int) -> d
     torch.manual_seed(0)
     model = SmolLM2(mc)
     model.gradient_checkpointing = cfg.parallelism.recompute_layer
+    model.selective_recompute = cfg.run.selective_recompute and impl != "ours-stored"
     if impl == "hf":
         model = hf_twin(model, mc)
         if cfg.parallelism.recompute_layer:
@@ -110,6 +113,7 @@ def fsdp(config: str, steps: int, warmup: int, zero_stage) -> dict:
     torch.manual_seed(0)
     model = SmolLM2(mc).to(rt.device)
     model.gradient_checkpointing = cfg.parallelism.recompute_layer
+    model.selective_recompute = cfg.run.selective_recompute
     net = distributed.wrap(model, cfg, rt)
     tokens = torch.randint(0, mc.vocab_size, (B, T + 1), device=rt.device)
     seconds = timed_steps(net, list(model.parameters()), tokens, steps, warmup, rt.device,
@@ -168,7 +172,7 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
     print(f"{device}: {a.steps} timed steps after {a.warmup} warm-up, bf16 autocast, forward+backward+clip+AdamW")
     print(f"{'what':<28} | {'batch':>14} | {'tok/s':>10} | {'MFU':>6} | {'peak GB':>7}")
-    for impl in ("ours", "hf"):
+    for impl in ("ours", "ours-stored", "hf"):   # ours-stored: run.selective_recompute off, what it costs
         for compiled in ("0", "1"):
             mode = "compiled" if compiled == "1" else "eager"
             name = f"{a.config.split('_')[-1].removesuffix('.yaml')} {impl} {mode}"

@@ -68,12 +68,12 @@ def test_chunks_of_any_size_give_the_full_loss_and_gradients():
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied head", "untied head"])
-@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed layers"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_model_loss_and_every_gradient_equal_full_cross_entropy_in_fp32(tied, recompute):
     tokens, targets = batch(3, 400)   # 1200 positions: a full chunk of 1024 and a partial one
     assert LOSS_CHUNK_TOKENS < tokens.numel() < 2 * LOSS_CHUNK_TOKENS
     m = model(tied)
-    m.gradient_checkpointing = recompute
+    m.gradient_checkpointing, m.selective_recompute = recompute == "full", recompute == "selective"
     loss, grads = loss_and_grads(m, lambda net: net(tokens, targets)[1])
     ref, ref_grads = loss_and_grads(m, lambda net: full_loss(net, tokens, targets))
     assert abs(loss - ref) <= 1e-6 * ref

@@ -167,17 +167,21 @@ def test_loss_skips_ignore_index_and_keeps_eos_as_a_target():
     torch.testing.assert_close(all_eos, -logp[..., eos].mean())
 
 
-def test_activation_checkpointing_gives_identical_gradients():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+def test_recompute_modes_give_identical_gradients(autocast):
+    """Selective recompute (matmul outputs kept, the rest rebuilt) and whole-layer recompute change only memory."""
     tokens, targets = random_tokens((2, 32)), random_tokens((2, 32), seed=6)
-    grads = []
-    for recompute in (False, True):
+    grads = {}
+    for mode in ("none", "selective", "full"):
         model = tiny_model().train()
-        model.gradient_checkpointing = recompute
-        model(tokens, targets)[1].backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+        model.gradient_checkpointing, model.selective_recompute = mode == "full", mode == "selective"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(tokens, targets)[1].backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+    for mode in ("selective", "full"):
+        assert grads[mode].keys() == grads["none"].keys()
+        for name in grads["none"]:
+            torch.testing.assert_close(grads[mode][name], grads["none"][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_init_draws_from_init_std_with_depth_scaled_residual_projections():

@@ -1,5 +1,5 @@
 """planner.py's memory model is what PyTorch does: its activation estimate is within 20% of peaks measured on the CPU
-at three shapes, with and without recompute, in fp32, under bf16 autocast and with bf16 weights; its weights,
+at three shapes, in each recompute mode (none, selective, full), in fp32, under bf16 autocast and with bf16 weights; its weights,
 gradients and optimizer state follow the exact parameter count and divide over FSDP2 ranks; its largest micro-batch
 fits and the next does not; `train.py --plan` prints it in seconds, allocating no weights and reading no data."""
 
@@ -51,12 +51,12 @@ def step(model, x, precision):
     loss.backward()
 
 out = []
-for kwargs, batch, seq, precision, recompute in json.loads(sys.argv[1]):
+for kwargs, batch, seq, precision, mode in json.loads(sys.argv[1]):
     torch.manual_seed(0)
     model = SmolLM2(ModelConfig(**kwargs, max_position_embeddings=seq)).train()
     if precision == 'bf16 weights':
         model = model.bfloat16()
-    model.gradient_checkpointing = recompute
+    model.gradient_checkpointing, model.selective_recompute = mode == 'full', mode == 'selective'
     x = torch.randint(0, kwargs['vocab_size'], (batch, seq + 1))
     step(model, x[:, :17], precision)
     open('/proc/self/clear_refs', 'w').write('5')   # high-water mark := the resident set now
@@ -70,7 +70,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def measured() -> list[int]:
-    runs = [[kw, b, t, prec, rec] for kw, b, t, prec in SHAPES for rec in (False, True)]
+    runs = [[kw, b, t, prec, mode] for kw, b, t, prec in SHAPES for mode in planner.RECOMPUTE]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(runs)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
@@ -79,13 +79,13 @@ def measured() -> list[int]:
 
 
 @pytest.mark.parametrize("shape", range(len(SHAPES)), ids=[s[3] for s in SHAPES])
-@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
+@pytest.mark.parametrize("recompute", planner.RECOMPUTE)
 def test_activation_estimate_is_within_20_percent_of_the_measured_cpu_peak(measured, shape, recompute):
     kwargs, batch, seq, precision = SHAPES[shape]
     m = ModelConfig(**kwargs, max_position_embeddings=seq)
     compute, residual = DTYPES[precision]
     _, estimate = planner.step_bytes(m, batch * seq, compute, residual, recompute, planner.count_parameters(m))
-    got = measured[2 * shape + recompute]
+    got = measured[len(planner.RECOMPUTE) * shape + planner.RECOMPUTE.index(recompute)]
     assert got > 20e6, "too small a step to measure against the process's noise"
     assert abs(estimate - got) <= 0.2 * got, f"estimate {estimate / 1e6:.1f} MB, measured {got / 1e6:.1f} MB"
 
@@ -114,18 +114,18 @@ def test_weights_gradients_and_optimizer_follow_the_exact_parameter_count():
         model = SmolLM2(cfg.model.model_config)
     n = sum(p.numel() for p in model.parameters())   # the tied matrix once
     matmul = {id(mod.weight): mod.weight.numel() for mod in model.modules() if isinstance(mod, nn.Linear)}
-    lines, _ = planner.memory(cfg, nproc=1, micro_batch=1, recompute=False)
+    lines, _ = planner.memory(cfg, nproc=1, micro_batch=1, recompute="none")
     assert lines["weights (fp32)"] == lines["gradients (fp32)"] == 4 * n
     assert lines["AdamW moments (fp32)"] == 8 * n
     assert lines["autocast weight copies"] == 2 * sum(matmul.values())
     assert "DDP gradient buckets" not in lines
-    assert "autocast weight copies" not in planner.memory(config(**{"run.precision": "fp32"}), 1, 1, False, 4)[0]
+    assert "autocast weight copies" not in planner.memory(config(**{"run.precision": "fp32"}), 1, 1, "none", 4)[0]
 
 
 def test_fsdp_shards_over_the_ranks_and_ddp_replicates():
-    ddp, _ = planner.memory(config(), nproc=4, micro_batch=1, recompute=False)
-    zero2, peak2 = planner.memory(config(**{"optimizer.zero_stage": 1}), nproc=4, micro_batch=1, recompute=False)
-    zero3, peak3 = planner.memory(config(**{"optimizer.zero_stage": 3}), nproc=4, micro_batch=1, recompute=False)
+    ddp, _ = planner.memory(config(), nproc=4, micro_batch=1, recompute="none")
+    zero2, peak2 = planner.memory(config(**{"optimizer.zero_stage": 1}), nproc=4, micro_batch=1, recompute="none")
+    zero3, peak3 = planner.memory(config(**{"optimizer.zero_stage": 3}), nproc=4, micro_batch=1, recompute="none")
     for key in ("weights (fp32)", "gradients (fp32)", "AdamW moments (fp32)"):
         assert zero2[key] == zero3[key] == ddp[key] // 4
     assert ddp["DDP gradient buckets"] == ddp["gradients (fp32)"]
@@ -137,13 +137,14 @@ def test_fsdp_shards_over_the_ranks_and_ddp_replicates():
 def test_largest_micro_batch_fits_the_next_does_not_and_grows_with_memory_and_recompute():
     cfg = config()
     by_memory = sorted({g.memory_gib: g for g in GPUS}.values(), key=lambda g: g.memory_gib)   # 16 ... 141 GiB
-    largest = {rec: [planner.largest_micro_batch(cfg, 1, g, rec) for g in by_memory] for rec in (False, True)}
+    largest = {rec: [planner.largest_micro_batch(cfg, 1, g, rec) for g in by_memory] for rec in planner.RECOMPUTE}
     for recompute, sizes in largest.items():
         assert sizes == sorted(sizes) and sizes[0] >= 1
         for gpu, b in zip(by_memory, sizes):
             assert planner.memory(cfg, 1, b, recompute)[1] <= planner.usable_bytes(gpu)
             assert planner.memory(cfg, 1, b + 1, recompute)[1] > planner.usable_bytes(gpu)
-    assert all(r > s for r, s in zip(largest[True], largest[False])), "recompute must make room for more"
+    for less, more in zip(planner.RECOMPUTE, planner.RECOMPUTE[1:]):   # each mode keeps less than the one before
+        assert all(r > s for r, s in zip(largest[more], largest[less])), f"{more} must make room for more"
 
 
 def test_time_and_cost_scale_with_gpus_mfu_and_price():

@@ -7,6 +7,7 @@ rotary layout is HF's rotate-half, so no weight permutation is needed either.
 """
 
 import math
+from contextlib import nullcontext
 from functools import partial
 from typing import Optional
 
@@ -163,6 +164,13 @@ def _keep_matmul_outputs(intermediate_size: int, ctx, op, *args, **kwargs) -> Ch
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _uncached_autocast(device_type: str):
+    """Autocast caches each weight's bf16 cast until its region ends, so a second forward in one region skips the
+    casts its recompute then makes, and selective recompute, which replays a layer op for op, fails. Uncached, the
+    weights' copies also die with their use instead of lasting to the backward."""
+    return torch.autocast(device_type, cache_enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
 class LlamaModel(nn.Module):
     """The decoder stack without the output head: HF calls this `model`, hence the `model.` key prefix."""
 
@@ -299,14 +307,17 @@ class SmolLM2(nn.Module):
         cos, sin = self.model.rotary_emb(positions)
 
         x = self.model.embed_tokens(input_ids)                                           # (B, T, C)
-        for layer in self.model.layers:
-            if self.training and torch.is_grad_enabled() and (self.gradient_checkpointing or self.selective_recompute):
-                x = checkpoint(layer, x, cos, sin, cache_pos, mask, use_reentrant=False, **self._recompute_policy())
-            else:
-                x = layer(x, cos, sin, cache_pos, mask)
-        x = self.model.norm(x)
-        if targets is not None:
-            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, ignore_index, per_row=per_row)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x), None                                                      # (B, T, V)
+        recompute = self.training and torch.is_grad_enabled()
+        recompute = recompute and (self.gradient_checkpointing or self.selective_recompute)
+        with _uncached_autocast(x.device.type) if recompute else nullcontext():
+            for layer in self.model.layers:
+                if recompute:
+                    x = checkpoint(layer, x, cos, sin, cache_pos, mask, use_reentrant=False, **self._recompute_policy())
+                else:
+                    x = layer(x, cos, sin, cache_pos, mask)
+            x = self.model.norm(x)
+            if targets is not None:
+                return None, chunked_cross_entropy(x, self.lm_head.weight, targets, ignore_index, per_row=per_row)
+            if last_only:
+                x = x[:, -1:]
+            return self.lm_head(x), None                                                  # (B, T, V)

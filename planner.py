@@ -8,7 +8,8 @@ Nothing is allocated and no data is read: the parameter counts are the real mode
 the rest is arithmetic on the config. Per GPU, for P parameters on N processes:
 - weights and gradients in fp32, 4P bytes each, and AdamW's two fp32 moments, 8P. optimizer.zero_stage 0 (DDP) keeps
   all of it on every GPU, plus DDP's gradient buckets (another 4P) when N > 1; zero_stage >= 1 (FSDP2) shards it /N.
-- compute copies of the weights: bf16 autocast caches a cast of every matmul weight until the forward ends (DDP);
+- compute copies of the weights: bf16 autocast caches a cast of every matmul weight until the forward ends (DDP)
+  when nothing is recomputed, and casts them per use otherwise (one layer's and the head's at a time);
   FSDP2 gathers each layer's bf16 weights and keeps them until that layer's backward (zero_stage 1-2: every layer
   at the peak) or frees them after each use (zero_stage 3: about two layers, plus the embedding and head).
 - activations: what the backward needs from the forward, tensor by tensor, in one of three modes (`RECOMPUTE`):
@@ -94,23 +95,21 @@ def step_bytes(m: ModelConfig, tokens: int, compute: int, residual: int, recompu
                p: Params) -> tuple[dict[str, int], int]:
     """What the forward and backward of `tokens` positions (micro-batch x sequence) add to what is held: by part,
     and at the peak. Under autocast (compute < residual) the forward ends holding a bf16 copy of every matmul
-    weight; the backward keeps them unless layers are recomputed (then one layer's and the head's at a time), and
-    works on the loss (its first step) or on one layer (each step after), never both."""
+    weight, unless layers are recomputed (then one layer's and the head's at a time, uncached); the backward works
+    on the loss (its first step) or on one layer (each step after), never both."""
     C, I, layer = m.hidden_size, m.intermediate_size, layer_bytes(m, compute, residual)
     rebuilt = recompute != "none"
     parts = {"activations kept": tokens * (m.num_hidden_layers * kept_bytes(m, compute, residual, recompute)
                                            + 4 * C + 2 * residual * C)}
-    copies = 2 * p.cast if compute < residual else 0
-    if copies:
-        parts["autocast weight copies"] = copies
+    if compute < residual:   # recomputed layers cast per use, uncached (model._uncached_autocast)
+        parts["autocast weight copies"] = 2 * (p.layer_cast + p.head if rebuilt else p.cast)
     parts["loss path (chunked)"] = loss_bytes(m, tokens)
     # a layer's backward: what its recompute rebuilds (the rest of what "none" keeps), and the gradients flowing
     # through it (two residual-sized tensors and 4 bytes per MLP unit, as measured)
     rebuilds = layer - kept_bytes(m, compute, residual, recompute) + residual * C if rebuilt else 0
     parts["one layer's backward"] = tokens * (rebuilds + 2 * residual * C + 4 * I)
-    copies_in_backward = 2 * (p.layer_cast + p.head) if copies and rebuilt else copies
     working = max(parts["loss path (chunked)"], parts["one layer's backward"])
-    return parts, parts["activations kept"] + max(copies, copies_in_backward + working)
+    return parts, parts["activations kept"] + parts.get("autocast weight copies", 0) + working
 
 
 def samples_kv_bytes(cfg: Config) -> int:
@@ -257,6 +256,8 @@ def format_plan(p: Plan) -> str:
             note = f"   ({LOSS_CHUNK_TOKENS} positions at a time)"
         elif name == "one layer's backward" and p.recompute != "none":
             note = "   (rebuilt from what it kept)"
+        elif name == "autocast weight copies" and p.recompute != "none":
+            note = "   (one layer's and the head's at a time)"
         lines.append(row(name, n, note))
     lines += [row("peak", p.peak, f" of {p.usable / GiB:.1f} usable: " + ("fits" if p.fits else "DOES NOT FIT")),
               row("samples' KV cache", p.kv_cache, "   (after a step, when activations are gone)"),

@@ -169,14 +169,18 @@ def test_loss_skips_ignore_index_and_keeps_eos_as_a_target():
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
 def test_recompute_modes_give_identical_gradients(autocast):
-    """Selective recompute (matmul outputs kept, the rest rebuilt) and whole-layer recompute change only memory."""
+    """Selective recompute (matmul outputs kept, the rest rebuilt) and whole-layer recompute change only memory, also
+    for two micro-batches forwarded in one autocast region, whose second finds the weights' casts cached."""
     tokens, targets = random_tokens((2, 32)), random_tokens((2, 32), seed=6)
     grads = {}
     for mode in ("none", "selective", "full"):
         model = tiny_model().train()
         model.gradient_checkpointing, model.selective_recompute = mode == "full", mode == "selective"
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(tokens, targets)[1].backward()
+        # recomputed layers cast their weights once per use, uncached (model._uncached_autocast), and so does the
+        # reference: a cached cast would sum the two micro-batches' weight gradients in bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast, cache_enabled=mode != "none"):
+            losses = model(tokens, targets)[1], model(targets, tokens)[1]
+        sum(losses).backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters()}
     for mode in ("selective", "full"):
         assert grads[mode].keys() == grads["none"].keys()

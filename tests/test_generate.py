@@ -22,6 +22,7 @@ from config import ModelConfig, config_from_dict, config_to_dict
 from conftest import byte_bpe
 from sampling import SamplingParams, TextStream, generate, warp_logits
 from model import SmolLM2
+from quantize import quantize_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("The quick brown fox jumps over the lazy dog. Café déjà vu, naïve façade; Grüße aus Köln. "
@@ -222,12 +223,15 @@ def test_the_layout_calibration_picks_the_layout_with_the_faster_step(monkeypatc
     assert sampling.calibrate_layout(weights, 1) == "column"
 
 
-def test_compiled_decode_step_equals_eager():
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decode_step_equals_eager(quantize):
+    """The compiled decode step gives the eager one's tokens, with fp32 weights and with int8 ones (inductor fuses the
+    casts around the int8 kernel and calls the kernel itself)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     why_not = sampling.compile_unavailable(device)
     if why_not:
         pytest.skip(why_not)
-    model = tiny_model().to(device)
+    model = quantize_model(tiny_model().to(device), quantize)
     prompts = [[5, 17, 33, 2], [77]]
     assert generate(model, prompts, GREEDY, compile=True) == generate(model, prompts, GREEDY)
 

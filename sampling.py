@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from model import SmolLM2
 
@@ -80,22 +82,68 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Ge
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-LAYOUTS = ("row", "column")
+def _can_pack() -> bool:
+    """Whether this PyTorch build has oneDNN's packed-weight matmul (CPU builds with mkldnn: x86 and Arm)."""
+    try:
+        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._reorder_linear_weight) \
+            and callable(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+LAYOUTS = ("row", "column") + (("packed",) if _can_pack() else ())
 _chosen_layouts: dict = {}   # (batch, threads, weight shapes) -> the layout calibrate_layout measured fastest
 
 
-def decode_layout(model: SmolLM2, batch: int) -> str:
-    """The memory order of the Linear weights that decodes `batch` rows per step fastest: "row" or "column".
+def laid(w: torch.Tensor, layout: str) -> torch.Tensor:
+    """w (N, K) stored as `layout` keeps it: row-major, column-major, or packed in oneDNN's blocked order."""
+    if layout == "packed":
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+    return w.t().contiguous().t() if layout == "column" else w.contiguous()
 
-    A decode step multiplies every weight matrix by `batch` activation rows. MKL runs that product from the
-    row-major matrix training leaves or from a column-major copy at speeds that depend on the batch, the thread count
-    and the machine (on our 2-core machine column-major wins at batch 1, and at batch 8 too with one thread but not
-    with two), so the CPU's choice is measured once per batch size and thread count (calibrate_layout).
-    On a GPU, cuBLAS reads either order alike: rows stay.
+
+def product(x: torch.Tensor, w: torch.Tensor, layout: str) -> torch.Tensor:
+    """x (..., K) @ w.T -> (..., N), w as `laid` stores it for `layout`."""
+    if layout == "packed":
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
+
+
+class PackedLinear(nn.Module):
+    """A bias-free Linear whose product runs from a copy of its weight packed by oneDNN (PyTorch's CPU matmul
+    library) into the blocked order its kernel reads fastest. The plain weight stays beside it (parameter names,
+    the other layouts, a tied embedding), so this layout holds the Linear weights twice. x (..., K) -> (..., N)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+        self._pack()
+
+    def _pack(self) -> None:
+        self.register_buffer("packed", laid(self.weight, "packed"), persistent=False)
+        self.packed_version = self.weight._version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # autograd and inductor need the plain weight (inductor packs its own only for frozen graphs)
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight)
+        if self.weight._version != self.packed_version:   # changed in place since it was packed: pack it again
+            self._pack()
+        return product(x, self.packed, "packed")
+
+
+def decode_layout(model: SmolLM2, batch: int) -> str:
+    """How the Linear weights are stored to decode `batch` rows per step fastest: "row", "column" or "packed".
+
+    A decode step multiplies every weight matrix by `batch` activation rows. PyTorch's CPU kernels run that product
+    from the row-major matrix training leaves, from a column-major copy (MKL) or from a copy oneDNN packed for
+    itself, at speeds that depend on the batch, the thread count and the machine (on one 2-core machine column-major
+    won at batch 1 and rows at batch 8; on another, packed won both by 1.5-2.5x), so the CPU's choice is measured
+    once per batch size and thread count (calibrate_layout). On a GPU, cuBLAS reads either order alike: rows stay.
     """
     shapes: dict[tuple, list] = {}   # (N, K) -> the weights of that shape (none when int8: quantize.py has one layout)
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, (nn.Linear, PackedLinear)):
             shapes.setdefault(tuple(module.weight.shape), []).append(module.weight)
     if not shapes or model.lm_head.weight.device.type != "cpu":
         return "row"
@@ -109,15 +157,15 @@ def decode_layout(model: SmolLM2, batch: int) -> str:
 def calibrate_layout(weights: dict, batch: int, repeats: int = 5) -> str:
     """Time one decode step's matrix products in each layout: weights maps (N, K) -> (one weight of that shape,
     how many the model has). Each product's time is the best of `repeats`, the layouts alternating, so a busy machine
-    slows both alike; a few hundred milliseconds at the 135M shape."""
+    slows all alike; a few hundred milliseconds at the 135M shape."""
     best = {(shape, layout): float("inf") for shape in weights for layout in LAYOUTS}
     for shape, (w, _) in weights.items():
         x = torch.randn(batch, shape[1], dtype=w.dtype)
-        laid = {"row": w.contiguous(), "column": w.t().contiguous().t()}
+        copies = {layout: laid(w, layout) for layout in LAYOUTS}
         for _ in range(repeats):
             for layout in LAYOUTS:
                 t0 = time.perf_counter()
-                torch.nn.functional.linear(x, laid[layout])
+                product(x, copies[layout], layout)
                 best[shape, layout] = min(best[shape, layout], time.perf_counter() - t0)
     step = {layout: sum(best[shape, layout] * n for shape, (_, n) in weights.items()) for layout in LAYOUTS}
     return min(LAYOUTS, key=step.get)
@@ -125,10 +173,18 @@ def calibrate_layout(weights: dict, batch: int, repeats: int = 5) -> str:
 
 @torch.no_grad()
 def lay_out(model: SmolLM2, layout: str) -> SmolLM2:
-    """Store each Linear weight row-major (as training leaves it) or column-major: same values, shapes and names.
-    Only what differs is copied; a tied lm_head re-lays the embedding with it."""
+    """Store each Linear weight row-major (as training leaves it), column-major or packed: same values, shapes and
+    parameter names. Only what differs is copied; a tied lm_head re-lays the embedding with it (packed: a copy)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and layout == "packed":
+                setattr(module, name, PackedLinear(child.weight))
+            elif isinstance(child, PackedLinear) and layout != "packed":
+                plain = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False, device="meta")
+                plain.weight = child.weight
+                setattr(module, name, plain)
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, nn.Linear):
             w = module.weight.data
             if layout == "column" and not w.t().is_contiguous():
                 module.weight.data = w.t().contiguous().t()

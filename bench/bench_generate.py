@@ -10,11 +10,10 @@ the rate is batch x (N - 1) / (t_N - t_1). Runs alternate between the contenders
 --repeats, so a busy machine slows all of them alike.
 
 The contenders: our fp32 model in each weight layout ("row-major" is the layout training leaves, "column-major" the
-re-laid one; `*` marks the one sampling.decode_layout measures fastest for the batch, which generate.py and the app
-use), our
-int8 model (quantize.py), and, where inductor can build CPU code, both of ours with the decode step compiled (the
-compile time is printed, not counted). "tokens" compares each contender's greedy tokens with transformers': fp32
-must be identical; int8 gives the share of tokens equal up to the first difference (bench/bench_quantize.py
+re-laid one, "packed" oneDNN's blocked copy; `*` marks the one sampling.decode_layout measures fastest for the batch,
+which generate.py and the app use), our int8 model (quantize.py), and, where inductor can build CPU code, both of ours
+with the decode step compiled (the compile time is printed, not counted). "tokens" compares each contender's greedy
+tokens with transformers': fp32 must be identical; int8 gives the share of tokens equal up to the first difference (bench/bench_quantize.py
 measures int8's quality properly).
 """
 
@@ -33,7 +32,7 @@ sys.path.insert(0, ROOT)
 from config import load_config   # noqa: E402
 from model import SmolLM2   # noqa: E402
 from quantize import quantize_model   # noqa: E402
-from sampling import SamplingParams, compile_unavailable, decode_layout, generate, lay_out   # noqa: E402
+from sampling import LAYOUTS, SamplingParams, compile_unavailable, decode_layout, generate, lay_out   # noqa: E402
 
 PROMPT_TOKENS = 32
 
@@ -47,10 +46,15 @@ def our_models(config_path: str) -> tuple[SmolLM2, dict]:
     column = SmolLM2(mc).eval()
     column.load_state_dict(fp32.state_dict())
     lay_out(column, "column")
+    ours = {"fp32 row-major": fp32, "fp32 column-major": column}
+    if "packed" in LAYOUTS:
+        packed = SmolLM2(mc).eval()
+        packed.load_state_dict(fp32.state_dict())
+        ours["fp32 packed"] = lay_out(packed, "packed")
     int8 = SmolLM2(mc).eval()
     int8.load_state_dict(fp32.state_dict())
-    quantize_model(int8, "int8")
-    return fp32, {"fp32 row-major": fp32, "fp32 column-major": column, "int8": int8}
+    ours["int8"] = quantize_model(int8, "int8")
+    return fp32, ours
 
 
 def transformers_twin(model: SmolLM2) -> LlamaForCausalLM:
@@ -63,7 +67,8 @@ def transformers_twin(model: SmolLM2) -> LlamaForCausalLM:
 def contenders(fp32: SmolLM2, ours: dict, batch: int, compiled: bool) -> dict:
     """name -> fn(prompt (B, T), new_tokens) -> new token ids, for this batch size."""
     hf = transformers_twin(fp32)
-    chosen = {"row": "fp32 row-major", "column": "fp32 column-major"}[decode_layout(fp32, batch)]
+    chosen = {"row": "fp32 row-major", "column": "fp32 column-major", "packed": "fp32 packed"}[
+        decode_layout(fp32, batch)]
 
     def run_ours(model, compile=False):
         return lambda prompt, n: generate(model, prompt.tolist(), SamplingParams(max_new_tokens=n, temperature=0),

@@ -173,19 +173,35 @@ def test_a_prompt_that_fills_the_context_is_refused_by_name():
         generate(tiny_model(), [[5] * 10, [5] * 128], GREEDY)
 
 
-def test_either_layout_changes_memory_order_only_and_keeps_the_plain_layouts_tokens_at_batch_1_and_8():
+def test_every_layout_changes_memory_order_only_and_keeps_the_plain_layouts_tokens_at_batch_1_and_8():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = {1: [[5, 17, 33]], 8: [[5, 17, 33, 2, 250, 9][:n] for n in range(1, 7)] + [[77, 3], [300]]}
     plain = {b: generate(model, prompts, GREEDY) for b, prompts in batches.items()}
-    for layout in ("column", "row"):
+    for layout in [*sampling.LAYOUTS, "row"]:
         sampling.lay_out(model, layout)
-        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        assert all(w.t().is_contiguous() == (layout == "column") != w.is_contiguous() for w in weights)
-        assert {b: generate(model, prompts, GREEDY) for b, prompts in batches.items()} == plain
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert model.lm_head.weight is model.model.embed_tokens.weight   # still tied
+        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, sampling.PackedLinear))]
+        assert len(linears) == 7 * model.config.num_hidden_layers + 1
+        assert all(isinstance(m, sampling.PackedLinear) == (layout == "packed") for m in linears)
+        if layout != "packed":
+            assert all(m.weight.t().is_contiguous() == (layout == "column") != m.weight.is_contiguous()
+                       for m in linears)
+        assert {b: generate(model, prompts, GREEDY) for b, prompts in batches.items()} == plain, layout
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        assert model.lm_head.weight is model.model.embed_tokens.weight   # still tied
+
+
+@pytest.mark.skipif("packed" not in sampling.LAYOUTS, reason="this PyTorch build has no oneDNN (mkldnn)")
+def test_a_packed_weight_follows_its_plain_weight_changed_in_place_and_trains_through_it():
+    model = sampling.lay_out(tiny_model(), "packed")
+    up = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, up.weight.shape[1])
+    with torch.no_grad():
+        up.weight.mul_(2)
+        assert torch.allclose(up(x), x @ up.weight.T, atol=1e-5)
+    up(x).sum().backward()
+    assert torch.allclose(up.weight.grad, x.sum(0).expand_as(up.weight))
 
 
 def test_decoding_uses_the_layout_measured_fastest_for_its_batch_size(monkeypatch):
@@ -206,32 +222,36 @@ def test_decoding_uses_the_layout_measured_fastest_for_its_batch_size(monkeypatc
 
 
 def test_the_layout_calibration_picks_the_layout_with_the_faster_step(monkeypatch):
-    linear = torch.nn.functional.linear
+    product = sampling.product
     slow = {}   # (N, K, layout) -> seconds a product takes beyond the real one
 
-    def timed_linear(x, w):
-        time.sleep(slow.get((*w.shape, "row" if w.is_contiguous() else "column"), 0.0))
-        return linear(x, w)
-    monkeypatch.setattr(torch.nn.functional, "linear", timed_linear)
+    def timed_product(x, w, layout):
+        time.sleep(slow.get((*w.shape, layout), 0.0))
+        return product(x, w, layout)
+    monkeypatch.setattr(sampling, "product", timed_product)
     weights = {(32, 16): (torch.randn(32, 16), 10), (64, 16): (torch.randn(64, 16), 1)}
-    slow.update({(32, 16, "column"): 0.002})
-    assert sampling.calibrate_layout(weights, 1) == "row"
-    slow.update({(32, 16, "column"): 0.0, (32, 16, "row"): 0.002})
-    assert sampling.calibrate_layout(weights, 1) == "column"
+    for fast in sampling.LAYOUTS:
+        slow.clear()
+        slow.update({(*shape, layout): 0.002 for shape in weights for layout in sampling.LAYOUTS if layout != fast})
+        assert sampling.calibrate_layout(weights, 1) == fast
     # the step counts each shape as often as the model holds it: 10 products 1 ms slower outweigh one 4 ms slower
-    slow.update({(32, 16, "row"): 0.001, (64, 16, "column"): 0.004})
+    slow.clear()
+    slow.update({(*shape, layout): 0.01 for shape in weights for layout in sampling.LAYOUTS})
+    slow.update({(32, 16, "row"): 0.001, (64, 16, "row"): 0.0, (32, 16, "column"): 0.0, (64, 16, "column"): 0.004})
     assert sampling.calibrate_layout(weights, 1) == "column"
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_decode_step_equals_eager(quantize):
-    """The compiled decode step gives the eager one's tokens, with fp32 weights and with int8 ones (inductor fuses the
-    casts around the int8 kernel and calls the kernel itself)."""
+@pytest.mark.parametrize("layout, quantize", [("row", None), ("packed", None), ("row", "int8")])
+def test_compiled_decode_step_equals_eager(layout, quantize):
+    """The compiled decode step gives the eager one's tokens, with fp32 weights (a packed layout compiles the plain
+    weight's product) and with int8 ones (inductor fuses the casts around the int8 kernel and calls the kernel)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     why_not = sampling.compile_unavailable(device)
     if why_not:
         pytest.skip(why_not)
-    model = quantize_model(tiny_model().to(device), quantize)
+    if layout not in sampling.LAYOUTS or (layout != "row" and device.type != "cpu"):
+        pytest.skip(f"no {layout} layout on this {device.type} build")
+    model = sampling.lay_out(quantize_model(tiny_model().to(device), quantize), layout)
     prompts = [[5, 17, 33, 2], [77]]
     assert generate(model, prompts, GREEDY, compile=True) == generate(model, prompts, GREEDY)
 

@@ -13,8 +13,8 @@ The contenders: our fp32 model in each weight layout ("row-major" is the layout 
 re-laid one, "packed" oneDNN's blocked copy; `*` marks the one sampling.decode_layout measures fastest for the batch,
 which generate.py and the app use), our int8 model (quantize.py), and, where inductor can build CPU code, both of ours
 with the decode step compiled (the compile time is printed, not counted). "tokens" compares each contender's greedy
-tokens with transformers': fp32 must be identical; int8 gives the share of tokens equal up to the first difference (bench/bench_quantize.py
-measures int8's quality properly).
+tokens with transformers': fp32 must be identical; int8 gives the share of tokens equal up to the first difference
+(bench/bench_quantize.py measures int8's quality properly).
 """
 
 import argparse

@@ -43,17 +43,15 @@ def our_models(config_path: str) -> tuple[SmolLM2, dict]:
     mc = cfg.model.model_config
     torch.manual_seed(0)
     fp32 = SmolLM2(mc, cfg.model.init_method.std).eval()
-    column = SmolLM2(mc).eval()
-    column.load_state_dict(fp32.state_dict())
-    lay_out(column, "column")
-    ours = {"fp32 row-major": fp32, "fp32 column-major": column}
+
+    def twin() -> SmolLM2:
+        model = SmolLM2(mc).eval()
+        model.load_state_dict(fp32.state_dict())
+        return model
+    ours = {"fp32 row-major": fp32, "fp32 column-major": lay_out(twin(), "column")}
     if "packed" in LAYOUTS:
-        packed = SmolLM2(mc).eval()
-        packed.load_state_dict(fp32.state_dict())
-        ours["fp32 packed"] = lay_out(packed, "packed")
-    int8 = SmolLM2(mc).eval()
-    int8.load_state_dict(fp32.state_dict())
-    ours["int8"] = quantize_model(int8, "int8")
+        ours["fp32 packed"] = lay_out(twin(), "packed")
+    ours["int8"] = quantize_model(twin(), "int8")
     return fp32, ours
 
 

@@ -16,7 +16,8 @@ the rest is arithmetic on the config. Per GPU, for P parameters on N processes:
   everything autograd keeps (`layer_bytes`); with run.selective_recompute (the default) the outputs of the matmuls
   and of attention only, the rest rebuilt layer by layer in the backward; with parallelism.recompute_layer only each
   layer's input, and one whole layer at a time is rebuilt.
-- the loss path: one chunk of model.LOSS_CHUNK_TOKENS positions' logits, log-softmax and gradient, never more.
+- the loss path: what the final norm keeps, and one chunk of model.LOSS_CHUNK_TOKENS positions' logits, log-softmax
+  and gradient, never more.
 - the KV cache of the training samples, taken after a step, when activations and gradients are gone.
 The activation counts match peaks measured on the CPU within a few percent (tests/test_planner.py). Flash attention
 (on GPUs, and torch's CPU kernel for causal attention) keeps no T x T score matrix, so none is counted.
@@ -86,28 +87,30 @@ def kept_bytes(m: ModelConfig, compute: int, residual: int, recompute: str) -> i
     return layer_bytes(m, compute, residual)
 
 
-def loss_bytes(m: ModelConfig, tokens: int) -> int:
-    """The loss path's peak, in its backward: one chunk's fp32 log-softmax, its gradient and the incoming one."""
-    return 12 * min(tokens, LOSS_CHUNK_TOKENS) * m.vocab_size
+def loss_bytes(m: ModelConfig, tokens: int, residual: int) -> int:
+    """The loss path's peak, in its backward: what the final norm keeps for every position (its fp32 input, the
+    normalised x, its output), and one chunk's fp32 log-softmax, its gradient and the incoming one."""
+    return tokens * (4 + 2 * residual) * m.hidden_size + 12 * min(tokens, LOSS_CHUNK_TOKENS) * m.vocab_size
 
 
 def step_bytes(m: ModelConfig, tokens: int, compute: int, residual: int, recompute: str,
                p: Params) -> tuple[dict[str, int], int]:
     """What the forward and backward of `tokens` positions (micro-batch x sequence) add to what is held: by part,
     and at the peak. Under autocast (compute < residual) the forward ends holding a bf16 copy of every matmul
-    weight, unless layers are recomputed (then one layer's and the head's at a time, uncached); the backward works
-    on the loss (its first step) or on one layer (each step after), never both."""
+    weight, unless layers are recomputed (then one layer's and the head's at a time, uncached). The backward peaks
+    either in the loss (its first step, with everything kept) or in the last layer's MLP, once the final norm's
+    tensors are gone: there the product's gradient splits into gate's and up's while the layer's rebuilt
+    activations, all but the product down_proj has just used, are still held."""
     C, I, layer = m.hidden_size, m.intermediate_size, layer_bytes(m, compute, residual)
     rebuilt = recompute != "none"
-    parts = {"activations kept": tokens * (m.num_hidden_layers * kept_bytes(m, compute, residual, recompute)
-                                           + 4 * C + 2 * residual * C)}
+    parts = {"activations kept": tokens * m.num_hidden_layers * kept_bytes(m, compute, residual, recompute)}
     if compute < residual:   # recomputed layers cast per use, uncached (model._uncached_autocast)
         parts["autocast weight copies"] = 2 * (p.layer_cast + p.head if rebuilt else p.cast)
-    parts["loss path (chunked)"] = loss_bytes(m, tokens)
-    # a layer's backward: what its recompute rebuilds (the rest of what "none" keeps), and the gradients flowing
-    # through it (two residual-sized tensors and 4 bytes per MLP unit, as measured)
-    rebuilds = layer - kept_bytes(m, compute, residual, recompute) + residual * C if rebuilt else 0
-    parts["one layer's backward"] = tokens * (rebuilds + 2 * residual * C + 4 * I)
+    parts["loss path (chunked)"] = loss_bytes(m, tokens, residual)
+    # the last layer's MLP backward: what its recompute rebuilt, less the product down_proj's backward has freed;
+    # the residual stream's gradient; the product's gradient, and gate's and up's made from it
+    rebuilds = layer - kept_bytes(m, compute, residual, recompute) if rebuilt else 0
+    parts["one layer's backward"] = tokens * (rebuilds - compute * I + residual * C + 3 * compute * I)
     working = max(parts["loss path (chunked)"], parts["one layer's backward"])
     return parts, parts["activations kept"] + parts.get("autocast weight copies", 0) + working
 
@@ -253,7 +256,7 @@ def format_plan(p: Plan) -> str:
         if name == "activations kept":
             note = "   (" + others({m: f"{n / GiB:.2f} GiB" for m, n in p.activations.items()}) + ")"
         elif name == "loss path (chunked)":
-            note = f"   ({LOSS_CHUNK_TOKENS} positions at a time)"
+            note = f"   (the final norm; the logits {LOSS_CHUNK_TOKENS} positions at a time)"
         elif name == "one layer's backward" and p.recompute != "none":
             note = "   (rebuilt from what it kept)"
         elif name == "autocast weight copies" and p.recompute != "none":

@@ -30,8 +30,8 @@ from metrics import read_metrics
 from model import SmolLM2
 
 ROOT = Path(__file__).resolve().parent.parent
-# one thread: these small models gain little from a second, and on a busy machine OpenMP's waiting threads make a run
-# several times slower
+# one thread: the smallest models gain little from a second, and on a busy machine OpenMP's waiting threads make a run
+# several times slower; the learning runs' wider model takes two (1.8x faster)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -80,9 +80,9 @@ def write_config(folder: Path, section: str, start: Path, **overrides) -> Path:
     return folder / "config.yaml"
 
 
-def run_script(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(script: str, *args, check: bool = True, threads: int = 1) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV, timeout=900)
+                          cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": str(threads)}, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -100,16 +100,19 @@ def scores(script: str, config: Path, *checkpoints, key: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(config, starting checkpoint, run dir) of a 200-step SFT of a fresh 4-layer model on the built-in tasks."""
+    """(config, starting checkpoint, run dir) of a 600-step SFT of a fresh 4-layer model on the built-in tasks. Fewer
+    steps leave the second skill (fact) half learned, to a degree that changes with the seed and the CPU's kernels;
+    by 600 steps it is whole under each seed tried (1, 2, 3)."""
     tmp = tmp_path_factory.mktemp("sft")
     base = make_base(tmp / "base", hidden=128, layers=4)
     config = write_config(tmp, "sft", base, **{
-        "sft.max_examples": 8000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 200,
-        "tokens.val_check_interval": 50, "checkpoints.checkpoint_interval": 200, "tokens.limit_val_batches": 4,
-        "sampling.interval": 200, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})
-    out = run_script("sft.py", "--config", config).stdout
+        "sft.max_examples": 8000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 600,
+        "tokens.val_check_interval": 150, "checkpoints.checkpoint_interval": 600, "tokens.limit_val_batches": 4,
+        "optimizer.learning_rate_scheduler.learning_rate": 5e-3, "optimizer.learning_rate_scheduler.min_decay_lr": 5e-4,
+        "sampling.interval": 600, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})
+    out = run_script("sft.py", "--config", config, threads=2).stdout
     assert "chat: the tokenizer had no <|im_start|>, <|im_end|>: added as ids 512, 513" in out
-    assert "sample @ 200 | 'How many items are in this list?\\nowl,sun,tree' -> '3'" in out   # ended by <|im_end|>
+    assert "sample @ 600 | 'How many items are in this list?\\nowl,sun,tree' -> '3'" in out   # ended by <|im_end|>
     return config, base, tmp / "run"
 
 
@@ -119,7 +122,7 @@ def test_sft_raises_held_out_exact_match_from_zero(sft_run):
     assert before == 0.0 and after >= 0.25, (before, after)
     cfg = load_config(str(config))
     per_task = sft.score(cfg, str(run))["tasks"]
-    assert per_task["count"] >= 0.9, per_task   # a whole skill, on prompts it never saw
+    assert per_task["count"] >= 0.9 and per_task["fact"] >= 0.9, per_task   # two whole skills, on prompts never seen
     val = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "val"]
     assert val[-1] < val[0] - 0.2, val
 
@@ -129,9 +132,9 @@ def test_dpo_raises_held_out_preference_accuracy_above_one_half(sft_run, tmp_pat
     config = write_config(tmp_path, "dpo", sft_dir, **{
         "dpo.max_examples": 1000, "dpo.val_examples": 128, "tokens.micro_batch_size": 16, "tokens.train_steps": 40,
         "tokens.val_check_interval": 40, "checkpoints.checkpoint_interval": 40, "tokens.limit_val_batches": 8,
-        "optimizer.learning_rate_scheduler.learning_rate": 1e-4, "optimizer.learning_rate_scheduler.min_decay_lr": 1e-5,
+        "optimizer.learning_rate_scheduler.learning_rate": 3e-4, "optimizer.learning_rate_scheduler.min_decay_lr": 3e-5,
         "optimizer.weight_decay": 0.0})
-    out = run_script("dpo.py", "--config", config).stdout
+    out = run_script("dpo.py", "--config", config, threads=2).stdout
     assert "val accuracy" in out and "val ppl" not in out
     before, after = scores("dpo.py", config, sft_dir, tmp_path / "run", key="preference accuracy")
     assert before == 0.5 and after >= 0.6, (before, after)   # 0.5: the policy equals the reference, no preference

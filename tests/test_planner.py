@@ -1,7 +1,8 @@
 """planner.py's memory model is what PyTorch does: its activation estimate is within 20% of peaks measured on the CPU
-at four shapes, in each recompute mode (none, selective, full), in fp32, under bf16 autocast and with bf16 weights; its weights,
-gradients and optimizer state follow the exact parameter count and divide over FSDP2 ranks; its largest micro-batch
-fits and the next does not; `train.py --plan` prints it in seconds, allocating no weights and reading no data."""
+at four shapes, in each recompute mode (none, selective, full), in fp32, under bf16 autocast and with bf16 weights;
+its weights, gradients and optimizer state follow the exact parameter count and divide over FSDP2 ranks; its largest
+micro-batch fits and the next does not; `train.py --plan` prints it in seconds, allocating no weights and reading no
+data."""
 
 import json
 import os

@@ -25,16 +25,16 @@ from model import SmolLM2
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (model, micro-batch, sequence, precision): layer-heavy (the peak is in the last layer's backward) under autocast and
-# in fp32 with GQA 4:1, vocabulary-heavy (the peak is in the loss path) in fp32 and with bf16 weights
-SHAPES = [(dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
-                num_hidden_layers=4, vocab_size=512), 2, 512, "autocast"),
-          (dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
-                num_hidden_layers=4, vocab_size=4096), 1, 1024, "fp32"),
-          (dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=1,
-                num_hidden_layers=4, vocab_size=2048), 1, 1024, "bf16 weights"),
-          (dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=1,
-                num_hidden_layers=4, vocab_size=256), 2, 512, "fp32")]
+# name -> (model, micro-batch, sequence, precision): layer-heavy shapes, whose peak is in the last layer's backward,
+# and vocabulary-heavy ones, whose peak is in the loss path; GQA 2:1 and 4:1
+SHAPES = {"layers-autocast": (dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=4, vocab_size=512), 2, 512, "autocast"),
+          "loss-fp32": (dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
+                             num_hidden_layers=4, vocab_size=4096), 1, 1024, "fp32"),
+          "loss-bf16": (dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=1,
+                             num_hidden_layers=4, vocab_size=2048), 1, 1024, "bf16 weights"),
+          "layers-fp32": (dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=1,
+                               num_hidden_layers=4, vocab_size=256), 2, 512, "fp32")}
 # (compute, residual) dtype sizes of each precision, as planner.layer_bytes takes them
 DTYPES = {"fp32": (4, 4), "autocast": (2, 4), "bf16 weights": (2, 2)}
 
@@ -73,23 +73,25 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def measured() -> list[int]:
-    runs = [[kw, b, t, prec, mode] for kw, b, t, prec in SHAPES for mode in planner.RECOMPUTE]
+def measured() -> dict[tuple[str, str], int]:
+    """(shape name, recompute mode) -> the bytes one training step added, measured in one subprocess."""
+    keys = [(name, mode) for name in SHAPES for mode in planner.RECOMPUTE]
+    runs = [[*SHAPES[name], mode] for name, mode in keys]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(runs)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(zip(keys, json.loads(proc.stdout.strip().splitlines()[-1])))
 
 
-@pytest.mark.parametrize("shape", range(len(SHAPES)), ids=["layers-autocast", "loss-fp32", "loss-bf16", "layers-fp32"])
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("recompute", planner.RECOMPUTE)
 def test_activation_estimate_is_within_20_percent_of_the_measured_cpu_peak(measured, shape, recompute):
     kwargs, batch, seq, precision = SHAPES[shape]
     m = ModelConfig(**kwargs, max_position_embeddings=seq)
     compute, residual = DTYPES[precision]
     _, estimate = planner.step_bytes(m, batch * seq, compute, residual, recompute, planner.count_parameters(m))
-    got = measured[len(planner.RECOMPUTE) * shape + planner.RECOMPUTE.index(recompute)]
+    got = measured[shape, recompute]
     assert got > 20e6, "too small a step to measure against the process's noise"
     assert abs(estimate - got) <= 0.2 * got, f"estimate {estimate / 1e6:.1f} MB, measured {got / 1e6:.1f} MB"
 

@@ -101,15 +101,15 @@ def step_bytes(m: ModelConfig, tokens: int, compute: int, residual: int, recompu
     either in the loss (its first step, with everything kept) or in the last layer's MLP, once the final norm's
     tensors are gone: there the product's gradient splits into gate's and up's while the layer's rebuilt
     activations, all but the product down_proj has just used, are still held."""
-    C, I, layer = m.hidden_size, m.intermediate_size, layer_bytes(m, compute, residual)
+    C, I, kept = m.hidden_size, m.intermediate_size, kept_bytes(m, compute, residual, recompute)
     rebuilt = recompute != "none"
-    parts = {"activations kept": tokens * m.num_hidden_layers * kept_bytes(m, compute, residual, recompute)}
+    parts = {"activations kept": tokens * m.num_hidden_layers * kept}
     if compute < residual:   # recomputed layers cast per use, uncached (model._uncached_autocast)
         parts["autocast weight copies"] = 2 * (p.layer_cast + p.head if rebuilt else p.cast)
     parts["loss path (chunked)"] = loss_bytes(m, tokens, residual)
     # the last layer's MLP backward: what its recompute rebuilt, less the product down_proj's backward has freed;
     # the residual stream's gradient; the product's gradient, and gate's and up's made from it
-    rebuilds = layer - kept_bytes(m, compute, residual, recompute) if rebuilt else 0
+    rebuilds = layer_bytes(m, compute, residual) - kept if rebuilt else 0
     parts["one layer's backward"] = tokens * (rebuilds - compute * I + residual * C + 3 * compute * I)
     working = max(parts["loss path (chunked)"], parts["one layer's backward"])
     return parts, parts["activations kept"] + parts.get("autocast weight copies", 0) + working

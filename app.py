@@ -15,6 +15,7 @@ import argparse
 import functools
 import os
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -27,14 +28,15 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer
 
-import chat
-from checkpoint import (CheckpointError, checkpoint_step, files_to_load, is_hf_dir, list_checkpoints,
-                        resolve_checkpoint, run_dir_of)
-from confine import all_inside, files_inside, resolve_under
-from generate import InputError, eos_id_for, load, open_tokenizer, pick_device, pick_dtype, tokenizer_file
-from metrics import eval_series, read_metrics, short_names, val_curves
 from model import SmolLM2
-from sampling import MAX_SEED, SamplingParams, TextStream, generate, use_decode_layout
+from smollm2 import chat
+from smollm2.checkpoint import (checkpoint_step, files_to_load, is_hf_dir, list_checkpoints, resolve_checkpoint,
+                                run_dir_of)
+from smollm2.confine import all_inside, files_inside, resolve_under
+from smollm2.errors import CheckpointError, InputError, command
+from smollm2.loading import eos_id_for, load_model, open_tokenizer, pick_device, pick_dtype, tokenizer_file
+from smollm2.metrics import eval_series, read_metrics, short_names, val_curves
+from smollm2.sampling import MAX_SEED, SamplingParams, TextStream, generate, use_decode_layout
 
 COMPARE_SLOTS = 4   # columns of the compare view: Gradio needs its components declared up front
 CHARS_PER_TOKEN = 16   # a prompt longer than 16 characters per allowed token is refused before it is tokenized
@@ -111,7 +113,7 @@ class ModelCache:
             if key in self.models:
                 self.models.move_to_end(key)
                 return self.models[key]
-            model, cfg, info = load(file, self.device, self.dtype, quantize)
+            model, cfg, info = load_model(file, self.device, self.dtype, quantize)
             use_decode_layout(model, 1)   # the app generates for one prompt at a time
             tok = self.tokenizer or info["tokenizer"]
             # --tokenizer is the operator's choice; the tokenizer a checkpoint brings must lie inside too
@@ -442,7 +444,8 @@ def build_app(root: Path, cache: ModelCache, max_prompt_tokens: int, max_new_tok
     return app
 
 
-def main(argv=None) -> None:
+@command
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint_dir", default="runs", help="folder searched for checkpoints; nothing outside it "
@@ -464,11 +467,8 @@ def main(argv=None) -> None:
     root = Path(args.checkpoint_dir).resolve()
     if not root.is_dir():
         parser.error(f"--checkpoint_dir {args.checkpoint_dir}: no such directory (train.py writes runs under runs/)")
-    try:
-        device = pick_device(args.device)
-        dtype = pick_dtype(device, args.dtype)
-    except InputError as e:
-        parser.error(str(e))
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
     if args.host not in ("127.0.0.1", "localhost", "::1") or args.share:
         print("note: the app is reachable from other machines; anyone who reaches it can run the models")
     cache = ModelCache(root, args.cache_size, device, dtype, args.tokenizer)
@@ -480,6 +480,7 @@ def main(argv=None) -> None:
     except OSError as e:   # the port is taken, or the address is not this machine's
         parser.error(f"--port {args.port}: cannot listen there on {args.host} ({str(e).split('.')[0]}); pick another "
                      "--port")
+    return 0
 
 
 def whole(low: int, high: int):
@@ -492,4 +493,4 @@ def whole(low: int, high: int):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,10 +24,12 @@ from typing import Optional
 
 import torch
 
-import chat
-from checkpoint import CheckpointError, checkpoint_name, list_checkpoints, run_dir_of, save_atomic
-from config import ModelConfig, config_to_dict
-from generate import load
+from model import ModelConfig
+from smollm2 import chat
+from smollm2.checkpoint import checkpoint_name, list_checkpoints, run_dir_of, save_atomic
+from smollm2.config_load import config_to_dict
+from smollm2.errors import CheckpointError, command
+from smollm2.loading import load_model
 
 # ModelConfig fields that only nanotron reads; every other field is a LlamaConfig key of the same name and meaning
 NANOTRON_ONLY = ("is_llama_config", "rope_interleaved", "rope_scaling")
@@ -143,7 +145,7 @@ def export_hf(checkpoint_path: str, out: str, force: bool = False) -> Path:
         raise CheckpointError(f"{out}: is a file; --out names the directory to write")
     _refuse_existing(out, force)
     check_outputs([out / "config.json"], force=True)   # a parent that is a file or that cannot be written in
-    model, cfg, info = load(checkpoint_path, torch.device("cpu"), torch.float32)
+    model, cfg, info = load_model(checkpoint_path, torch.device("cpu"), torch.float32)
     mcfg = model.config
     tokenizer = _tokenizer_file(info["tokenizer"])
     read = [Path(info["source"]).resolve()] + ([tokenizer.resolve()] if tokenizer else [])
@@ -202,7 +204,7 @@ def import_hf(hf_model: str, out: str, force: bool = False) -> Path:
     check_outputs(writes, force, (f"{run_dir} already holds checkpoints ({', '.join(others[-2:])}); an import "
                                   "there would sit beside another model: choose a new --out or pass --force",)
                   if others and not force else ())
-    model, cfg, info = load(source, torch.device("cpu"), torch.float32)
+    model, cfg, info = load_model(source, torch.device("cpu"), torch.float32)
     if info["tokenizer"] is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(info["tokenizer"], run_dir / "tokenizer.json")
@@ -223,6 +225,7 @@ def import_hf(hf_model: str, out: str, force: bool = False) -> Path:
     return file
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,14 +238,10 @@ def main(argv=None) -> int:
     for p in (exp, imp):
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "export":
-            export_hf(args.checkpoint_path, args.out, args.force)
-        else:
-            import_hf(args.hf_model, args.out, args.force)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "export":
+        export_hf(args.checkpoint_path, args.out, args.force)
+    else:
+        import_hf(args.hf_model, args.out, args.force)
     return 0
 
 

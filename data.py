@@ -1,246 +1,46 @@
-"""Text in, training batches out: the tokenizer, `python data.py prepare`, and the loader the training loop reads.
+"""Text in, training batches out: how token streams become the micro-batches the training loop reads.
 
 The path of a token, file by file:
-  sources.py   reads the configured sources (hub datasets, local files, the built-in offline corpus), tokenizes
-               documents in batches on all cores, appends EOS to each, and mixes the sources by weight;
-  shards.py    stores a split's token stream as shards with a self-describing header, a manifest and a state.json;
-  data.py      (this file) trains or loads the tokenizer, runs prepare, and serves the blocks as batches.
+  smollm2/sources.py    reads the configured sources (hub datasets, local files, the built-in offline corpus),
+                        tokenizes documents in batches on all cores, appends EOS to each, mixes the sources by weight;
+  smollm2/tokenizer.py  trains (at first use) or loads the tokenizer;
+  smollm2/prepare.py    writes a split's token stream as shards (smollm2/shards.py: header, manifest, state.json);
+  data.py               (this file) cuts the stream into blocks and serves them as micro-batches, stage by stage.
 
 Packing: documents are concatenated with no padding (EOS stays a training target, and the EOS positions give the
 document boundaries); a split's stream is cut into blocks of sequence_length+1 tokens, x = block[:-1] and
-y = block[1:]. The first documents, up to data_prep.val_tokens, are the validation split.
+y = block[1:]. The first documents, up to data_prep.val_tokens, are the validation split, kept apart per source so
+validation reports a loss per source. Every data stage has its own folder (smollm2/stages.py).
 
-Each source's held-out documents are kept apart (val_<k>_*.bin), so validation reports a loss per source. Every data
-stage has its own folder (config.stage_view); `prepare` prepares them all.
-
-prepare commits its progress after every shard: a killed run continues where it stopped and ends with byte-identical
-shards. The loader reads shards when they exist, prepares local and built-in sources at first use, and streams
-`datasets` sources otherwise (streaming.py).
+The loader reads shards when they exist, prepares local and built-in sources at first use, and streams `datasets`
+sources otherwise (smollm2/streaming.py).
 
     python data.py prepare --config CFG [key=value ...]
     python data.py train-tokenizer --config CFG [key=value ...]
     python data.py verify DIR
+
+Read next: train.py, the loop that consumes these batches.
 """
 
 import argparse
-import hashlib
-import itertools
-import json
 import os
 import sys
-import time
 from typing import Callable, Optional
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
-import chat
-import shards
-import sources
-import streaming
-from config import Config, ConfigError, data_dir, load_config, stage_view
-from shards import DataError
+from smollm2 import prepare, shards, sources, streaming
+from smollm2.config import Config
+from smollm2.config_load import load_config
+from smollm2.errors import DataError, command
+from smollm2.stages import data_dir, stage_at, stage_view
+from smollm2.tokenizer import EOS, eos_token_id, load_tokenizer, train_tokenizer
 
-EOS = "<|endoftext|>"
 POOLED = "all sources"   # what a split of all sources together is called
-EOS_SPELLINGS = (EOS, "</s>", "<|end_of_text|>", "<eos>")
 
 
-# ---------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(cfg: Config) -> Tokenizer:
-    """The configured tokenizer: a local tokenizer.json (trained on the sources first if it does not exist yet), a
-    folder holding one, or a hub name. Its vocabulary must fit the model and its EOS must be the config's."""
-    name = cfg.tokenizer.tokenizer_name_or_path
-    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
-    if path.endswith(".json"):
-        if not os.path.exists(path):
-            with shards.exclusive(path + ".lock"):
-                if not os.path.exists(path):
-                    train_tokenizer(cfg)
-        try:
-            tok = Tokenizer.from_file(path)
-        except Exception as e:   # tokenizers raises a plain Exception for a malformed file
-            raise DataError(f"tokenizer.tokenizer_name_or_path: cannot read {path} ({e})") from None
-    else:
-        tok = _hub_tokenizer(cfg)
-    m = cfg.model.model_config
-    if tok.get_vocab_size() > m.vocab_size:
-        raise DataError(f"tokenizer '{name}' has {tok.get_vocab_size()} tokens but model.model_config.vocab_size is "
-                        f"{m.vocab_size}: ids past the embedding table would crash training; raise vocab_size or use "
-                        "a smaller tokenizer")
-    eos = eos_token_id(tok)
-    if m.eos_token_id is not None and m.eos_token_id != eos:
-        raise DataError(f"model.model_config.eos_token_id is {m.eos_token_id} but tokenizer '{name}' has EOS at id "
-                        f"{eos}; set model.model_config.eos_token_id={eos}")
-    return tok
-
-
-def _hub_tokenizer(cfg: Config) -> Tokenizer:
-    """The tokenizer of a Hub repository. With the Hub unreachable, the copy in the Hugging Face cache, if any; when
-    the tokenizer or a dataset the run would stream is missing, one error names both at once."""
-    name, revision = cfg.tokenizer.tokenizer_name_or_path, cfg.tokenizer.tokenizer_revision or "main"
-    if not sources.hub_reachable():
-        from huggingface_hub import try_to_load_from_cache
-        cached = try_to_load_from_cache(name, "tokenizer.json", revision=revision)
-        needed = [] if isinstance(cached, str) else [f"the tokenizer '{name}' (tokenizer.tokenizer_name_or_path)"]
-        for view in (stage_view(cfg, i) for i in range(len(cfg.data_stages))):
-            if not _prepared(view):
-                needed += [f"the dataset '{d}' ({sources.dataset_key(view)})" for d in
-                           sources.hub_datasets(sources.sources(view))]
-        if needed:
-            raise sources.offline_error(needed)
-        return Tokenizer.from_file(cached)
-    try:
-        return Tokenizer.from_pretrained(name, revision=revision)
-    except Exception as e:
-        raise DataError(f"tokenizer.tokenizer_name_or_path: cannot load '{name}' from the Hugging Face hub ({e}); "
-                        "offline, give the path of a tokenizer.json") from None
-
-
-def _prepared(cfg: Config) -> bool:
-    """Whether prepare finished in the config's output folder (the loader then reads shards, no source)."""
-    try:
-        with open(os.path.join(data_dir(cfg), shards.STATE), encoding="utf-8") as f:
-            return json.load(f).get("done") is True
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def eos_token_id(tokenizer: Tokenizer) -> int:
-    """The id of the end-of-document token (SmolLM2's <|endoftext|>, or another usual spelling of EOS)."""
-    for token in EOS_SPELLINGS:
-        if (i := tokenizer.token_to_id(token)) is not None:
-            return i
-    raise DataError(f"the tokenizer has no end-of-document token (looked for {', '.join(EOS_SPELLINGS)})")
-
-
-def train_tokenizer(cfg: Config) -> Tokenizer:
-    """Train a byte-level BPE tokenizer of data_prep.tokenizer_vocab_size tokens on up to tokenizer_train_chars
-    characters of the mixed sources and save it at tokenizer.tokenizer_name_or_path. The special tokens take the first
-    ids, as in SmolLM2: EOS is 0 (bos_token_id = eos_token_id = 0), and the chat template's <|im_start|> and <|im_end|>
-    are 1 and 2, reserved so that a model pretrained here can be fine-tuned to chat (sft.py) with its vocabulary as it
-    is. Byte-level: any text encodes, nothing is <unk>."""
-    path, size = cfg.tokenizer.tokenizer_name_or_path, cfg.data_prep.tokenizer_vocab_size
-    if not path.endswith(".json"):
-        raise DataError(f"tokenizer.tokenizer_name_or_path is '{path}': a trained tokenizer is saved to a local file, "
-                        "so give a path ending in .json, e.g. data/my-run/tokenizer.json")
-    if os.path.exists(path):
-        raise DataError(f"{path} exists; delete it to train a new tokenizer (shards made with it become unusable)")
-    if size > cfg.model.model_config.vocab_size:
-        raise DataError(f"data_prep.tokenizer_vocab_size ({size}) exceeds model.model_config.vocab_size "
-                        f"({cfg.model.model_config.vocab_size})")
-    srcs = sources.sources(cfg)
-    texts = sources.Mixer([sources.documents(s, cfg) for s in srcs], srcs, use_caps=False)   # caps count tokens
-    budget = cfg.data_prep.tokenizer_train_chars
-    print(f"data: training a {size}-token BPE tokenizer on up to {budget:,} characters of the sources "
-          f"(first use; {path})", flush=True)
-    t0 = time.time()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[EOS, *chat.CHAT_TOKENS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(itertools.takewhile(lambda _: sum(texts.taken) < budget, texts), trainer)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    shards.atomic_write(path, tok.to_str().encode())
-    print(f"data: tokenizer trained in {time.time() - t0:.1f} s on {sum(texts.taken):,} characters", flush=True)
-    return tok
-
-
-# ---------------------------------------------------------------- prepare: the splits as token shards
-
-
-def _fingerprint(cfg: Config, tok: Tokenizer) -> str:
-    """A hash of every setting that changes the shards' bytes: shards made otherwise are never taken for these."""
-    stage = cfg.data_stages[0].data
-    ds = stage.dataset
-    settings = [shards.VERSION, ds.sources(), cfg.data_prep.max_tokens, stage.seed, ds.text_column_name,
-                ds.hf_dataset_config_name, ds.hf_dataset_splits, cfg.data_prep.shard_tokens, cfg.data_prep.val_tokens,
-                hashlib.sha256(tok.to_str().encode()).hexdigest()]
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], None] = print) -> dict:
-    """Write the validation and training shards to data_dir(cfg), continuing an interrupted run; return the state.
-
-    The held-out documents are kept in memory until the validation split is complete, then written per source; from
-    then on the state (committed after each shard, once the shard itself is in place) holds the mixer's position and
-    the tokens not yet in a shard, so a continued run rebuilds exactly the stream an uninterrupted one would write."""
-    tok = tok or load_tokenizer(cfg)
-    out, fingerprint = data_dir(cfg), _fingerprint(cfg, tok)
-    with shards.exclusive(os.path.join(out, ".lock")):   # the other ranks wait here, then find the work done
-        state = shards.read_state(out, fingerprint) or {"fingerprint": fingerprint, "mixer": None, "split": "val",
-                                                        "carry": [], "shards": [], "done": False}
-        if state["done"]:
-            log(f"data: {out} is already prepared: {_summary(state)}")
-            return state
-        if "mixer" not in state:
-            raise DataError(f"{out} was left half-prepared by an older version of data.py; delete it to prepare again")
-        mixer = sources.token_mixer(cfg, tok, eos_token_id(tok), state["mixer"])
-        dtype = shards.token_dtype(tok.get_vocab_size())
-        w, t0, taken0 = None, time.time(), sum(mixer.taken)
-        if state["split"] == "train":
-            index = sum(r["split"] == "train" for r in state["shards"])
-            w = shards.ShardWriter(out, "train", cfg.data_prep.shard_tokens, dtype, index,
-                                   np.array(state["carry"], np.uint32))
-
-        def commit(rows: list[dict], done: bool = False) -> None:
-            state["shards"] += rows
-            state.update(mixer=mixer.state(), split="train", carry=w.carry().tolist(), done=done)
-            shards.write_state(out, state)
-            shards.remember_written(out, rows)
-            for row in rows:
-                log(f"data: wrote {os.path.join(out, row['file'])}  {row['tokens']:,} tokens  "
-                    f"({(sum(mixer.taken) - taken0) / (time.time() - t0):,.0f} tokens/s)")
-
-        held = [[] for _ in mixer.srcs]   # each source's validation documents, until the split is complete
-        val_tokens = cfg.data_prep.val_tokens
-        for is_val, (k, doc) in sources.with_split(mixer.tagged(), val_tokens, 0 if w is None else val_tokens,
-                                                   size=lambda item: len(item[1])):
-            if is_val:
-                held[k].append(doc)
-                continue
-            rows = []
-            if w is None:
-                rows = _write_held_out(out, held, mixer.srcs, cfg.data_prep.shard_tokens, dtype)
-                w = shards.ShardWriter(out, "train", cfg.data_prep.shard_tokens, dtype, 0, np.zeros(0, np.uint32))
-            rows += w.add(doc)
-            if rows:
-                commit(rows)
-        if w is None:
-            raise DataError(f"all {sum(mixer.taken):,} tokens of the corpus went to the validation split: lower "
-                            "data_prep.val_tokens or add text")
-        commit(w.flush(), done=True)
-        log(f"data: {out} ready in {time.time() - t0:.1f} s: {_summary(state)}")
-        return state
-
-
-def _write_held_out(out: str, held: list[list[np.ndarray]], srcs: list[sources.Source], shard_tokens: int,
-                    dtype: np.dtype) -> list[dict]:
-    """Each source's validation documents as shards val_<k>_<i>.bin, their manifest rows naming the source."""
-    rows = []
-    for k, docs in enumerate(held):
-        tokens = np.concatenate(docs) if docs else np.zeros(0, np.uint32)
-        for i, lo in enumerate(range(0, len(tokens), shard_tokens)):
-            row = shards.write_shard(out, f"val_{k}_{i:06d}.bin", "val", tokens[lo:lo + shard_tokens], dtype)
-            rows.append({**row, "source": srcs[k].name})
-    return rows
-
-
-def prepare_stages(cfg: Config, log: Callable[[str], None] = print) -> list[dict]:
-    """prepare() every data stage, each into its own folder."""
-    tok = load_tokenizer(cfg)
-    return [prepare(stage_view(cfg, i), tok, log) for i in range(len(cfg.data_stages))]
-
-
-def _summary(state: dict) -> str:
-    return ", ".join(f"{split} {sum(r['tokens'] for r in state['shards'] if r['split'] == split):,} tokens in "
-                     f"{sum(r['split'] == split for r in state['shards'])} shard(s)" for split in ("val", "train"))
-
-
-# ---------------------------------------------------------------- loader
+# ---------------------------------------------------------------- blocks and micro-batches
 
 
 class _Blocks:
@@ -288,7 +88,7 @@ class TokenLoader:
         self.step = 0   # micro-batches this rank has taken
 
     def next_batch(self):
-        import torch   # here, not at the top: prepare and verify never need it, and it takes seconds to import
+        import torch  # here, not at the top: prepare and verify never need it, and it takes seconds to import
         m = self.rank + self.step * self.world_size
         blocks = self.blocks.read(m * self.B, self.B)   # (B, T+1)
         if int(blocks.max()) >= self.vocab_size:   # inputs and targets: an embedding lookup past the table crashes
@@ -342,10 +142,10 @@ def _split(cfg: Config, split: str, rank: int, tok: Optional[Tokenizer]):
     if tok is None:   # a caller that already holds the tokenizer passes it, so it is not read again
         tok = load_tokenizer(cfg)
     out, block = data_dir(cfg), cfg.tokens.sequence_length + 1
-    state = shards.read_state(out, _fingerprint(cfg, tok))
+    state = shards.read_state(out, prepare.shards_fingerprint(cfg, tok))
     if not (state and state["done"]) and sources.all_local(sources.sources(cfg)):
         log(f"data: preparing {out} (first use of these sources)")
-        state = prepare(cfg, tok, log)
+        state = prepare.prepare(cfg, tok, log)
     if state and state["done"]:
         vocab = cfg.model.model_config.vocab_size
         rows = [r for r in state["shards"] if r["split"] == split]
@@ -365,9 +165,80 @@ def _split(cfg: Config, split: str, rank: int, tok: Optional[Tokenizer]):
             for name, docs in streaming.held_out(cfg, tok, eos_token_id(tok)).items()}
 
 
+
+# ---------------------------------------------------------------- data stages
+
+
+class StagedLoader:
+    """One rank's micro-batches through every data stage, and the running stage's validation sources."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, tokenizer: Optional[Tokenizer] = None,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.tokenizer = tokenizer or load_tokenizer(cfg)
+        self.log = log if rank == 0 else (lambda _: None)
+        self.index: Optional[int] = None
+        self.loader: Optional[TokenLoader] = None
+        self.positions: dict[str, dict] = {}   # by stage name: the saved position of each stage not running now
+        self.validation_sets: dict[int, list] = {}
+
+    @property
+    def name(self) -> str:
+        return self.cfg.data_stages[self.index or 0].name
+
+    def begin_step(self, step: int) -> bool:
+        """Select the stage of optimizer step `step` (1-based); True when it differs from the one running before."""
+        index = stage_at(self.cfg, step)
+        if index == self.index:
+            return False
+        if self.loader is not None:
+            self.positions[self.name] = self.loader.state_dict()
+        self.index = index
+        self.loader = train_loader(stage_view(self.cfg, index), self.rank, self.world_size, self.tokenizer)
+        if self.name in self.positions:
+            self.loader.load_state_dict(self.positions.pop(self.name))
+        self.validation_sets.pop(index - 1, None)   # the stage before is over: free its held-out data
+        return True
+
+    def next_batch(self):
+        if self.loader is None:
+            self.begin_step(1)
+        return self.loader.next_batch()
+
+    def validation(self) -> list[tuple[str, float, TokenLoader]]:
+        """(source name, mixing weight, loader of its held-out blocks) for every source of the running stage."""
+        index = self.index or 0
+        if index not in self.validation_sets:
+            view = stage_view(self.cfg, index)
+            weights = {name: weight for name, weight, _ in view.data_stages[0].data.dataset.sources()}
+            loaders = val_loaders(view, self.rank, self.world_size, self.tokenizer)
+            if not loaders:
+                raise DataError(f"tokens.limit_val_batches is {self.cfg.tokens.limit_val_batches} but nothing is held "
+                                "out for validation (data_prep.val_tokens is 0): raise data_prep.val_tokens or set "
+                                "tokens.limit_val_batches=0")
+            self.validation_sets[index] = [(name, weights.get(name, 1.0), loader) for name, loader in loaders.items()]
+        return self.validation_sets[index]
+
+    def state_dict(self) -> dict:
+        positions = dict(self.positions)
+        if self.loader is not None:
+            positions[self.name] = self.loader.state_dict()
+        return {"stages": positions}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Every stage's position; a checkpoint from before stages were read holds the first stage's alone."""
+        self.positions = dict(state["stages"]) if "stages" in state else {self.cfg.data_stages[0].name: state}
+        unknown = set(self.positions) - {stage.name for stage in self.cfg.data_stages}
+        if unknown:
+            raise DataError(f"the checkpoint holds the data position of stage(s) {', '.join(sorted(unknown))}, which "
+                            "data_stages no longer names; resume with the stages the run was started with")
+        self.index, self.loader = None, None   # begin_step() opens the stage of the next step at its position
+
+
 # ---------------------------------------------------------------- command line
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="data.py", description="Tokenizer, token shards and their checks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -378,20 +249,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("overrides", nargs="*", help="key.path=value, e.g. data_prep.shard_tokens=1000000")
     commands.add_parser("verify", help="re-check every shard against manifest.jsonl").add_argument("dir")
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        print(shards.verify(args.dir))
+        return 0
+    cfg = load_config(args.config, args.overrides)
     try:
-        if args.command == "verify":
-            print(shards.verify(args.dir))
-            return 0
-        cfg = load_config(args.config, args.overrides)
         if args.command == "prepare":
-            prepare_stages(cfg)
+            prepare.prepare_stages(cfg)
         else:
             tok = train_tokenizer(cfg)
             print(f"data: saved {cfg.tokenizer.tokenizer_name_or_path} ({tok.get_vocab_size()} tokens, "
                   f"EOS {EOS} = {eos_token_id(tok)})")
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:   # prepare has committed every finished shard
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130

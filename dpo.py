@@ -1,4 +1,4 @@
-"""Direct preference optimisation: `python dpo.py --config config_dpo_tiny.yaml [key=value ...] [--resume [PATH]]`.
+"""Direct preference optimisation: `python dpo.py --config configs/config_dpo_tiny.yaml [key=value ...] [--resume [PATH]]`.
 
 Starts from an SFT checkpoint (`dpo.model_name_or_path`), which is also the reference: a frozen copy, in eval mode
 and without gradients, that the policy is scored against. For a prompt x with a chosen reply y+ and a rejected one y-,
@@ -13,8 +13,8 @@ positive; a tie, where the policy still equals the reference, counts half, so 0.
 mean rewards of chosen and rejected replies. Everything else is sft.py's and train.py's: the same loop, checkpoints,
 resume, S3, DDP and FSDP.
 
-    python dpo.py --config config_dpo_tiny.yaml
-    python dpo.py --config config_dpo_tiny.yaml --score runs/tiny-sft runs/tiny-dpo   # held-out preference accuracy
+    python dpo.py --config configs/config_dpo_tiny.yaml
+    python dpo.py --config configs/config_dpo_tiny.yaml --score runs/tiny-sft runs/tiny-dpo   # held-out preference accuracy
 """
 
 import copy
@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-import chat_data
-import data
-from config import Config
 from model import SmolLM2
-from sft import SFT, command, start_from
+from sft import SFT, posttraining_command, start_from
+from smollm2 import chat_data
+from smollm2.config import Config
+from smollm2.tokenizer import eos_token_id
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -96,7 +96,7 @@ def score(cfg: Config, checkpoint: str) -> dict:
     reference, tokenizer, _ = start_from(copy.deepcopy(cfg), cfg.dpo)
     policy, _, _ = start_from(copy.deepcopy(cfg), dataclasses.replace(cfg.dpo, model_name_or_path=checkpoint))
     _, val = chat_data.held_out(cfg.dpo, cfg.general.seed)
-    rows, _ = chat_data.dpo_rows(val, tokenizer, cfg.tokens.sequence_length, data.eos_token_id(tokenizer))
+    rows, _ = chat_data.dpo_rows(val, tokenizer, cfg.tokens.sequence_length, eos_token_id(tokenizer))
     return {"checkpoint": checkpoint, **preference_stats(policy.eval(), reference.eval(), rows, cfg.dpo.beta)}
 
 
@@ -107,7 +107,7 @@ def report(cfg: Config, checkpoint: str) -> str:
 
 
 def main(argv=None) -> int:
-    return command(argv, __doc__, DPO, "each checkpoint's preference accuracy on the config's held-out pairs, "
+    return posttraining_command(argv, __doc__, DPO, "each checkpoint's preference accuracy on the config's held-out pairs, "
                    "against the config's reference (dpo.model_name_or_path)", report)
 
 

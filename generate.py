@@ -21,84 +21,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import torch
-from tokenizers import Tokenizer
-
-import chat
-from checkpoint import CheckpointError, list_checkpoints, load_model
-from quantize import QUANTIZE_CHOICES
-from sampling import MAX_SEED, SamplingParams, TextStream, compile_unavailable, generate, use_decode_layout
-
-
-class InputError(Exception):
-    """A problem with the user's flags or input: reported as one line on stderr, never a traceback."""
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name}: not a device torch knows; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {name}: torch sees no Apple GPU (MPS) here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device {name}: generation runs on cpu, cuda or mps; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def pick_dtype(device: torch.device, name: str) -> torch.dtype:
-    """fp32 on CPU (half-precision matmuls there are slow or emulated); bf16 on a GPU that has it, else fp16."""
-    if device.type != "cuda":
-        if name not in ("auto", "fp32"):
-            raise InputError(f"--dtype {name} is for GPUs; on {device.type} generation runs in fp32")
-        return torch.float32
-    if name == "auto":
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name == "bf16" and not torch.cuda.is_bf16_supported():
-        raise InputError("--dtype bf16: this GPU has no bf16 support (compute capability < 8.0); use --dtype fp16")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def load(path, device: torch.device, dtype: torch.dtype, quantize: Optional[str] = None):
-    """checkpoint.load_model (whose failures are CheckpointErrors naming the file) in `dtype`, quantized or not."""
-    return load_model(path, device, dtype, quantize)
-
-
-def tokenizer_file(name: str) -> Optional[Path]:
-    """The local file a tokenizer name means: the file itself, or a directory's tokenizer.json; None for a hub name."""
-    path = Path(name)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file() and name.endswith(".json"):
-        raise InputError(f"tokenizer {path}: file not found; pass --tokenizer FILE")
-    return path if path.is_file() else None
-
-
-def open_tokenizer(name: Optional[str]) -> Tokenizer:
-    """A tokenizer.json file, a directory holding one, or a Hugging Face hub name (downloaded once, then cached)."""
-    if not name:
-        raise InputError("no tokenizer.json beside the checkpoint and none named in its config; pass --tokenizer FILE")
-    path = tokenizer_file(name)
-    try:
-        return Tokenizer.from_file(str(path)) if path is not None else Tokenizer.from_pretrained(name)
-    except Exception as e:
-        raise InputError(f"tokenizer '{name}' could not be loaded ({e}); pass --tokenizer FILE") from None
-
-
-def eos_id_for(cfg, tokenizer: Tokenizer) -> Optional[int]:
-    """The token that ends a completion: the model config's eos_token_id, else the tokenizer's <|endoftext|>."""
-    eos = cfg.model.model_config.eos_token_id
-    return eos if eos is not None else tokenizer.token_to_id("<|endoftext|>")
+from smollm2 import chat
+from smollm2.checkpoint import list_checkpoints
+from smollm2.errors import CheckpointError, InputError, command
+from smollm2.loading import eos_id_for, load_model, log, open_tokenizer, pick_device, pick_dtype
+from smollm2.quantize import QUANTIZE_CHOICES
+from smollm2.sampling import MAX_SEED, SamplingParams, TextStream, compile_unavailable, generate, use_decode_layout
 
 
 def encode_prompts(tokenizer, texts: list[str], context: int, max_new_tokens: int, vocab_size: int) -> list[list[int]]:
@@ -131,7 +59,7 @@ class Session:
         self.args = args
         device = pick_device(args.device)
         dtype = pick_dtype(device, args.dtype)
-        self.model, cfg, self.info = load(path, device, dtype, args.quantize)
+        self.model, cfg, self.info = load_model(path, device, dtype, args.quantize)
         self.tokenizer = open_tokenizer(args.tokenizer or self.info["tokenizer"])
         self.eos_id = eos_id_for(cfg, self.tokenizer)
         mc = cfg.model.model_config
@@ -355,6 +283,7 @@ def parse_args(argv=None):
     return args
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -370,9 +299,6 @@ def main(argv=None) -> int:
         else:
             session.complete(prompts, printer(prompts, args.output_format))
         return 0
-    except (InputError, CheckpointError, chat.ChatError) as e:
-        log(f"error: {e}")
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:   # `| head` closed stdout: stop quietly, and keep Python's exit-time flush from failing

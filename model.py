@@ -8,6 +8,7 @@ rotary layout is HF's rotate-half, so no weight permutation is needed either.
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
@@ -16,7 +17,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from config import ModelConfig
+
+@dataclass
+class ModelConfig:
+    """The architecture, under Hugging Face `LlamaConfig`'s names."""
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 0
+    hidden_act: str = "silu"
+    hidden_size: int = 576
+    initializer_range: float = 0.02
+    intermediate_size: int = 1536
+    is_llama_config: bool = True
+    max_position_embeddings: int = 2048
+    num_attention_heads: int = 9
+    num_hidden_layers: int = 30
+    num_key_value_heads: int = 3
+    pad_token_id: Optional[int] = None
+    pretraining_tp: int = 1
+    rms_norm_eps: float = 1e-5
+    rope_interleaved: bool = False
+    rope_scaling: Optional[dict] = None
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    vocab_size: int = 49152
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: `python sft.py --config config_sft_tiny.yaml [key=value ...] [--resume [PATH]]`.
+"""Supervised fine-tuning: `python sft.py --config configs/config_sft_tiny.yaml [key=value ...] [--resume [PATH]]`.
 
 Teaches a pretrained or imported checkpoint (`sft.model_name_or_path`) to answer in SmolLM2's chat format. It is
 pretraining's loop (train.py: LR schedule, accumulation, validation, samples, checkpoints, exact resume, S3, DDP and
@@ -6,8 +6,8 @@ FSDP) with another task: the model starts from the checkpoint, with <|im_start|>
 tokenizer and embedding if it lacks them; the data are conversations (chat_data.py), packed; the loss is the
 cross-entropy of the assistant's tokens only; samples are replies to `sampling.prompts` sent as user messages.
 
-    python sft.py --config config_sft_tiny.yaml
-    python sft.py --config config_sft_tiny.yaml --score runs/tiny runs/tiny-sft   # exact match before and after
+    python sft.py --config configs/config_sft_tiny.yaml
+    python sft.py --config configs/config_sft_tiny.yaml --score runs/tiny runs/tiny-sft   # exact match before and after
 """
 
 import copy
@@ -17,23 +17,29 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
-import chat
-import chat_data
 import data
 import train
-from checkpoint import CheckpointError, is_hf_dir, load_model, resolve_checkpoint
-from config import Config, ConfigError, ModelConfig, PosttrainArgs, load_config, validate
-from model import SmolLM2
-from sampling import SamplingParams, generate
+from model import ModelConfig, SmolLM2
+from smollm2 import chat, chat_data, cli
+from smollm2.checkpoint import is_hf_dir, resolve_checkpoint
+from smollm2.config import Config, PosttrainArgs
+from smollm2.config_checks import validate
+from smollm2.config_load import load_config
+from smollm2.errors import CheckpointError, ConfigError, DataError, UserError, say_error
+from smollm2.loading import load_model
+from smollm2.sampling import SamplingParams, generate
+from smollm2.task import Task
+from smollm2.tokenizer import eos_token_id, load_tokenizer
 
 
 def section(cfg: Config, name: str) -> PosttrainArgs:
     """The config's sft or dpo section, which the script of that name needs."""
     if getattr(cfg, name) is None:
         raise ConfigError(f"{name}: this config has no {name} section, which {name}.py needs; see "
-                          f"config_{name}_tiny.yaml")
+                          f"configs/config_{name}_tiny.yaml")
     return getattr(cfg, name)
 
 
@@ -54,12 +60,88 @@ def start_from(cfg: Config, args: PosttrainArgs) -> tuple[SmolLM2, object, Optio
     cfg.tokenizer = start.tokenizer
     cfg.tokenizer.tokenizer_name_or_path = tokenizer_name
     validate(cfg)   # e.g. tokens.sequence_length against this model's context
-    tokenizer = data.load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
     used = tokenizer.get_vocab_size()
     return model, tokenizer, chat.fit_embeddings(model, tokenizer, chat.add_chat_tokens(tokenizer), used)
 
 
-class SFT(train.Pretraining):
+# ---------------------------------------------------------------- the rows as micro-batches
+
+
+class Rows:
+    """Row i of the array, cycling (row n is row 0 again: the next epoch), in data.TokenLoader's `read` interface."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        return self.rows[np.arange(first, first + count) % len(self.rows)]
+
+
+class RowLoader(data.TokenLoader):
+    """TokenLoader's rank split and resumable position over tokenized rows: next_batch() -> one int64 tensor
+    (micro_batch_size, sequence_length) per channel of the rows (inputs, targets, segments, ...)."""
+
+    def next_batch(self):
+        import torch
+        m = self.rank + self.step * self.world_size
+        batch = self.blocks.read(m * self.B, self.B).astype(np.int64)   # (B, channels, T)
+        self.step += 1
+        return tuple(torch.from_numpy(np.ascontiguousarray(batch[:, c])) for c in range(batch.shape[1]))
+
+
+class ChatData:
+    """The training rows and the held-out ones in stages.StagedLoader's interface, which train.py's loop reads: one
+    stage (the dataset), one validation source."""
+
+    def __init__(self, name: str, train: RowLoader, val: RowLoader):
+        self.name, self.train, self.val = name, train, val
+
+    def begin_step(self, step: int) -> bool:
+        return False   # one stage throughout
+
+    def next_batch(self):
+        return self.train.next_batch()
+
+    def validation(self) -> list[tuple[str, float, RowLoader]]:
+        return [(self.name, 1.0, self.val)]
+
+    def state_dict(self) -> dict:
+        return self.train.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train.load_state_dict(state)
+
+
+def loaders(cfg: Config, tokenizer, rank: int, world: int) -> ChatData:
+    """The training and validation rows of an SFT or DPO config."""
+    args, T = cfg.sft or cfg.dpo, cfg.tokens.sequence_length
+    train, val = chat_data.held_out(args, cfg.general.seed)
+    pad = eos_token_id(tokenizer)
+    if cfg.sft is not None:
+        (train_rows, counts), (val_rows, _) = (chat_data.sft_rows(e, tokenizer, T, cfg.sft.packing, pad)
+                                               for e in (train, val))
+    else:
+        (train_rows, counts), (val_rows, _) = (chat_data.dpo_rows(e, tokenizer, T, pad) for e in (train, val))
+    what = "conversations" if cfg.sft is not None else "preference pairs"
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise DataError(f"{args.dataset_name}: no {what} fit in rows of tokens.sequence_length={T} tokens "
+                        f"({counts['too_long']} too long); raise tokens.sequence_length")
+    if rank == 0:
+        skipped = [f"{counts[k]} {label}" for k, label in (("too_long", f"longer than {T} tokens"),
+                                                           ("no_target", "without an assistant reply")) if counts[k]]
+        print(f"data: {counts['examples']:,} {what} from {args.dataset_name} -> {len(train_rows):,} rows of {T} "
+              f"tokens ({counts['tokens'] / (len(train_rows) * T * (train_rows.shape[1] // 2)):.0%} filled, "
+              f"{counts['targets'] / max(counts['tokens'], 1):.0%} of the tokens are targets); "
+              f"{len(val):,} held out" + (f"; left out: {', '.join(skipped)}" if skipped else ""), flush=True)
+    return ChatData(args.dataset_name, RowLoader(Rows(train_rows), cfg, rank, world),
+                    RowLoader(Rows(val_rows), cfg, rank, world))
+
+
+# ---------------------------------------------------------------- the task
+
+
+class SFT(Task):
     """The model starts from a checkpoint; batches are packed conversations; the loss covers the assistant's tokens."""
     section = "sft"
 
@@ -75,8 +157,8 @@ class SFT(train.Pretraining):
     def tokenizer(self, cfg: Config):
         return self._tokenizer
 
-    def data(self, cfg: Config, rt, tokenizer) -> chat_data.ChatData:
-        return chat_data.loaders(cfg, tokenizer, rt.rank, rt.world)
+    def data(self, cfg: Config, rt, tokenizer) -> ChatData:
+        return loaders(cfg, tokenizer, rt.rank, rt.world)
 
     def describe_data(self, cfg: Config, step: int) -> str:
         return f"{self.args.dataset_name} ({self.section}.dataset_name)"
@@ -139,22 +221,21 @@ def score(cfg: Config, checkpoint: str) -> dict:
             "tasks": {name: sum(h) / len(h) for name, h in tasks.items()}}
 
 
-def command(argv, doc: str, task: type, score_help: str, report: Callable[[Config, str], str]) -> int:
+def posttraining_command(argv, doc: str, task: type, score_help: str, report: Callable[[Config, str], str]) -> int:
     """sft.py's and dpo.py's command line: train.py's (--config, --resume, overrides) and --score CHECKPOINT...,
     which measures checkpoints on the config's held-out examples instead of training."""
-    parser = train.arg_parser(doc, f"config_{task.section}_tiny.yaml")
+    parser = cli.arg_parser(doc, f"configs/config_{task.section}_tiny.yaml")
     parser.add_argument("--score", nargs="+", metavar="CHECKPOINT", help=f"instead of training: {score_help}")
     args = parser.parse_args(argv)
     if not args.score:
-        return train.run_command(args, task, f"{task.section}.py")
+        return cli.training_command(args, task, f"{task.section}.py", train.train)
     try:
         cfg = load_config(args.config, args.overrides)
         section(cfg, task.section)
         for checkpoint in args.score:
             print(report(cfg, checkpoint), flush=True)
-    except (ConfigError, CheckpointError, chat.ChatError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return say_error(e)
     return 0
 
 
@@ -165,7 +246,7 @@ def report(cfg: Config, checkpoint: str) -> str:
 
 
 def main(argv=None) -> int:
-    return command(argv, __doc__, SFT, "the exact match of each checkpoint's greedy replies on the config's "
+    return posttraining_command(argv, __doc__, SFT, "the exact match of each checkpoint's greedy replies on the config's "
                    "held-out conversations", report)
 
 

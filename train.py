@@ -13,17 +13,13 @@ What the run starts from, reads and minimises is its task: `Pretraining` here (a
 next-token loss); sft.py and dpo.py subclass it and run through the same loop, checkpoints, resume and distribution.
 """
 
-import argparse
 import gc
 import math
-import os
 import random
-import shlex
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,33 +27,20 @@ import torch.distributed as dist
 import yaml
 
 import data
-import distributed
-import planner
-import remote
-from chat import ChatError
-import stages
-from checkpoint import (CheckpointError, checkpoint_name, is_sharded, latest_checkpoint, load_state_into,
-                        resolve_checkpoint, rotate_checkpoints, save_atomic, training_checkpoint)
-from config import Config, ConfigError, config_to_dict, load_config, notes
-from evaluate import BackgroundEvals
-from metrics import (MetricsLog, duration, flops_per_token, format_train_line, format_val_line, human, peak_flops,
-                     plot_losses, progress_bar)
 from model import SmolLM2
-from optimizer import build_optimizer, lr_at
-from runtime import (Runtime, StopSignals, gather, memory_gb, mean_across_ranks, rng_state, set_rng_state,
-                     setup_runtime)
-from sampling import SamplingParams, generate
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps); the message says why and what to try."""
-
-
-class StoppedAtOnce(KeyboardInterrupt):
-    """A second Ctrl-C: the run stops where it is, without saving; the message names the newest checkpoint."""
-
-
-QUIET_S = 60.0   # with no terminal (no progress bar), a line at least this often, however long the logging interval
+from smollm2 import cli, distributed, planner, remote, stages
+from smollm2.checkpoint import (checkpoint_name, is_sharded, latest_checkpoint, load_state_into, rotate_checkpoints, save_atomic, training_checkpoint)
+from smollm2.config import Config
+from smollm2.config_checks import notes
+from smollm2.config_load import config_to_dict
+from smollm2.errors import ConfigError, StoppedAtOnce, TrainingError
+from smollm2.evals import BackgroundEvals
+from smollm2.metrics import MetricsLog, format_val_line, human, peak_flops, plot_losses, progress_bar
+from smollm2.optimizer import build_optimizer, lr_at
+from smollm2.progress import Progress, log_progress, still_running, track_loss
+from smollm2.runtime import Runtime, StopSignals, gather, mean_across_ranks, rng_state, set_rng_state, setup_runtime
+from smollm2.sampling import SamplingParams, generate
+from smollm2.task import Task
 
 
 @dataclass
@@ -72,10 +55,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     tokenizer: object
-    train_data: stages.StagedLoader         # every data stage's batches, and the running stage's validation sources
+    train_data: data.StagedLoader          # every data stage's batches, and the running stage's validation sources
     accumulation: int                       # micro-batches per optimizer step on each rank
     accumulation_note: str                  # why it differs from the config's, if it does
-    task: "Pretraining"                     # what the run starts from, reads and minimises
+    task: Task                              # what the run starts from, reads and minimises
     uploader: Optional[remote.Uploader] = None
     evals: Optional[BackgroundEvals] = None   # benchmarks on saved checkpoints, in processes beside this one
     log: Optional[MetricsLog] = None
@@ -89,84 +72,24 @@ class Run:
         return t.micro_batch_size * t.sequence_length * self.accumulation * self.rt.world
 
 
-@dataclass
-class Progress:
-    """What the loop remembers between steps: the streak of skipped updates, a loss average to spot spikes, and the
-    clock for tokens/s and the ETA."""
-    start_step: int
-    bad_streak: int = 0
-    loss_ema: Optional[float] = None
-    last_loss: float = float("nan")
-    loss_sum: float = 0.0                   # the finite losses since the last log line, and how many
-    loss_count: int = 0
-    steps_since_log: int = 0
-    t_log: float = field(default_factory=time.time)
-    t_said: float = field(default_factory=time.time)   # when rank 0 last printed a line
-    t_start: float = field(default_factory=time.time)
-
-
 # ---------------------------------------------------------------- the task: what a run starts from, reads, minimises
 
 
-class Pretraining:
-    """A freshly initialised model, the data stages of data.py, the next-token loss; sft.py and dpo.py subclass it."""
-    reports_perplexity = True   # the validation loss is a per-token cross-entropy
+class Pretraining(Task):
+    """A freshly initialised model, the data stages of data.py, the next-token loss (the defaults of Task)."""
 
-    def tokenizer(self, cfg: Config):
-        return data.load_tokenizer(cfg)   # under torchrun, data.py's file lock lets one rank train it at first use
-
-    def data(self, cfg: Config, rt: Runtime, tokenizer):
-        """The training batches, in stages.StagedLoader's interface (next_batch, begin_step, validation, state)."""
-        return stages.StagedLoader(cfg, rt.rank, rt.world, tokenizer)
+    def data(self, cfg: Config, rt: Runtime, tokenizer) -> data.StagedLoader:
+        return data.StagedLoader(cfg, rt.rank, rt.world, tokenizer)
 
     def describe_data(self, cfg: Config, step: int) -> str:
-        """What feeds optimizer step `step`, for the start line."""
         return stages.describe(cfg, stages.stage_at(cfg, step))
-
-    def model(self, cfg: Config, rt: Runtime, resuming: Optional[dict]) -> SmolLM2:
-        """The model before training (a checkpoint being resumed, if any, then loads its weights into it)."""
-        torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
-        return SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
-
-    def loss(self, run: "Run", batch) -> tuple[torch.Tensor, dict]:
-        """One micro-batch's loss to minimise, and statistics to log beside it (tensors, averaged like the loss)."""
-        x, y = (t.to(run.rt.device, non_blocking=True) for t in batch)   # ids past the vocabulary: refused by data.py
-        return run.net(x, y)[1], {}
-
-    def prompt(self, tokenizer, text: str) -> list[int]:
-        """A sampling.prompts entry as the ids samples continue."""
-        return tokenizer.encode(text).ids
-
-    def stop_id(self, tokenizer) -> int:
-        return data.eos_token_id(tokenizer)
 
 
 # ---------------------------------------------------------------- setup
 
 
-def find_resume(cfg: Config, resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """--resume (or checkpoints.resume_checkpoint_path) -> a checkpoint; refuse to start over an existing run."""
-    resume = resume or cfg.checkpoints.resume_checkpoint_path
-    if resume == "latest":
-        found = latest_checkpoint(run_dir)
-        if found is None and cfg.s3.bucket:   # a new machine: go on from the newest checkpoint in the bucket
-            return remote.download_checkpoint(remote.bucket_url(cfg.s3), run_dir, cfg.s3)
-        if found is None:
-            raise CheckpointError(f"--resume: no checkpoint in {run_dir}/checkpoints yet; start without --resume")
-        return found
-    if remote.is_s3_url(resume):
-        return remote.download_checkpoint(resume, run_dir, cfg.s3)
-    if resume:
-        return resolve_checkpoint(resume)
-    existing = latest_checkpoint(run_dir)
-    if existing is not None:
-        raise CheckpointError(f"{run_dir} already holds checkpoints (newest {existing.name}): pass --resume to "
-                              "continue that run, or set checkpoints.checkpoints_path to a new directory")
-    return None
-
-
 def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
-          task: Pretraining) -> tuple[Run, Optional[Path]]:
+          task: Task) -> tuple[Run, Optional[Path]]:
     """Runtime, data, model, optimizer; then every part a checkpoint holds, when resuming. -> (run, checkpoint)."""
     rt = setup_runtime(cfg)
     sample_params(cfg)   # refused now, not at the first sample hours in
@@ -182,7 +105,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
     tokenizer = task.tokenizer(cfg)
     train_data = task.data(cfg, rt, tokenizer)
 
-    ckpt_path = find_resume(cfg, resume, run_dir)
+    ckpt_path = remote.find_resume(resume or cfg.checkpoints.resume_checkpoint_path, run_dir, cfg.s3)
     ckpt = training_checkpoint(ckpt_path) if ckpt_path else None
     model = task.model(cfg, rt, ckpt)
     torch.manual_seed(cfg.general.seed + rt.rank)
@@ -305,55 +228,6 @@ def skip_update(run: Run, progress: Progress, loss: float, grad_norm: float) -> 
                             "lower the learning rate or check the data, then resume from the last checkpoint")
 
 
-# ---------------------------------------------------------------- what happens between steps
-
-
-def track_loss(run: Run, progress: Progress, loss: float) -> None:
-    """Remember the last finite loss and warn when one jumps far above the recent average."""
-    if not math.isfinite(loss):
-        return
-    progress.last_loss = loss
-    progress.loss_sum, progress.loss_count = progress.loss_sum + loss, progress.loss_count + 1
-    ema = progress.loss_ema
-    if ema is not None and loss > run.cfg.run.loss_spike_factor * ema and run.rt.main:
-        print(f"warning: loss spike at step {run.step}: {loss:.3f} vs recent {ema:.3f}", file=sys.stderr)
-    progress.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
-
-
-def log_progress(run: Run, progress: Progress, grad_norm: float, lr: float, stats: dict) -> None:
-    """The train log line (rank 0): the mean loss of the steps since the previous line (one step's loss swings too
-    much to read), the last step's LR, gradient norm and task statistics (DPO's), tokens/s and MFU; the same record
-    to metrics.jsonl."""
-    cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
-    now = time.time()
-    tok_s = progress.steps_since_log * run.tokens_per_step / max(now - progress.t_log, 1e-9)
-    rate = (run.step - progress.start_step) / max(now - progress.t_start, 1e-9)
-    peak, _ = peak_flops(rt.device)
-    loss = progress.loss_sum / progress.loss_count if progress.loss_count else float("nan")
-    record = {"kind": "train", "step": run.step, "train_steps": steps, "stage": run.train_data.name, "loss": loss,
-              "loss_steps": progress.loss_count, "lr": lr, "grad_norm": grad_norm, "tokens_seen": run.tokens_seen,
-              "tok_per_s": tok_s,
-              "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
-              if peak else None,
-              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device),
-              **stats}
-    print(format_train_line(record, extra=stats), flush=True)
-    run.log.write(record)
-    progress.t_log, progress.t_said, progress.steps_since_log = now, now, 0
-    progress.loss_sum, progress.loss_count = 0.0, 0
-
-
-def still_running(run: Run, progress: Progress) -> None:
-    """A line when QUIET_S passed without one and no progress bar shows the run is alive (output to a file or a
-    pipe, a long logging interval)."""
-    now = time.time()
-    if now - progress.t_said >= QUIET_S:
-        print(f"step {run.step}/{run.cfg.tokens.train_steps} | still running, {duration(now - progress.t_said)} since "
-              f"the last line (logging.iteration_step_info_interval={run.cfg.logging.iteration_step_info_interval})",
-              flush=True)
-        progress.t_said = now
-
-
 def validation_due(cfg: Config, step: int) -> bool:
     """nanotron's keys: tokens.limit_val_batches 0 means no validation; otherwise every tokens.val_check_interval
     steps (<= 0: never on an interval) and after the last step."""
@@ -448,7 +322,7 @@ def save(run: Run, reason: str) -> None:
 
 
 def train(cfg: Config, resume: Optional[str] = None, explicit_accumulation: bool = False,
-          task: Optional[Pretraining] = None) -> dict:
+          task: Optional[Task] = None) -> dict:
     """Run (or continue) training; returns the final step, train and validation loss, and `stopped_by` (a signal's
     name) or `complete` (a resumed run had nothing left to do).
     explicit_accumulation: the command line set tokens.batch_accumulation_per_replica, which then wins over keeping
@@ -545,60 +419,6 @@ def finish(run: Run, stopped: bool = False) -> None:
                             f"what is missing there is kept in {run.run_dir}")
 
 
-def arg_parser(doc: str, example: str) -> argparse.ArgumentParser:
-    """The command line of train.py, sft.py and dpo.py: --config, --resume and key=value overrides."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help=f"a nanotron-format YAML file, e.g. {example}")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the newest checkpoint of the run (no value; the bucket's when the run dir "
-                             "has none), from this checkpoint file, or from s3://bucket/prefix[/checkpoints/step_N.pt]")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokens.micro_batch_size=4")
-    return parser
-
-
-def run_command(args, make_task: Callable[[Config], Pretraining], script: str) -> int:
-    """Load the config, build the task, train (or plan, --plan); problems a user can fix are one line and exit 2."""
-    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
-        args.overrides.append(args.resume)   # `--resume key=value`: argparse took the override for a checkpoint
-        args.resume = "latest"
-    explicit = any(o.split("=", 1)[0].strip() == "tokens.batch_accumulation_per_replica" for o in args.overrides)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if getattr(args, "plan", False):   # train.py --plan: memory, fit, time and cost on --gpu; nothing is trained
-            print(planner.report(cfg, args, explicit))
-            return 0
-        result = train(cfg, args.resume, explicit, make_task(cfg))
-    except (ConfigError, CheckpointError, ChatError, data.DataError, remote.RemoteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except StoppedAtOnce as e:
-        print(e, file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:   # before the first step: nothing to save yet
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
-    if os.environ.get("RANK", "0") != "0":   # under torchrun, rank 0 speaks for the run
-        return 0
-    again = shlex.join(["python", script, "--config", args.config, *args.overrides, "--resume"])
-    if result.get("complete"):
-        steps = cfg.tokens.train_steps
-        more = shlex.join(["python", script, "--config", args.config, *args.overrides,
-                           f"tokens.train_steps={2 * max(steps, result['step'])}", "--resume"])   # the last one wins
-        print(f"the run is complete: step {result['step']} of tokens.train_steps={steps}. To train further, resume "
-              f"with more steps, e.g. {more} (the LR schedule follows the new length)", flush=True)
-        return 0
-    if result["stopped_by"]:
-        print(f"stopped by {result['stopped_by']} at step {result['step']}; continue with: {again}", file=sys.stderr)
-        return 130 if result["stopped_by"] == "Ctrl-C" else 0
-    val = f"{result['val_loss']:.3f}" if result["val_loss"] is not None else "n/a"
-    print(f"done: step {result['step']} | train loss {result['train_loss']:.3f} | val loss {val}", flush=True)
-    return 0
-
-
 def pretraining(cfg: Config) -> Pretraining:
     for name in ("sft", "dpo"):
         if getattr(cfg, name) is not None:
@@ -607,9 +427,9 @@ def pretraining(cfg: Config) -> Pretraining:
 
 
 def main(argv=None) -> int:
-    parser = arg_parser(__doc__, "config_tiny.yaml")
+    parser = cli.arg_parser(__doc__, "config_tiny.yaml")
     planner.add_arguments(parser)
-    return run_command(parser.parse_args(argv), pretraining, "train.py")
+    return cli.training_command(parser.parse_args(argv), pretraining, "train.py", train)
 
 
 if __name__ == "__main__":

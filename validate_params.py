@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import CheckpointError
-from config import Config, ConfigError, load_config
 from convert_hf import hf_config_dict, local_hf_dir
-from generate import load
-from sampling import SamplingParams, generate
 from model import SmolLM2
+from smollm2.config import Config
+from smollm2.config_load import load_config
+from smollm2.errors import ConfigError, command
+from smollm2.loading import load_model
+from smollm2.sampling import SamplingParams, generate
 
 LOGIT_TOLERANCE = 1e-4
 # (hidden, layers, heads, kv heads, ffn, vocab) of the released SmolLM2 models -> name, parameters in its safetensors
@@ -85,7 +86,7 @@ def pair_from_hf(name: str):
     path = local_hf_dir(name)
     progress(f"loading {path} into our model and into transformers'")
     # refuses non-Llama configs, weights that do not fit and unreadable files, naming the file
-    ours, _, _ = load(path, torch.device("cpu"), torch.float32)
+    ours, _, _ = load_model(path, torch.device("cpu"), torch.float32)
     hf = LlamaForCausalLM.from_pretrained(str(path), attn_implementation="sdpa")
     return ours.eval(), hf.float().eval()
 
@@ -186,6 +187,7 @@ def count(text: str) -> int:
     return int(text)
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="config_smollm2_135M.yaml", help="YAML config (nanotron schema)")
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
             progress("building our model and transformers' from the config (seconds at 135M, minutes at 1.7B)")
             ours, hf = pair_from_config(cfg, args.seed)
             source = f"{args.config} {' '.join(args.overrides)}".strip() + " (random weights)"
-    except (ConfigError, CheckpointError, OSError) as e:
+    except OSError as e:   # a --hf_model folder transformers cannot read
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = ours.config

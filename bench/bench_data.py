@@ -3,7 +3,7 @@
 On the same text (the built-in offline corpus, the Python standard library) and with the same tokenizer (trained on
 it, as config_tiny.yaml does), it prints:
   raw encode   tokenizers' encode_batch over all documents at once, text already in memory (the ceiling);
-  prepare      `data.prepare` end to end: read files, tokenize, mix, write and hash shards, commit its state;
+  prepare      `prepare.prepare` end to end: read files, tokenize, mix, write and hash shards, commit its state;
   ratio        prepare / raw (goal >= 0.8: packing and writing cost little beyond tokenization);
   loader       next_batch() of the training loader over the shards, for the tiny and the 135M batch shapes
                (goal >= 100x the ~40k tokens/s that SmolLM2-135M trains at on an A10G, i.e. >= 4M tokens/s).
@@ -19,9 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data      # noqa: E402
-import sources   # noqa: E402
-from config import load_config   # noqa: E402
+import data  # noqa: E402
+from smollm2 import prepare, sources  # noqa: E402
+from smollm2.config_load import load_config  # noqa: E402
+from smollm2.tokenizer import load_tokenizer
 
 
 def timed(fn) -> tuple[float, float, object]:
@@ -38,7 +39,7 @@ def main():
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config_tiny.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(root, [f"tokenizer.tokenizer_name_or_path={tmp}/tokenizer.json", "data_prep.val_tokens=0"])
-        tok = data.load_tokenizer(cfg)   # trains it: a few seconds
+        tok = load_tokenizer(cfg)   # trains it: a few seconds
         texts = [text for text, _ in sources.documents(sources.sources(cfg)[0], cfg)]
         print(f"corpus: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M characters; "
               f"tokenizer: {tok.get_vocab_size()} tokens; {os.cpu_count()} CPU cores")
@@ -48,7 +49,7 @@ def main():
             wall, cpu, encodings = timed(lambda: tok.encode_batch(texts, add_special_tokens=False))
             raw.append((wall, cpu))
             cfg.data_prep.output_dir = os.path.join(tmp, f"shards{run}")
-            wall, cpu, state = timed(lambda: data.prepare(cfg, tok, log=lambda _: None))
+            wall, cpu, state = timed(lambda: prepare.prepare(cfg, tok, log=lambda _: None))
             ours.append((wall, cpu))
         n_tokens = sum(len(e.ids) + 1 for e in encodings)   # + EOS per document, as prepare writes
         assert sum(r["tokens"] for r in state["shards"]) == n_tokens

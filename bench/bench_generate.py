@@ -29,10 +29,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import load_config   # noqa: E402
-from model import SmolLM2   # noqa: E402
-from quantize import quantize_model   # noqa: E402
-from sampling import LAYOUTS, SamplingParams, compile_unavailable, decode_layout, generate, lay_out   # noqa: E402
+from model import SmolLM2  # noqa: E402
+from smollm2.config_load import load_config  # noqa: E402
+from smollm2.quantize import quantize_model  # noqa: E402
+from smollm2.sampling import LAYOUTS, SamplingParams, compile_unavailable, decode_layout, generate, lay_out  # noqa: E402
 
 PROMPT_TOKENS = 32
 

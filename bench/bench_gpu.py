@@ -66,10 +66,11 @@ def single(impl: str, compiled: bool, config: str, steps: int, warmup: int) -> d
     """One process, one device: our model (ours-stored: with run.selective_recompute off) or transformers', eager
     or compiled, at the config's micro-batch."""
     import torch
-    from config import load_config
-    from metrics import flops_per_token, peak_flops
+
     from model import SmolLM2
-    from runtime import memory_gb
+    from smollm2.config_load import load_config
+    from smollm2.metrics import flops_per_token, peak_flops
+    from smollm2.runtime import memory_gb
     cfg = load_config(os.path.join(ROOT, config))
     mc, B, T = cfg.model.model_config, cfg.tokens.micro_batch_size, cfg.tokens.sequence_length
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,11 +102,12 @@ def fsdp(config: str, steps: int, warmup: int, zero_stage) -> dict:
     """Under torchrun: train.py's wrapping of the model (DDP or FSDP by optimizer.zero_stage), every rank's step."""
     import torch
     import torch.distributed as dist
-    import distributed
-    from config import load_config
-    from metrics import flops_per_token, peak_flops
+
     from model import SmolLM2
-    from runtime import memory_gb, setup_runtime
+    from smollm2 import distributed
+    from smollm2.config_load import load_config
+    from smollm2.metrics import flops_per_token, peak_flops
+    from smollm2.runtime import memory_gb, setup_runtime
     overrides = ["run.precision=bf16"] + ([f"optimizer.zero_stage={zero_stage}"] if zero_stage is not None else [])
     cfg = load_config(os.path.join(ROOT, config), overrides)
     rt = setup_runtime(cfg)
@@ -147,7 +149,7 @@ def row(name: str, r: dict) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="config_smollm2_135M.yaml")
-    p.add_argument("--fsdp_config", default="config_smollm2_1.7B.yaml")
+    p.add_argument("--fsdp_config", default="configs/config_smollm2_1.7B.yaml")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--zero_stage", type=int, help="override the FSDP config's optimizer.zero_stage")

@@ -40,8 +40,8 @@ def resident_gb() -> tuple[float, float]:
 def build(impl: str, shape: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from config import load_config
     from model import SmolLM2
+    from smollm2.config_load import load_config
 
     cfg = load_config(os.path.join(ROOT, SHAPES[shape])).model.model_config
     model = SmolLM2(cfg)

@@ -30,13 +30,16 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import CheckpointError, load_model   # noqa: E402
-from config import load_config   # noqa: E402
-from generate import InputError, open_tokenizer   # noqa: E402
-from model import SmolLM2   # noqa: E402
-from quantize import quantize_model   # noqa: E402
-from sampling import SamplingParams, generate   # noqa: E402
-from validate_params import parity_weights   # noqa: E402
+from model import SmolLM2  # noqa: E402
+from smollm2.config_load import load_config  # noqa: E402
+from smollm2.errors import (
+    CheckpointError,  # noqa: E402
+    InputError,  # noqa: E402
+)
+from smollm2.loading import load_model, open_tokenizer
+from smollm2.quantize import quantize_model  # noqa: E402
+from smollm2.sampling import SamplingParams, generate  # noqa: E402
+from validate_params import parity_weights  # noqa: E402
 
 GREEDY_TOKENS = 64
 

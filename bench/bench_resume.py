@@ -20,7 +20,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-from config import config_from_dict  # noqa: E402
+from smollm2.config_load import config_from_dict  # noqa: E402
+from smollm2.tokenizer import load_tokenizer
 
 WORDS = ("the of model token data shard rank block loss step and to in for is on that with résumé learning rate "
          "def return class import self value list dict").split()
@@ -62,7 +63,7 @@ def main():
             "tokens": {"sequence_length": 255, "micro_batch_size": 8},
             "data_prep": {"output_dir": os.path.join(tmp, "shards"), "val_tokens": 10_000,
                           "tokenizer_vocab_size": 2048, "tokenizer_train_chars": 2_000_000}})
-        data.load_tokenizer(cfg)   # trains it on the first 2M characters
+        load_tokenizer(cfg)   # trains it on the first 2M characters
         per_batch = cfg.tokens.micro_batch_size * (cfg.tokens.sequence_length + 1)
         saved = []
         for position in (0, args.far):

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import shards   # noqa: E402
+from smollm2 import shards  # noqa: E402
 
 
 def main():

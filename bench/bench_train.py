@@ -26,8 +26,8 @@ def measure(impl: str, shape: str, steps: int, batch: int, seq: int, device: str
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from config import load_config
     from model import SmolLM2
+    from smollm2.config_load import load_config
 
     torch.manual_seed(0)
     cfg = load_config(os.path.join(ROOT, SHAPES[shape])).model.model_config

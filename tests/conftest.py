@@ -15,8 +15,8 @@ import torch.utils._pytree as pytree
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import data
-from config import config_from_dict
+from smollm2.config_load import config_from_dict
+from smollm2.tokenizer import train_tokenizer
 
 WORDS = "the a of model token data shard rank block loss step and to in for is on that with résumé 数据".split()
 
@@ -61,11 +61,11 @@ def build_config(tmp_path, tokenizer: str, dataset: dict, **data_prep):
 
 @pytest.fixture(scope="session")
 def bpe_path(tmp_path_factory) -> str:
-    """A 300-token byte-level BPE tokenizer trained by data.train_tokenizer on a corpus like the tests' ones."""
+    """A 300-token byte-level BPE tokenizer trained by train_tokenizer on a corpus like the tests' ones."""
     root = tmp_path_factory.mktemp("bpe")
     corpus(root / "text", "doc", 200)
     path = str(root / "tokenizer.json")
-    data.train_tokenizer(build_config(root, path, {"dataset_folder": str(root / "text")}))
+    train_tokenizer(build_config(root, path, {"dataset_folder": str(root / "text")}))
     return path
 
 
@@ -125,11 +125,10 @@ def train_chat_model(run_dir, steps: int = 120):
     import numpy as np
     import torch
 
-    import chat
-    import chat_data
-    from checkpoint import save_atomic
-    from config import config_to_dict
     from model import SmolLM2
+    from smollm2 import chat, chat_data
+    from smollm2.checkpoint import save_atomic
+    from smollm2.config_load import config_to_dict
     # enough merges (356 tokens in all) that a two-turn prompt, default system turn included, is 45 tokens: it fits
     # the 64-token prompt limit of tests/test_app.py's server
     tok = byte_bpe([chat.render(c) for c in CHATS] * 20, 400, ("<|endoftext|>", *chat.CHAT_TOKENS))

@@ -20,15 +20,17 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
+from conftest import CHATS, byte_bpe, train_chat_model
 from tokenizers import Tokenizer
 
 import app
-from conftest import CHATS, byte_bpe, train_chat_model
-from checkpoint import CheckpointError, load_model, save_atomic
-from config import config_from_dict, config_to_dict
 from convert_hf import export_hf
-from sampling import SamplingParams, generate
 from model import SmolLM2
+from smollm2.checkpoint import save_atomic
+from smollm2.config_load import config_from_dict, config_to_dict
+from smollm2.errors import CheckpointError
+from smollm2.loading import load_model
+from smollm2.sampling import SamplingParams, generate
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

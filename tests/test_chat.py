@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CHATS, byte_bpe, train_chat_model
 from tokenizers import Tokenizer
 
-import chat
-import chat_data
 import convert_hf
 import generate as G
-from checkpoint import save_atomic
-from config import ModelConfig, config_from_dict, config_to_dict
-from conftest import CHATS, byte_bpe, train_chat_model
-from model import SmolLM2
-from sampling import SamplingParams, generate
+from model import ModelConfig, SmolLM2
+from smollm2 import chat, chat_data
+from smollm2.checkpoint import save_atomic
+from smollm2.config_load import config_from_dict, config_to_dict
+from smollm2.sampling import SamplingParams, generate
 
 # SmolLM2-Instruct's tokenizer format, as published on the Hub: the special tokens of its tokenizer.json in id order,
 # and these entries of its tokenizer_config.json. The chat_template value is the JSON string of
@@ -120,7 +119,7 @@ def test_packed_conversations_give_the_logits_each_gives_alone(smollm2_format):
 
 
 def test_a_trained_tokenizer_reserves_the_chat_tokens_after_eos(bpe_path):
-    tok = Tokenizer.from_file(bpe_path)   # data.train_tokenizer's, in conftest
+    tok = Tokenizer.from_file(bpe_path)   # train_tokenizer's, in conftest
     assert [tok.token_to_id(t) for t in ("<|endoftext|>", chat.IM_START, chat.IM_END)] == [0, 1, 2]
     assert chat.encode(tok, CONVERSATIONS[1])[0].count(1) == 3   # <|im_start|> is one token, not spelled out
 
@@ -221,6 +220,6 @@ def test_generate_chat_refuses_a_checkpoint_whose_tokenizer_cannot_chat(tmp_path
                 tmp_path / "checkpoints" / "step_00000001.pt")
     tok.save(str(tmp_path / "tokenizer.json"))
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
-    assert G.main(["--checkpoint_path", str(tmp_path), "--chat"]) == 1
+    assert G.main(["--checkpoint_path", str(tmp_path), "--chat"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: this tokenizer has no <|im_start|>") and "sft.py" in err[-1]

@@ -8,14 +8,18 @@ import pytest
 import torch
 import yaml
 
-from config import NO_EFFECT, ConfigError, config_from_dict, data_dir, load_config, notes, stage_view
 from model import SmolLM2
+from smollm2.config import NO_EFFECT
+from smollm2.config_checks import notes
+from smollm2.config_load import config_from_dict, load_config
+from smollm2.errors import ConfigError
+from smollm2.stages import data_dir, stage_view
 
 OFFICIAL = {size: f"tests/fixtures/smollm2/config_smollm2_{name}.yaml"   # 1B is the file of the 1.7B run
             for size, name in (("135M", "135M"), ("360M", "360M"), ("1.7B", "1B"))}
 PUBLISHED = {"135M": 134_515_008, "360M": 361_821_120, "1.7B": 1_711_376_384}   # the released models' safetensors
 OUR_SECTIONS = {"run", "sampling", "data_prep", "s3"}
-SHIPPED = ["config_smollm2_135M.yaml", "config_smollm2_360M.yaml", "config_smollm2_1.7B.yaml"]
+SHIPPED = ["config_smollm2_135M.yaml", "configs/config_smollm2_360M.yaml", "configs/config_smollm2_1.7B.yaml"]
 # What this repository does with each key of the official files. "refused" keys are refused for any value other
 # than the ones implemented (test_values_not_implemented_are_refused_by_key); NO_EFFECT keys are in config.NO_EFFECT
 # and the README; every other key changes the run as it does in nanotron.

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_bpe
 from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import convert_hf
-from conftest import byte_bpe
 import validate_params
-from checkpoint import CheckpointError, checkpoint_name, load_checkpoint, load_model, save_atomic
-from config import config_from_dict, config_to_dict
 from model import SmolLM2
+from smollm2.checkpoint import checkpoint_name, load_checkpoint, save_atomic
+from smollm2.config_load import config_from_dict, config_to_dict
+from smollm2.errors import CheckpointError
+from smollm2.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. Once upon a time, 42."

@@ -19,12 +19,11 @@ from conftest import build_config, corpus
 from tokenizers import Tokenizer
 
 import data
-import shards
-import sources
-import streaming
-from config import ConfigError, config_to_dict
-from data import DataError
-from sources import Mixer, Source
+from smollm2 import prepare, shards, sources, streaming
+from smollm2.config_load import config_to_dict
+from smollm2.errors import ConfigError, DataError
+from smollm2.sources import Mixer, Source
+from smollm2.tokenizer import eos_token_id, load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +41,7 @@ def texts_of(cfg, source: int = 0) -> list[str]:
 
 def documents_of(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
     """Cut a stream at its EOS tokens and decode each document."""
-    eos = data.eos_token_id(tok)
+    eos = eos_token_id(tok)
     assert tokens[-1] == eos, "the stream must end with the last document's EOS"
     cuts = np.flatnonzero(tokens == eos)
     return [tok.decode(tokens[a + 1:b].tolist()) for a, b in zip(np.r_[-1, cuts[:-1]], cuts)]
@@ -54,7 +53,7 @@ def documents_of(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
 def test_trained_tokenizer_has_eos_at_id_0_and_decodes_any_text_exactly(bpe_path):
     tok = Tokenizer.from_file(bpe_path)
     assert tok.get_vocab_size() == 300
-    assert data.eos_token_id(tok) == 0 == tok.token_to_id("<|endoftext|>")
+    assert eos_token_id(tok) == 0 == tok.token_to_id("<|endoftext|>")
     text = "naïve 数据 tabs\tand\nnewlines ∑ 🙂"   # byte-level: characters never seen in training still round-trip
     assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text
 
@@ -62,20 +61,20 @@ def test_trained_tokenizer_has_eos_at_id_0_and_decodes_any_text_exactly(bpe_path
 def test_tokenizer_training_is_deterministic(tmp_path, bpe_path):
     corpus(tmp_path / "text", "doc", 200)
     cfg = build_config(tmp_path, str(tmp_path / "new" / "again.json"), {"dataset_folder": str(tmp_path / "text")})
-    assert data.train_tokenizer(cfg).to_str() == Tokenizer.from_file(bpe_path).to_str()
+    assert train_tokenizer(cfg).to_str() == Tokenizer.from_file(bpe_path).to_str()
 
 
 def test_missing_local_tokenizer_is_trained_on_first_use(tmp_path):
     corpus(tmp_path / "text", "doc", 50)
     path = tmp_path / "new" / "tokenizer.json"
-    tok = data.load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
+    tok = load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
     assert path.exists() and tok.get_vocab_size() == 300
 
 
 def test_training_a_tokenizer_says_so_before_and_after(tmp_path, capsys):
     corpus(tmp_path / "text", "doc", 20)
     path = tmp_path / "tokenizer.json"
-    data.load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
+    load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
     before, after = capsys.readouterr().out.splitlines()
     assert before.startswith("data: training a 300-token BPE tokenizer on up to 100,000,000 characters")
     assert after.startswith("data: tokenizer trained in ")
@@ -85,14 +84,14 @@ def test_tokenizer_larger_than_the_model_vocab_is_an_error(tmp_path, bpe_path):
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": "x"})
     cfg.model.model_config.vocab_size = 256
     with pytest.raises(DataError, match="has 300 tokens but model.model_config.vocab_size is 256"):
-        data.load_tokenizer(cfg)
+        load_tokenizer(cfg)
 
 
 def test_config_eos_id_must_match_the_tokenizer(tmp_path, bpe_path):
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": "x"})
     cfg.model.model_config.eos_token_id = 5
     with pytest.raises(DataError, match="set model.model_config.eos_token_id=0"):
-        data.load_tokenizer(cfg)
+        load_tokenizer(cfg)
 
 
 # ---------------------------------------------------------------- sources and mixing
@@ -155,7 +154,7 @@ def test_weighted_sources_share_the_prepared_tokens_by_weight(tmp_path, bpe_path
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": [str(tmp_path / "a"), str(tmp_path / "b")],
                                             "dataset_weights": [3, 1]},
                        max_tokens={str(tmp_path / "a"): 3000})
-    data.prepare(cfg, log=lambda _: None)
+    prepare.prepare(cfg, log=lambda _: None)
     tok = Tokenizer.from_file(bpe_path)
     tokens = stream_of(tmp_path / "shards")
     docs = documents_of(tokens, tok)
@@ -199,7 +198,7 @@ def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_block
     streamed = data.train_loader(cfg)   # a datasets source is streamed when it has not been prepared
     assert isinstance(streamed.blocks, streaming.StreamedBlocks)
     [streamed_val] = data.val_loaders(cfg).values()
-    data.prepare(cfg, log=lambda _: None)
+    prepare.prepare(cfg, log=lambda _: None)
     prepared, [prepared_val] = data.train_loader(cfg), data.val_loaders(cfg).values()
     assert isinstance(prepared.blocks, data._Blocks)
     for _ in range(prepared.blocks.n_blocks // 2 + 3):   # into the second epoch
@@ -227,13 +226,13 @@ def test_bad_input_is_one_clear_error_naming_the_file(tmp_path, bpe_path, name, 
     (tmp_path / "in" / name).write_bytes(content)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "in")})
     with pytest.raises(DataError, match=error):
-        data.prepare(cfg, log=lambda _: None)
+        prepare.prepare(cfg, log=lambda _: None)
 
 
 def test_a_folder_or_glob_with_no_file_is_an_error(tmp_path, bpe_path):
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "nothing" / "*.txt")})
     with pytest.raises(DataError, match=r"nothing/\*.txt' is no file or folder"):
-        data.prepare(cfg, log=lambda _: None)
+        prepare.prepare(cfg, log=lambda _: None)
 
 
 # ---------------------------------------------------------------- packing
@@ -243,7 +242,7 @@ def test_a_folder_or_glob_with_no_file_is_an_error(tmp_path, bpe_path):
 def prepared(tmp_path, bpe_path):
     texts = corpus(tmp_path / "text", "doc", 150)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")})
-    data.prepare(cfg, log=lambda _: None)
+    prepare.prepare(cfg, log=lambda _: None)
     return cfg, texts, Tokenizer.from_file(bpe_path)
 
 
@@ -384,7 +383,7 @@ def test_offline_a_tokenizer_in_the_hugging_face_cache_and_a_local_dataset_still
     pq.write_table(pa.table({"text": texts}), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
     cfg = build_config(tmp_path, "org/tok", {"hf_dataset_or_datasets": str(tmp_path / "hub")})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
-    script = ("import data; from config import load_config; cfg = load_config('cfg.yaml'); "
+    script = ("import data; from smollm2.config_load import load_config; cfg = load_config('cfg.yaml'); "
               "x, y = data.train_loader(cfg).next_batch(); print('batch', tuple(x.shape))")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=300)

@@ -12,10 +12,9 @@ from datatrove.pipeline.tokens import DocumentTokenizer
 from tokenizers import Tokenizer
 
 import data
-import datatrove_folder
-import shards
-import sources
-from data import DataError
+from smollm2 import datatrove_folder, prepare, shards, sources
+from smollm2.errors import DataError
+from smollm2.tokenizer import eos_token_id
 
 
 def datatrove_tokenize(texts: list[str], out, tokenizer: str, eos: bool = True, tasks: int = 2) -> None:
@@ -32,13 +31,13 @@ def datatrove_tokenize(texts: list[str], out, tokenizer: str, eos: bool = True, 
 
 def prepared_documents(cfg, tok) -> list[list[int]]:
     """The documents of a prepared folder's whole stream (validation first), cut at EOS."""
-    data.prepare(cfg, tok, log=lambda _: None)
+    prepare.prepare(cfg, tok, log=lambda _: None)
     out = cfg.data_prep.output_dir
     rows = [json.loads(line) for line in open(f"{out}/manifest.jsonl")]
     stream = np.concatenate([shards.open_shard(f"{out}/{r['file']}", 2**16) for r in rows]).tolist()
     docs, start = [], 0
     for i, t in enumerate(stream):
-        if t == data.eos_token_id(tok):
+        if t == eos_token_id(tok):
             docs.append(stream[start:i + 1])
             start = i + 1
     assert start == len(stream)
@@ -79,7 +78,7 @@ def test_a_datatrove_folder_of_another_tokenizer_is_refused_by_name(tmp_path, bp
     datatrove_tokenize(texts, tmp_path / "tokens", str(other), tasks=1)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "tokens")})
     with pytest.raises(DataError, match=f"was tokenized with '{other}' but tokenizer.tokenizer_name_or_path is"):
-        data.prepare(cfg, log=lambda _: None)
+        prepare.prepare(cfg, log=lambda _: None)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -98,4 +97,4 @@ def test_a_folder_that_is_neither_text_nor_datatrove_tokens_says_what_was_expect
         next(folder.glob(f"*.ds.{damage}")).unlink()
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(folder)})
     with pytest.raises(DataError, match=message):
-        data.prepare(cfg, log=lambda _: None)
+        prepare.prepare(cfg, log=lambda _: None)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import distributed
-from checkpoint import CheckpointError, is_sharded, list_checkpoints, load_model
-from config import ConfigError, config_from_dict
-from metrics import read_metrics
 from test_train import ROOT, corpus, losses, make_config, run_train, torchrun  # noqa: F401 (corpus: a fixture)
+
+from smollm2 import distributed
+from smollm2.checkpoint import is_sharded, list_checkpoints
+from smollm2.config_load import config_from_dict
+from smollm2.errors import CheckpointError, ConfigError
+from smollm2.loading import load_model
+from smollm2.metrics import read_metrics
 
 SMALL = {"tokens.batch_accumulation_per_replica": 2, "tokens.train_steps": 4, "checkpoints.checkpoint_interval": 2}
 

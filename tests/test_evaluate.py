@@ -1,4 +1,4 @@
-"""evaluate.py scores a checkpoint as lm-evaluation-harness's own `hf` model scores its export, item by item, on local
+"""evaluation.py scores a checkpoint as lm-evaluation-harness's own `hf` model scores its export, item by item, on local
 tasks of hand-made items (multiple choice, rolling log-likelihood, generation); perplexity on a file equals
 transformers'; a missing harness is one line; benchmarks during training land in metrics.jsonl at their steps."""
 
@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_convert import make_run
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 import convert_hf
-import evaluate
-from checkpoint import load_model
-from config import EvalArgs
-from scoring import perplexity, rolling_windows, score
-from test_convert import make_run
+import evaluation
+from smollm2 import evals
+from smollm2.config import EvalArgs
+from smollm2.loading import load_model
+from smollm2.scoring import perplexity, rolling_windows, score
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 64   # short, so few-shot prompts and long texts go past it: truncation and rolling windows are exercised
@@ -94,13 +95,13 @@ def test_scores_equal_lm_eval_hf_model_item_by_item(setup):
     import lm_eval
     run_dir, hf_dir, tasks = setup
     names = ["tiny_mc", "tiny_ppl", "tiny_gen"]
-    manager = evaluate.task_manager(names, str(tasks))
+    manager = evals.task_manager(names, str(tasks))
     theirs = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(hf_dir), "device": "cpu"},
                                      tasks=names, num_fewshot=2, batch_size=3, task_manager=manager,
                                      log_samples=True)
     model, cfg, info = load_model(run_dir)
     tokenizer = Tokenizer.from_file(info["tokenizer"])
-    ours = evaluate.run_tasks(model, tokenizer, 0, names, num_fewshot=2, include_path=str(tasks), batch_size=3,
+    ours = evals.run_tasks(model, tokenizer, 0, names, num_fewshot=2, include_path=str(tasks), batch_size=3,
                               log_samples=True)
     for task in names:
         assert_same_items(ours, theirs, task)
@@ -108,7 +109,7 @@ def test_scores_equal_lm_eval_hf_model_item_by_item(setup):
     assert long_prompts, "some few-shot prompts must be longer than the context, so truncation is compared too"
     assert len(rolling_windows(tokenizer.encode(FILLER * 6).ids, 0, CONTEXT)) > 2
     assert any(s["filtered_resps"][0].strip() for s in ours["samples"]["tiny_gen"]), "generation must say something"
-    mine, hfs = evaluate.task_scores(ours), evaluate.task_scores(theirs)
+    mine, hfs = evals.task_scores(ours), evals.task_scores(theirs)
     assert mine.keys() == hfs.keys() == set(names)
     for task in names:
         assert mine[task]["scores"] == pytest.approx(hfs[task]["scores"], rel=1e-5)
@@ -167,7 +168,7 @@ def test_perplexity_equals_transformers(setup, tmp_path):
     nll, n_bytes = hf_nll(hf, windows), len(text.encode("utf-8"))
     assert len(windows) > 3 and n_bytes > len(text)
     out = tmp_path / "ppl.json"
-    assert evaluate.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "text.txt"),
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "text.txt"),
                           "--output", str(out), "--batch_size", "3"]) == 0
     got = json.loads(out.read_text())["perplexity"]
     assert got["tokens"] == len(ids) and got["bytes"] == n_bytes
@@ -178,7 +179,7 @@ def test_perplexity_equals_transformers(setup, tmp_path):
 
 def test_cli_prints_the_table_and_writes_json_beside_the_checkpoint(setup, capsys):
     run_dir, _, tasks = setup
-    assert evaluate.main(["--checkpoint_path", str(run_dir), "--tasks", "tiny_mc,tiny_gen", "--include_path",
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--tasks", "tiny_mc,tiny_gen", "--include_path",
                           str(tasks), "--limit", "4", "--batch_size", "2"]) == 0
     out = capsys.readouterr().out
     report = json.loads((run_dir / "checkpoints" / "step_00000100.eval.json").read_text())
@@ -194,7 +195,7 @@ def test_cli_prints_the_table_and_writes_json_beside_the_checkpoint(setup, capsy
 def test_unknown_task_missing_folder_empty_file_and_foreign_tokenizer_are_one_line(setup, tmp_path, capsys):
     run_dir, _, tasks = setup
     (tmp_path / "empty.txt").write_text("")
-    assert evaluate.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "empty.txt")]) == 1
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "empty.txt")]) == 2
     assert capsys.readouterr().err == f"error: --text_file {tmp_path / 'empty.txt'}: the file is empty, there is " \
                                       "nothing to score\n"
     big = tmp_path / "big.json"
@@ -203,37 +204,35 @@ def test_unknown_task_missing_folder_empty_file_and_foreign_tokenizer_are_one_li
     data["model"]["vocab"].update({f"extra{i}": 1000 + i for i in range(8)})   # ids 1000+: past the model's 320
     big.write_text(json.dumps(data))
     (tmp_path / "t.txt").write_text("def f")
-    assert evaluate.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "t.txt"), "--tokenizer",
-                          str(big)]) == 1
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "t.txt"), "--tokenizer",
+                          str(big)]) == 2
     assert "token ids up to 1007 but the model 320 tokens; is --tokenizer the one this model was trained with?" in \
         capsys.readouterr().err
-    assert evaluate.main(["--checkpoint_path", str(run_dir), "--tasks", "tiny_nope", "--include_path",
-                          str(tasks)]) == 1
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--tasks", "tiny_nope", "--include_path",
+                          str(tasks)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown task tiny_nope") and "lm-eval ls tasks" in err and "\n" not in err
-    assert evaluate.main(["--checkpoint_path", str(run_dir), "--tasks", "x", "--include_path", "/no/such"]) == 1
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--tasks", "x", "--include_path", "/no/such"]) == 2
     assert capsys.readouterr().err.strip() == "error: --include_path /no/such: no such folder"
 
 
 def test_missing_harness_is_one_clear_line(setup, monkeypatch, tmp_path, capsys):
     run_dir = setup[0]
     monkeypatch.setitem(sys.modules, "lm_eval", None)   # what `import lm_eval` meets when it is not installed
-    assert evaluate.main(["--checkpoint_path", str(tmp_path / "not-loaded"), "--tasks", "hellaswag"]) == 1
+    assert evaluation.main(["--checkpoint_path", str(tmp_path / "not-loaded"), "--tasks", "hellaswag"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {evaluate.HARNESS_MISSING}\n" and "pip install lm_eval" in err
+    assert err == f"error: {evals.HARNESS_MISSING}\n" and "pip install lm_eval" in err
     (tmp_path / "t.txt").write_text("def add(a, b):\n    return a + b\n")
-    assert evaluate.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "t.txt"),
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "t.txt"),
                           "--output", str(tmp_path / "r.json")]) == 0, "perplexity needs no harness"
 
 
-def test_harness_imports_of_evaluate_find_the_library_not_this_file():
+def test_harness_imports_of_evaluate_find_the_library_not_a_file_here():
+    """Harness tasks and metrics `import evaluate`, meaning Hugging Face's library: no file here takes that name."""
     import importlib.util
-    assert sys.modules.get("evaluate") is evaluate
-    with evaluate.library_named_evaluate():
-        spec = importlib.util.find_spec("evaluate")
-        assert spec is not None and Path(spec.origin).resolve() != Path(evaluate.__file__).resolve()
-        assert Path(spec.origin).parent.name == "evaluate"   # Hugging Face's package: evaluate/__init__.py
-    assert sys.modules["evaluate"] is evaluate
+    spec = importlib.util.find_spec("evaluate")
+    assert spec is not None and ROOT not in Path(spec.origin).resolve().parents
+    assert Path(spec.origin).parent.name == "evaluate"   # Hugging Face's package: evaluate/__init__.py
 
 
 def test_group_stands_for_its_members_in_the_table():
@@ -241,15 +240,16 @@ def test_group_stands_for_its_members_in_the_table():
                            "b": {"acc,none": 0.7, "acc_stderr,none": "N/A", "exact_match,strict": 0.25}},
                "groups": {"g": {"acc,none": 0.6, "acc_stderr,none": 0.05}}, "group_subtasks": {"g": ["a", "b"]},
                "n-shot": {"a": 0, "b": 0, "g": 0}, "n-samples": {"a": {"effective": 10}, "b": {"effective": 10}}}
-    assert evaluate.task_scores(results) == {"g": {"scores": {"acc": 0.6}, "stderr": {"acc": 0.05}, "n_shot": 0,
+    assert evals.task_scores(results) == {"g": {"scores": {"acc": 0.6}, "stderr": {"acc": 0.05}, "n_shot": 0,
                                                    "items": None}}
     results.pop("groups")
-    scores = evaluate.task_scores(results)
+    scores = evals.task_scores(results)
     assert scores["b"]["scores"] == {"acc": 0.7, "exact_match (strict)": 0.25} and scores["b"]["stderr"] == {}
 
 
 def test_eval_section_is_checked_by_name():
-    from config import ConfigError, config_from_dict
+    from smollm2.config_load import config_from_dict
+    from smollm2.errors import ConfigError
     cfg = config_from_dict({"checkpoints": {"checkpoint_interval": 50},
                             "eval": {"tasks": ["hellaswag"], "interval": 100, "limit": 20}})
     assert cfg.eval == EvalArgs(tasks=["hellaswag"], interval=100, limit=20)
@@ -263,9 +263,10 @@ def test_eval_section_is_checked_by_name():
 def test_135M_shape_scores_equal_lm_eval_hf_model_item_by_item(setup, tmp_path):
     """The real size: SmolLM2-135M's shape (49152-token vocabulary, 30 layers), random weights, a few items."""
     import lm_eval
-    from checkpoint import checkpoint_name, save_atomic
-    from config import config_from_dict, config_to_dict
+
     from model import SmolLM2
+    from smollm2.checkpoint import checkpoint_name, save_atomic
+    from smollm2.config_load import config_from_dict, config_to_dict
     from validate_params import parity_weights
     run_dir, _, tasks = setup
     cfg = config_from_dict({"tokenizer": {"tokenizer_name_or_path": str(tmp_path / "run" / "tokenizer.json")}})
@@ -280,18 +281,20 @@ def test_135M_shape_scores_equal_lm_eval_hf_model_item_by_item(setup, tmp_path):
     convert_hf.export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
     theirs = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "hf"), "device": "cpu"},
                                      tasks=["tiny_mc"], limit=4, batch_size=4, log_samples=True,
-                                     task_manager=evaluate.task_manager(["tiny_mc"], str(tasks)))
+                                     task_manager=evals.task_manager(["tiny_mc"], str(tasks)))
     model, _, info = load_model(tmp_path / "run")
-    ours = evaluate.run_tasks(model, Tokenizer.from_file(info["tokenizer"]), 0, ["tiny_mc"], limit=4,
+    ours = evals.run_tasks(model, Tokenizer.from_file(info["tokenizer"]), 0, ["tiny_mc"], limit=4,
                               include_path=str(tasks), batch_size=4, log_samples=True)
     assert len(ours["samples"]["tiny_mc"]) == 4
     assert_same_items(ours, theirs, "tiny_mc")
 
 
 def test_eval_records_reach_metrics_jsonl_the_mirrors_and_the_plot(tmp_path):
-    import matplotlib.image
     from types import SimpleNamespace
-    from metrics import MetricsLog, eval_series, plot_losses, read_metrics
+
+    import matplotlib.image
+
+    from smollm2.metrics import MetricsLog, eval_series, plot_losses, read_metrics
     log = MetricsLog(tmp_path, None, False, None, "test", {})
     mirrored = []
     log.tb = SimpleNamespace(add_scalar=lambda key, value, step: mirrored.append((key, value, step)))
@@ -300,7 +303,7 @@ def test_eval_records_reach_metrics_jsonl_the_mirrors_and_the_plot(tmp_path):
     assert plot_losses(log.path, tmp_path / "alone.png")
     report = {"tasks": {"tiny_mc": {"scores": {"acc": 0.5, "word_perplexity": 80.0}, "stderr": {"acc": 0.1},
                                     "n_shot": 0, "items": 12}}}
-    for r in evaluate.eval_records(report, 8):
+    for r in evals.eval_records(report, 8):
         log.write(r)
     assert read_metrics(log.path)[-1] == {"kind": "eval", "step": 8, "task": "tiny_mc", **report["tasks"]["tiny_mc"]}
     assert [m for m in mirrored if m[0].startswith("eval/")] == [("eval/tiny_mc/acc", 0.5, 8),
@@ -314,8 +317,8 @@ def test_eval_records_reach_metrics_jsonl_the_mirrors_and_the_plot(tmp_path):
 def test_a_hugging_face_directory_scores_as_its_run_and_keeps_its_results_inside(setup, tmp_path):
     run_dir, hf_dir, _ = setup
     (tmp_path / "t.txt").write_text(FILLER * 3)
-    assert evaluate.main(["--checkpoint_path", str(hf_dir), "--text_file", str(tmp_path / "t.txt")]) == 0
-    assert evaluate.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "t.txt"),
+    assert evaluation.main(["--checkpoint_path", str(hf_dir), "--text_file", str(tmp_path / "t.txt")]) == 0
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--text_file", str(tmp_path / "t.txt"),
                           "--output", str(tmp_path / "run.json")]) == 0
     from_hf = json.loads((hf_dir / "eval.json").read_text())["perplexity"]
     from_run = json.loads((tmp_path / "run.json").read_text())["perplexity"]
@@ -325,51 +328,52 @@ def test_a_hugging_face_directory_scores_as_its_run_and_keeps_its_results_inside
 def test_the_repository_s_own_task_folder_loads_and_scores(setup, monkeypatch):
     monkeypatch.chdir(ROOT)   # its data_files are relative to the repository's root, where the commands run
     model, _, info = load_model(setup[0])
-    results = evaluate.run_tasks(model, Tokenizer.from_file(info["tokenizer"]), 0, ["python_code"], limit=5,
-                                 include_path="eval_tasks")
-    scores = evaluate.task_scores(results)["python_code"]
+    results = evals.run_tasks(model, Tokenizer.from_file(info["tokenizer"]), 0, ["python_code"], limit=5,
+                              include_path="configs/eval_tasks")
+    scores = evals.task_scores(results)["python_code"]
     assert scores["items"] == 5 and set(scores["scores"]) == {"acc", "acc_norm"}
-    rows = [json.loads(line) for line in (ROOT / "eval_tasks" / "python_code.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (ROOT / "configs" / "eval_tasks" / "python_code.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and all(len(r["choices"]) == 4 and 0 <= r["answer"] < 4 for r in rows)
 
 
 def test_background_evals_run_one_at_a_time_keep_their_checkpoints_and_report_failures(setup, tmp_path, capsys):
-    from checkpoint import rotate_checkpoints
+    from smollm2.checkpoint import rotate_checkpoints
     run_dir, _, tasks = setup
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
     good, bad = folder / "step_00000100.pt", folder / "step_00000200.pt"
     good.write_bytes((run_dir / "checkpoints" / "step_00000100.pt").read_bytes())
     bad.write_bytes(b"not a checkpoint")
-    evals = evaluate.BackgroundEvals(EvalArgs(tasks=["tiny_mc"], include_path=str(tasks), limit=3, device="cpu"),
+    background = evals.BackgroundEvals(EvalArgs(tasks=["tiny_mc"], include_path=str(tasks), limit=3, device="cpu"),
                                      checkpoint_interval=100)
-    assert evals.due(200, final=False) and evals.due(250, final=True) and not evals.due(250, final=False)
-    evals.start(good, 100)
-    evals.start(bad, 200)
+    assert background.due(200, final=False) and background.due(250, final=True) and not background.due(250, final=False)
+    background.start(good, 100)
+    background.start(bad, 200)
     assert "benchmarks of step 200 wait for those of step 100" in capsys.readouterr().err
-    assert evals.is_pending(good) and evals.is_pending(bad)
-    assert rotate_checkpoints(tmp_path / "run", keep=1, spare=evals.is_pending) == [], "step 100 waits for its eval"
-    records = evals.finish()
+    assert background.is_pending(good) and background.is_pending(bad)
+    assert rotate_checkpoints(tmp_path / "run", keep=1, spare=background.is_pending) == [], "step 100 waits for its eval"
+    records = background.finish()
     assert [(r["step"], r["task"], r["items"]) for r in records] == [(100, "tiny_mc", 3)]
     assert records[0]["scores"] == json.loads((folder / "step_00000100.eval.json").read_text())["tasks"]["tiny_mc"][
         "scores"]
     err = capsys.readouterr().err
     assert "benchmarks of step 200 failed (error: " in err and "not a loadable checkpoint" in err
     assert str(folder / "step_00000200.eval.log") in err
-    assert not evals.is_pending(good)
-    assert rotate_checkpoints(tmp_path / "run", keep=1, spare=evals.is_pending) == [good]
+    assert not background.is_pending(good)
+    assert rotate_checkpoints(tmp_path / "run", keep=1, spare=background.is_pending) == [good]
 
 
 def test_evals_during_training_refuse_to_start_without_the_harness(monkeypatch):
-    from config import ConfigError
+    from smollm2.errors import ConfigError
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ConfigError, match="^eval.tasks: benchmarks need lm-evaluation-harness"):
-        evaluate.BackgroundEvals(EvalArgs(tasks=["hellaswag"]), 100)
+        evals.BackgroundEvals(EvalArgs(tasks=["hellaswag"]), 100)
 
 
 def test_evals_during_training_land_in_metrics_jsonl_at_their_steps(setup, tmp_path):
-    from metrics import read_metrics
     from test_train import make_config, run_train, write_corpus
+
+    from smollm2.metrics import read_metrics
     tasks = setup[2]
     write_corpus(tmp_path / "corpus" / "text")
     config = make_config(tmp_path, tmp_path / "corpus", **{

@@ -14,15 +14,15 @@ from typing import Optional
 
 import pytest
 import torch
+from conftest import byte_bpe
 from tokenizers import Tokenizer
 
 import generate as G
-import sampling
-from config import ModelConfig, config_from_dict, config_to_dict
-from conftest import byte_bpe
-from sampling import SamplingParams, TextStream, generate, warp_logits
-from model import SmolLM2
-from quantize import quantize_model
+from model import ModelConfig, SmolLM2
+from smollm2 import sampling
+from smollm2.config_load import config_from_dict, config_to_dict
+from smollm2.quantize import quantize_model
+from smollm2.sampling import SamplingParams, TextStream, generate, warp_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("The quick brown fox jumps over the lazy dog. Café déjà vu, naïve façade; Grüße aus Köln. "
@@ -459,12 +459,12 @@ def test_loads_a_hugging_face_directory(tmp_path, tokenizer_file, tokenizer, cap
     assert out == tokenizer.decode(ref) + "\n"
 
 
-# ---------------------------------------------------------------- bad input: one line on stderr, non-zero exit
+# ---------------------------------------------------------------- bad input: one line on stderr, exit status 2
 
 
 def assert_fails(capsys, needle: str, *args: str) -> None:
     code, out, err = cli(capsys, *args)
-    assert code != 0 and out == ""
+    assert code == 2 and out == ""
     last = err.splitlines()[-1]
     assert "error: " in last and needle in last and "Traceback" not in err, err
 

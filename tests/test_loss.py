@@ -4,10 +4,9 @@ ever building them, under autocast, activation checkpointing, torch.compile and 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import LargestTensor
-from config import ModelConfig
-from model import LOSS_CHUNK_TOKENS, SmolLM2, chunked_cross_entropy
+
+from model import LOSS_CHUNK_TOKENS, ModelConfig, SmolLM2, chunked_cross_entropy
 from validate_params import parity_weights
 
 CFG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,

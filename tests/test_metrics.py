@@ -6,8 +6,8 @@ import json
 import random
 import statistics
 
-import metrics
-from metrics import format_val_line, plot_losses, short_names, val_curves
+from smollm2 import metrics
+from smollm2.metrics import format_val_line, plot_losses, short_names, val_curves
 
 
 def test_the_val_line_gives_each_sources_loss_by_a_short_name():

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from config import ModelConfig, load_config
-from sampling import SamplingParams, generate
-from model import RMSNorm, SmolLM2
+from model import ModelConfig, RMSNorm, SmolLM2
+from smollm2.config_load import load_config
+from smollm2.sampling import SamplingParams, generate
 from validate_params import hf_from_config, pair_from_config, parity_weights
 
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                    num_hidden_layers=2, vocab_size=256, max_position_embeddings=256)
-SHIPPED = [("config_smollm2_135M.yaml", 134_515_008), ("config_smollm2_360M.yaml", 361_821_120),
-           ("config_smollm2_1.7B.yaml", 1_711_376_384)]
+SHIPPED = [("config_smollm2_135M.yaml", 134_515_008), ("configs/config_smollm2_360M.yaml", 361_821_120),
+           ("configs/config_smollm2_1.7B.yaml", 1_711_376_384)]
 
 
 def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> SmolLM2:

@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from config import LRSchedulerArgs, ModelConfig, OptimizerArgs
-from model import SmolLM2
-from optimizer import build_optimizer, lr_at
+from model import ModelConfig, SmolLM2
+from smollm2.config import LRSchedulerArgs, OptimizerArgs
+from smollm2.optimizer import build_optimizer, lr_at
 
 OFFICIAL = ["tests/fixtures/smollm2/config_smollm2_135M.yaml", "tests/fixtures/smollm2/config_smollm2_360M.yaml",
             "tests/fixtures/smollm2/config_smollm2_1B.yaml"]

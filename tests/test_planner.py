@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
-import planner
-import train
 from conftest import LargestTensor
-from config import ModelConfig, load_config
-from metrics import GPUS, flops_per_token, gpu_by_name
-from model import SmolLM2
+
+import train
+from model import ModelConfig, SmolLM2
+from smollm2 import planner
+from smollm2.config_load import load_config
+from smollm2.metrics import GPUS, flops_per_token, gpu_by_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ DTYPES = {"fp32": (4, 4), "autocast": (2, 4), "bf16 weights": (2, 2)}
 # added. glibc hands each freed block of 256 kB or more back to the OS, so the resident set follows live tensors.
 MEASURE = r"""
 import json, re, sys, torch
-from config import ModelConfig
+from model import ModelConfig
 from model import SmolLM2
 
 def resident(key):
@@ -154,7 +154,7 @@ def test_largest_micro_batch_fits_the_next_does_not_and_grows_with_memory_and_re
 
 
 def test_time_and_cost_scale_with_gpus_mfu_and_price():
-    cfg = config("config_smollm2_1.7B.yaml", **{"optimizer.zero_stage": 1, "tokens.batch_accumulation_per_replica": 8})
+    cfg = config("configs/config_smollm2_1.7B.yaml", **{"optimizer.zero_stage": 1, "tokens.batch_accumulation_per_replica": 8})
     one = planner.plan(cfg, "l4", 1, price_per_gpu_hour=0.8, mfu=0.4)
     four = planner.plan(cfg, "l4", 4, price_per_gpu_hour=0.8, mfu=0.4)
     fast = planner.plan(cfg, "l4", 4, price_per_gpu_hour=0.8, mfu=0.5)
@@ -187,7 +187,7 @@ def test_plan_prints_in_seconds_without_data_or_weights(capsys, monkeypatch):
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("--plan must not train"))
     Path("/proc/self/clear_refs").write_text("5")   # the high-water mark starts from here
     start, before = time.perf_counter(), peak_resident_kb()
-    rc = train.main(["--config", str(ROOT / "config_smollm2_1.7B.yaml"), "--plan", "--gpu", "l4", "--nproc", "4",
+    rc = train.main(["--config", str(ROOT / "configs/config_smollm2_1.7B.yaml"), "--plan", "--gpu", "l4", "--nproc", "4",
                      "--price_per_gpu_hour", "0.8"])
     out = capsys.readouterr().out
     assert rc == 0 and time.perf_counter() - start < 30

@@ -16,18 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import byte_bpe
 
-import chat
-import chat_data
-import chat_tasks
 import dpo
 import sft
 import train
-from checkpoint import list_checkpoints, load_checkpoint, load_model, save_atomic
-from config import config_from_dict, config_to_dict, load_config
-from conftest import byte_bpe
-from metrics import read_metrics
 from model import SmolLM2
+from smollm2 import chat, chat_data, chat_tasks
+from smollm2.checkpoint import list_checkpoints, load_checkpoint, save_atomic
+from smollm2.config_load import config_from_dict, config_to_dict, load_config
+from smollm2.loading import load_model
+from smollm2.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 # one thread: the smallest models gain little from a second, and on a busy machine OpenMP's waiting threads make a run
@@ -186,7 +185,7 @@ def test_the_reference_stays_frozen_in_eval_mode_while_the_policy_learns(small_b
     assert all(torch.equal(ref.state_dict()[k], start[k]) for k in start)   # the reference is still the start
     policy = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["model"]
     assert not torch.equal(policy["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
-    batch = chat_data.loaders(cfg, task.tokenizer(cfg), 0, 1).val.next_batch()   # held-out pairs
+    batch = sft.loaders(cfg, task.tokenizer(cfg), 0, 1).val.next_batch()   # held-out pairs
     first, second = dpo.reply_logprobs(ref, batch, "cpu"), dpo.reply_logprobs(ref, batch, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(first, second))   # deterministic: nothing random in eval mode
 

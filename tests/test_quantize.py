@@ -7,15 +7,15 @@ trained here until it recites its text, where greedy decoding must agree with fp
 
 import pytest
 import torch
+from conftest import byte_bpe
+from test_generate import run_dir, tiny_config, tokenizer_file  # noqa: F401 (fixtures)
 
 import generate as G
-from checkpoint import load_model
-from config import load_config
-from conftest import byte_bpe
 from model import SmolLM2
-from quantize import Int8Embedding, Int8Linear, QuantizedModelError, quantize_model, quantize_rows
-from sampling import SamplingParams, generate
-from test_generate import run_dir, tokenizer_file, tiny_config   # noqa: F401 (fixtures)
+from smollm2.config_load import load_config
+from smollm2.loading import load_model
+from smollm2.quantize import Int8Embedding, Int8Linear, QuantizedModelError, quantize_model, quantize_rows
+from smollm2.sampling import SamplingParams, generate
 from validate_params import parity_weights
 
 # relative error of the logits, ||int8 - fp32|| / ||fp32||, on parity weights: int8 rounding of each matrix gives

@@ -9,11 +9,11 @@ import yaml
 from test_datatrove import datatrove_tokenize
 from test_train import ROOT, losses, make_config, run_train, write_corpus
 
-import data
-from checkpoint import list_checkpoints, load_checkpoint
-from config import config_from_dict, load_config
+from smollm2.checkpoint import list_checkpoints, load_checkpoint
+from smollm2.config_load import config_from_dict, load_config
+from smollm2.metrics import read_metrics
+from smollm2.tokenizer import load_tokenizer
 from train import validation_due
-from metrics import read_metrics
 
 SWITCH = 5   # the second stage's start_training_step
 
@@ -32,7 +32,7 @@ def recipe(tmp_path_factory):
                                               "checkpoints.save_initial_state": True,
                                               "run.weight_decay_exclude_1d": True})
     config = yaml.safe_load(path.read_text())
-    data.load_tokenizer(load_config(str(path)))   # trained on the first stage's text, at first use
+    load_tokenizer(load_config(str(path)))   # trained on the first stage's text, at first use
     texts = [p.read_text() for p in sorted((root / "text").glob("*.py"))]
     datatrove_tokenize([t[i:i + 3000] for t in texts for i in range(0, len(t), 3000)], root / "tokens",
                        str(root / "tokenizer.json"))

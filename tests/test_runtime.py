@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from config import ConfigError
-from runtime import Runtime, resolve_precision
+from smollm2.errors import ConfigError
+from smollm2.runtime import Runtime, resolve_precision
 
 
 def test_auto_precision_is_fp32_on_cpu_and_the_config_dtype_on_a_gpu(monkeypatch):

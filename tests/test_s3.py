@@ -21,10 +21,11 @@ import pytest
 import torch
 from test_train import losses, make_config, torchrun, write_corpus
 
-import remote
-from checkpoint import CheckpointError, checkpoint_name, list_checkpoints, load_checkpoint, load_model
-from checkpoint import rotate_checkpoints, save_atomic
-from config import S3Args
+from smollm2 import remote
+from smollm2.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, rotate_checkpoints, save_atomic
+from smollm2.config import S3Args
+from smollm2.errors import CheckpointError
+from smollm2.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "smollm2-runs"

@@ -6,9 +6,10 @@ from conftest import corpus
 from tokenizers import Tokenizer
 
 import data
-import stages
-from config import config_from_dict, data_dir, stage_view
-from shards import DataError
+from smollm2 import prepare, stages
+from smollm2.config_load import config_from_dict
+from smollm2.errors import DataError
+from smollm2.stages import data_dir, stage_view
 
 K = 2   # micro-batches per optimizer step (accumulation)
 
@@ -49,7 +50,7 @@ def stage_blocks(cfg, index: int, first: int, count: int) -> list[list[int]]:
 
 def test_each_stage_runs_from_its_start_step_with_its_own_mixture(staged, bpe_path):
     tok = Tokenizer.from_file(bpe_path)
-    loader = stages.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
+    loader = data.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
     steps = [sum(micro, []) for micro in run_steps(loader, 1, 9)]   # each step: K micro-batches of 2 blocks
     per_step = 2 * K
     assert sum(steps[:4], []) == stage_blocks(staged, 0, 0, 4 * per_step), "steps 1-4: the first stage, in order"
@@ -61,20 +62,20 @@ def test_each_stage_runs_from_its_start_step_with_its_own_mixture(staged, bpe_pa
 @pytest.mark.parametrize("stop", [2, 4, 7])   # inside the first stage, right at the switch, inside the second
 def test_a_resume_continues_every_stage_where_it_stopped(staged, bpe_path, stop):
     tok = Tokenizer.from_file(bpe_path)
-    whole = run_steps(stages.StagedLoader(staged, tokenizer=tok, log=lambda _: None), 1, 10)
-    first = stages.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
+    whole = run_steps(data.StagedLoader(staged, tokenizer=tok, log=lambda _: None), 1, 10)
+    first = data.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
     run_steps(first, 1, stop)
     state = first.state_dict()
     assert set(state["stages"]) == ({"warm"} if stop < 5 else {"warm", "decay"})
-    resumed = stages.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
+    resumed = data.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
     resumed.load_state_dict(state)
     assert run_steps(resumed, stop + 1, 10) == whole[stop:]
 
 
 def test_ranks_share_no_block_and_two_ranks_equal_one_process_with_twice_the_accumulation(staged, bpe_path):
     tok = Tokenizer.from_file(bpe_path)
-    one = run_steps(stages.StagedLoader(staged, tokenizer=tok, log=lambda _: None), 1, 8, k=2 * K)
-    ranks = [run_steps(stages.StagedLoader(staged, r, 2, tok, log=lambda _: None), 1, 8) for r in range(2)]
+    one = run_steps(data.StagedLoader(staged, tokenizer=tok, log=lambda _: None), 1, 8, k=2 * K)
+    ranks = [run_steps(data.StagedLoader(staged, r, 2, tok, log=lambda _: None), 1, 8) for r in range(2)]
     for step in range(8):
         a, b = ranks[0][step], ranks[1][step]
         rows = lambda micro: [tuple(row) for m in micro for row in m]   # noqa: E731
@@ -84,7 +85,7 @@ def test_ranks_share_no_block_and_two_ranks_equal_one_process_with_twice_the_acc
 
 def test_validation_follows_the_running_stage_source_by_source(staged, bpe_path):
     tok = Tokenizer.from_file(bpe_path)
-    loader = stages.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
+    loader = data.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
     loader.begin_step(1)
     [(name, weight, val)] = loader.validation()
     assert name.endswith("/A") and weight == 1.0 and tok.decode(val.blocks.arrays[0].tolist()).startswith("A-")
@@ -97,7 +98,7 @@ def test_validation_follows_the_running_stage_source_by_source(staged, bpe_path)
 
 
 def test_prepare_prepares_every_stage_in_its_own_folder(staged):
-    states = data.prepare_stages(staged, log=lambda _: None)
+    states = prepare.prepare_stages(staged, log=lambda _: None)
     assert [s["done"] for s in states] == [True, True]
     assert [data_dir(stage_view(staged, i)) for i in range(2)] == [f"{data_dir(staged)}/warm",
                                                                    f"{data_dir(staged)}/decay"]
@@ -108,7 +109,7 @@ def test_checkpoints_from_before_stages_resume_the_first_stage_and_unknown_stage
     tok = Tokenizer.from_file(bpe_path)
     single = data.train_loader(stage_view(staged, 0), tokenizer=tok)
     single.next_batch()
-    loader = stages.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
+    loader = data.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
     loader.load_state_dict(single.state_dict())   # the data position of a checkpoint written before stages
     assert loader.state_dict() == {"stages": {"warm": single.state_dict()}}
     with pytest.raises(DataError, match="stage\\(s\\) stable phase, which data_stages no longer names"):

@@ -14,7 +14,8 @@ import torch
 from conftest import WORDS, build_config
 
 import data
-import streaming
+from smollm2 import streaming
+from smollm2.tokenizer import load_tokenizer
 
 
 def hub_folder(root, tag: str, files: int, rows: int):
@@ -108,7 +109,7 @@ def test_resuming_reads_as_many_rows_near_the_start_as_far_into_the_stream(tmp_p
 def test_each_sources_held_out_documents_are_its_own_and_kept_out_of_training(mixed):
     val = data.val_loaders(mixed)
     assert set(val) == set(mixed.data_stages[0].data.dataset.hf_dataset_or_datasets)
-    tok = data.load_tokenizer(mixed)
+    tok = load_tokenizer(mixed)
     held = {name: tok.decode(loader.blocks.arrays[0].tolist()) for name, loader in val.items()}
     web, code = sorted(held, key=lambda name: "code" in name)
     assert "W0.0 " in held[web] and "C" not in held[web].replace("<|endoftext|>", "")[:1]

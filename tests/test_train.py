@@ -13,11 +13,12 @@ import torch
 import yaml
 
 import train
-from checkpoint import list_checkpoints, load_checkpoint, save_atomic
-from config import load_config
-from metrics import read_metrics
 from model import SmolLM2
-from optimizer import lr_at
+from smollm2.checkpoint import list_checkpoints, load_checkpoint, save_atomic
+from smollm2.config_load import load_config
+from smollm2.errors import TrainingError
+from smollm2.metrics import read_metrics
+from smollm2.optimizer import lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +142,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tmp_path, corp
 def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "step_00000001.pt"
     save_atomic({"model": {"w": torch.zeros(3)}}, path)
-    script = ("import sys, torch; sys.path.insert(0, %r); from checkpoint import save_atomic\n"
+    script = ("import sys, torch; sys.path.insert(0, %r); from smollm2.checkpoint import save_atomic\n"
               "big = {'model': {'w': torch.randn(40_000_000)}}\n"
               "while True: save_atomic(big, %r)\n") % (str(ROOT), str(path))
     for delay in (0.5, 1.0, 1.7):
@@ -181,7 +182,7 @@ def test_a_nan_loss_skips_that_update_and_too_many_stop_the_run(tmp_path, corpus
     calls["n"] = 0
     poison = set(range(5, 100))                          # from step 5 on, every loss is NaN
     cfg = load_config(str(make_config(tmp_path / "b", corpus, **{"run.max_consecutive_bad_steps": 3})))
-    with pytest.raises(train.TrainingError, match="3 consecutive steps"):
+    with pytest.raises(TrainingError, match="3 consecutive steps"):
         train.train(cfg)
     for p in list_checkpoints(tmp_path / "b" / "run"):
         assert all(torch.isfinite(t).all() for t in load_checkpoint(p)["model"].values())

@@ -9,15 +9,15 @@ import time
 
 import pytest
 import torch
-
-import shards
-import train
-from checkpoint import list_checkpoints, load_checkpoint, save_atomic
-from config import load_config
 from conftest import run_on_a_full_disk
-from metrics import read_metrics
-from test_train import ROOT, corpus, losses, make_config, run_train   # noqa: F401 (corpus is a fixture)
+from test_train import ROOT, corpus, losses, make_config, run_train  # noqa: F401 (corpus is a fixture)
 
+import train
+from smollm2 import progress
+from smollm2 import shards
+from smollm2.checkpoint import list_checkpoints, load_checkpoint, save_atomic
+from smollm2.config_load import load_config
+from smollm2.metrics import read_metrics
 
 # ---------------------------------------------------------------- Ctrl-C
 
@@ -110,7 +110,7 @@ def test_the_logged_loss_is_the_mean_over_its_interval_and_the_start_line_says_s
 
 
 def test_without_a_terminal_a_long_logging_interval_still_shows_progress(tmp_path, corpus, monkeypatch, capsys):
-    monkeypatch.setattr(train, "QUIET_S", 0.0)   # a line as soon as nothing else was printed since the last
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)   # a line as soon as nothing else was printed since the last
     config = load_config(str(make_config(tmp_path, corpus, **{"tokens.train_steps": 6,
                                                                "logging.iteration_step_info_interval": 100})))
     train.train(config)

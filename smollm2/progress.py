@@ -1,0 +1,78 @@
+"""What the training loop remembers between optimizer steps, and the lines it prints about them.
+
+`Progress` holds the streak of skipped updates, a loss average to spot spikes, and the clocks for tokens/s and the
+ETA. The functions take train.py's Run as `run` (its step, config, runtime and metrics log) and speak on rank 0.
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from smollm2.metrics import duration, flops_per_token, format_train_line, peak_flops
+from smollm2.runtime import memory_gb
+
+QUIET_S = 60.0   # with no terminal (no progress bar), a line at least this often, however long the logging interval
+
+
+@dataclass
+class Progress:
+    """What the loop remembers between steps: the streak of skipped updates, a loss average to spot spikes, and the
+    clock for tokens/s and the ETA."""
+    start_step: int
+    bad_streak: int = 0
+    loss_ema: Optional[float] = None
+    last_loss: float = float("nan")
+    loss_sum: float = 0.0                   # the finite losses since the last log line, and how many
+    loss_count: int = 0
+    steps_since_log: int = 0
+    t_log: float = field(default_factory=time.time)
+    t_said: float = field(default_factory=time.time)   # when rank 0 last printed a line
+    t_start: float = field(default_factory=time.time)
+
+
+def track_loss(run, progress: Progress, loss: float) -> None:
+    """Remember the last finite loss and warn when one jumps far above the recent average."""
+    if not math.isfinite(loss):
+        return
+    progress.last_loss = loss
+    progress.loss_sum, progress.loss_count = progress.loss_sum + loss, progress.loss_count + 1
+    ema = progress.loss_ema
+    if ema is not None and loss > run.cfg.run.loss_spike_factor * ema and run.rt.main:
+        print(f"warning: loss spike at step {run.step}: {loss:.3f} vs recent {ema:.3f}", file=sys.stderr)
+    progress.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+
+
+def log_progress(run, progress: Progress, grad_norm: float, lr: float, stats: dict) -> None:
+    """The train log line (rank 0): the mean loss of the steps since the previous line (one step's loss swings too
+    much to read), the last step's LR, gradient norm and task statistics (DPO's), tokens/s and MFU; the same record
+    to metrics.jsonl."""
+    cfg, rt, steps = run.cfg, run.rt, run.cfg.tokens.train_steps
+    now = time.time()
+    tok_s = progress.steps_since_log * run.tokens_per_step / max(now - progress.t_log, 1e-9)
+    rate = (run.step - progress.start_step) / max(now - progress.t_start, 1e-9)
+    peak, _ = peak_flops(rt.device)
+    loss = progress.loss_sum / progress.loss_count if progress.loss_count else float("nan")
+    record = {"kind": "train", "step": run.step, "train_steps": steps, "stage": run.train_data.name, "loss": loss,
+              "loss_steps": progress.loss_count, "lr": lr, "grad_norm": grad_norm, "tokens_seen": run.tokens_seen,
+              "tok_per_s": tok_s,
+              "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
+              if peak else None,
+              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device),
+              **stats}
+    print(format_train_line(record, extra=stats), flush=True)
+    run.log.write(record)
+    progress.t_log, progress.t_said, progress.steps_since_log = now, now, 0
+    progress.loss_sum, progress.loss_count = 0.0, 0
+
+
+def still_running(run, progress: Progress) -> None:
+    """A line when QUIET_S passed without one and no progress bar shows the run is alive (output to a file or a
+    pipe, a long logging interval)."""
+    now = time.time()
+    if now - progress.t_said >= QUIET_S:
+        print(f"step {run.step}/{run.cfg.tokens.train_steps} | still running, {duration(now - progress.t_said)} since "
+              f"the last line (logging.iteration_step_info_interval={run.cfg.logging.iteration_step_info_interval})",
+              flush=True)
+        progress.t_said = now

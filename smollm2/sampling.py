@@ -1,0 +1,348 @@
+"""Sampling and KV-cache decoding: the one generation path of the repository.
+
+`generate()` runs one prefill over the (left-padded) prompts, then one token per step from a preallocated KV cache;
+generate.py's command line, train.py's samples, validate_params.py's greedy check and app.py all call it.
+`sample()` picks a token from logits (repetition penalty, temperature, top-k, top-p) and `TextStream` turns the
+tokens into text as they arrive (streaming and stop strings).
+"""
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import SmolLM2
+
+MAX_SEED = 2**64 - 1   # torch.Generator takes a 64-bit seed
+# the smallest and largest temperature, top_p and repetition penalty accepted: past them, fp32 logits divided or
+# multiplied by the value overflow (or the value itself rounds to 0 in fp32), and the probabilities become NaN
+LOW, HIGH = 1e-6, 1e6
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0          # 0: greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        # written as `not (good)` so that NaN, which fails every comparison, is refused too
+        problems = [(not self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+                    (not (self.temperature == 0 or LOW <= self.temperature <= HIGH),
+                     f"temperature must be 0 (greedy) or a number from {LOW:g} to {HIGH:g}, got {self.temperature}"),
+                    (self.top_k is not None and not self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
+                    (self.top_p is not None and not LOW <= self.top_p <= 1,
+                     f"top_p must be a number from {LOW:g} to 1, got {self.top_p}"),
+                    (not LOW <= self.repetition_penalty <= HIGH,
+                     f"repetition_penalty must be a number from {LOW:g} to {HIGH:g}, got {self.repetition_penalty}")]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
+
+
+def warp_logits(logits: torch.Tensor, p: SamplingParams, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The logits (B, V) a token is drawn from, in Hugging Face's order: repetition penalty, temperature, top-k, top-p.
+
+    Repetition penalty divides the positive logits (multiplies the negative ones) of tokens already in `seen`;
+    top-k keeps the k largest logits; top-p keeps the smallest set of tokens whose probability reaches p.
+    Tokens filtered out get -inf. With temperature 0 (greedy) only the penalty applies.
+    """
+    logits = logits.float()
+    if seen is not None and p.repetition_penalty != 1.0:
+        picked = logits.gather(-1, seen)
+        picked = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        logits = logits.scatter(-1, seen, picked)
+    if p.temperature <= 0:
+        return logits
+    logits = logits / p.temperature
+    if p.top_k is not None and p.top_k < logits.size(-1):
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p is not None and p.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p        # the mass before this token already reached p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator] = None,
+           seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pick the next token from logits (B, V) -> (B,): the argmax when greedy, else a draw from warp_logits."""
+    logits = warp_logits(logits, p, seen)
+    if p.temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _can_pack() -> bool:
+    """Whether this PyTorch build has oneDNN's packed-weight matmul (CPU builds with mkldnn: x86 and Arm)."""
+    try:
+        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._reorder_linear_weight) \
+            and callable(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+LAYOUTS = ("row", "column") + (("packed",) if _can_pack() else ())
+_chosen_layouts: dict = {}   # (batch, threads, weight shapes) -> the layout calibrate_layout measured fastest
+
+
+def laid(w: torch.Tensor, layout: str) -> torch.Tensor:
+    """w (N, K) stored as `layout` keeps it: row-major, column-major, or packed in oneDNN's blocked order."""
+    if layout == "packed":
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())
+    return w.t().contiguous().t() if layout == "column" else w.contiguous()
+
+
+def product(x: torch.Tensor, w: torch.Tensor, layout: str) -> torch.Tensor:
+    """x (..., K) @ w.T -> (..., N), w as `laid` stores it for `layout`."""
+    if layout == "packed":
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
+
+
+class PackedLinear(nn.Module):
+    """A bias-free Linear whose product runs from a copy of its weight packed by oneDNN (PyTorch's CPU matmul
+    library) into the blocked order its kernel reads fastest. The plain weight stays beside it (parameter names,
+    the other layouts, a tied embedding), so this layout holds the Linear weights twice. x (..., K) -> (..., N)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+        self._pack()
+
+    def _pack(self) -> None:
+        self.register_buffer("packed", laid(self.weight, "packed"), persistent=False)
+        self.packed_version = self.weight._version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # autograd and inductor need the plain weight (inductor packs its own only for frozen graphs)
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight)
+        if self.weight._version != self.packed_version:   # changed in place since it was packed: pack it again
+            self._pack()
+        return product(x, self.packed, "packed")
+
+
+def decode_layout(model: SmolLM2, batch: int) -> str:
+    """How the Linear weights are stored to decode `batch` rows per step fastest: "row", "column" or "packed".
+
+    A decode step multiplies every weight matrix by `batch` activation rows. PyTorch's CPU kernels run that product
+    from the row-major matrix training leaves, from a column-major copy (MKL) or from a copy oneDNN packed for
+    itself, at speeds that depend on the batch, the thread count and the machine (on one 2-core machine column-major
+    won at batch 1 and rows at batch 8; on another, packed won both by 1.5-2.5x), so the CPU's choice is measured
+    once per batch size and thread count (calibrate_layout). On a GPU, cuBLAS reads either order alike: rows stay.
+    """
+    shapes: dict[tuple, list] = {}   # (N, K) -> the weights of that shape (none when int8: quantize.py has one layout)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, PackedLinear)):
+            shapes.setdefault(tuple(module.weight.shape), []).append(module.weight)
+    if not shapes or model.lm_head.weight.device.type != "cpu":
+        return "row"
+    key = (batch, torch.get_num_threads(), tuple((s, len(ws)) for s, ws in shapes.items()))
+    if key not in _chosen_layouts:
+        _chosen_layouts[key] = calibrate_layout({s: (ws[0], len(ws)) for s, ws in shapes.items()}, batch)
+    return _chosen_layouts[key]
+
+
+@torch.no_grad()
+def calibrate_layout(weights: dict, batch: int, repeats: int = 5) -> str:
+    """Time one decode step's matrix products in each layout: weights maps (N, K) -> (one weight of that shape,
+    how many the model has). Each product's time is the best of `repeats`, the layouts alternating, so a busy machine
+    slows all alike; a few hundred milliseconds at the 135M shape."""
+    best = {(shape, layout): float("inf") for shape in weights for layout in LAYOUTS}
+    for shape, (w, _) in weights.items():
+        x = torch.randn(batch, shape[1], dtype=w.dtype)
+        copies = {layout: laid(w, layout) for layout in LAYOUTS}
+        for _ in range(repeats):
+            for layout in LAYOUTS:
+                t0 = time.perf_counter()
+                product(x, copies[layout], layout)
+                best[shape, layout] = min(best[shape, layout], time.perf_counter() - t0)
+    step = {layout: sum(best[shape, layout] * n for shape, (_, n) in weights.items()) for layout in LAYOUTS}
+    return min(LAYOUTS, key=step.get)
+
+
+@torch.no_grad()
+def lay_out(model: SmolLM2, layout: str) -> SmolLM2:
+    """Store each Linear weight row-major (as training leaves it), column-major or packed: same values, shapes and
+    parameter names. Only what differs is copied; a tied lm_head re-lays the embedding with it (packed: a copy)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and layout == "packed":
+                setattr(module, name, PackedLinear(child.weight))
+            elif isinstance(child, PackedLinear) and layout != "packed":
+                plain = nn.Linear(child.weight.shape[1], child.weight.shape[0], bias=False, device="meta")
+                plain.weight = child.weight
+                setattr(module, name, plain)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight.data
+            if layout == "column" and not w.t().is_contiguous():
+                module.weight.data = w.t().contiguous().t()
+            elif layout == "row" and not w.is_contiguous():
+                module.weight.data = w.contiguous()
+    return model
+
+
+def use_decode_layout(model: SmolLM2, batch: int) -> SmolLM2:
+    """Lay the model out the way `decode_layout` finds fastest for `batch` rows per step. Meant for a model that only
+    generates (safetensors refuses to save non-contiguous tensors); a training model keeps its layout."""
+    return lay_out(model, decode_layout(model, batch))
+
+
+def decode_step(model: SmolLM2, tok: torch.Tensor, pos: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """One new token per row (B,) written at cache slot `pos` -> next-token logits (B, 1, V)."""
+    return model(tok[:, None], cache_pos=pos, valid=valid)[0]
+
+
+def compile_unavailable(device: torch.device) -> Optional[str]:
+    """Why torch.compile cannot build the decode step for this device, or None when it can."""
+    import torch._dynamo
+    if not torch._dynamo.is_inductor_supported():
+        return "torch.compile (inductor) does not support this Python or platform"
+    if device.type == "cpu":   # inductor writes C++ for the CPU and builds it with the system's compiler
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        try:
+            get_cpp_compiler()
+        except Exception:
+            return "on the CPU inductor needs a C++ compiler and none was found (install g++)"
+    return None
+
+
+@functools.cache
+def compiled_decode_step() -> Callable:
+    # dynamic=True: the attended cache grows by one slot per step, so shapes change every call; marking them dynamic
+    # up front gives one graph instead of a recompilation at the second step
+    return torch.compile(decode_step, dynamic=True)
+
+
+@torch.inference_mode()
+def generate(model: SmolLM2, prompts: list[list[int]], params: SamplingParams, eos_id: Optional[int] = None,
+             seed: Optional[int] = None, on_tokens: Optional[Callable[[torch.Tensor], bool]] = None,
+             compile: bool = False) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) by up to params.max_new_tokens tokens; return the new tokens.
+
+    Prompts of different lengths are left-padded; the padding is masked out and positions count real tokens only,
+    so each row comes out exactly as if it had been generated alone. A row ends at `eos_id` (kept in its output).
+    `on_tokens(tokens (B,))` is called after every step (for streaming); returning True stops generation.
+    `compile` runs the decode step through torch.compile (the prefill stays eager); see compile_unavailable.
+    """
+    if not prompts or any(len(t) == 0 for t in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if (longest := max(len(t) for t in prompts)) >= model.config.max_position_embeddings:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the context of "
+                         f"{model.config.max_position_embeddings}; keep its newest tokens")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed}")
+    device = model.lm_head.weight.device
+    B, T = len(prompts), max(len(t) for t in prompts)
+    max_len = min(T + params.max_new_tokens, model.config.max_position_embeddings)
+    steps = max_len - T
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+    for i, toks in enumerate(prompts):
+        ids[i] = toks[0]   # padding repeats a real token, so a repetition penalty sees nothing foreign
+        ids[i, T - len(toks):] = torch.tensor(toks, device=device)
+        valid[i, T - len(toks):] = True
+    valid[:, T:] = True
+    padded = bool((~valid[:, :T]).any())
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    step_fn = compiled_decode_step() if compile else decode_step
+
+    was_training = model.training
+    model.eval()
+    model.setup_cache(B, max_len)
+    try:
+        out = []
+        seen = ids
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        logits, _ = model(ids, cache_pos=0, valid=valid if padded else None, last_only=True)
+        for step in range(steps):
+            tok = sample(logits[:, -1], params, generator, seen)
+            if eos_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+                done = done | (tok == eos_id)
+            out.append(tok)
+            if on_tokens is not None and on_tokens(tok):
+                break
+            if bool(done.all()) or step == steps - 1:
+                break
+            if params.repetition_penalty != 1.0:
+                seen = torch.cat([seen, tok[:, None]], dim=1)
+            logits = step_fn(model, tok, T + step, valid if padded else None)
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+    if not out:
+        return [[] for _ in prompts]
+    new = torch.stack(out, dim=1).tolist()
+    if eos_id is not None:   # cut each row after its first EOS
+        new = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in new]
+    return new
+
+
+class TextStream:
+    """generate()'s `on_tokens` hook: turns each row's tokens into text as they arrive and ends rows at stop strings.
+
+    Byte-level BPE splits a multi-byte character over several tokens, and decoding a list that ends inside one gives
+    U+FFFD. So every step decodes the row's whole list of new tokens and hands on only the part that can no longer
+    change: nothing from a trailing U+FFFD on, nor a tail that a stop string may still complete.
+    `on_text(row, new_text, done)` receives those pieces; `done` is True on a row's last call.
+    """
+
+    def __init__(self, tokenizer, batch: int, stop: Sequence[str] = (), eos_id: Optional[int] = None,
+                 on_text: Optional[Callable[[int, str, bool], None]] = None):
+        self.tokenizer, self.eos_id, self.on_text = tokenizer, eos_id, on_text
+        self.stop = [s for s in stop if s]
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.texts = [""] * batch        # each row's text so far, cut before its stop string
+        self.sent = [0] * batch          # how many characters of it on_text has received
+        self.done = [False] * batch
+
+    def __call__(self, tok: torch.Tensor) -> bool:
+        """Take one token per row; return True once every row has ended (EOS or a stop string)."""
+        for row, t in enumerate(tok.tolist()):
+            if self.done[row]:
+                continue
+            if t == self.eos_id:
+                self._finish(row)
+                continue
+            self.tokens[row].append(t)
+            text = self.tokenizer.decode(self.tokens[row])
+            cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+            self.texts[row] = text[:min(cuts)] if cuts else text
+            if cuts:
+                self._finish(row)
+            else:
+                self._release(row, self._settled(text))
+        return all(self.done)
+
+    def close(self) -> list[str]:
+        """End the rows still open (they reached the length limit) and return every row's text."""
+        for row, done in enumerate(self.done):
+            if not done:
+                self._finish(row)
+        return self.texts
+
+    def _settled(self, text: str) -> int:
+        end = len(text.rstrip("\ufffd"))
+        held = max((k for s in self.stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+        return end - held
+
+    def _finish(self, row: int) -> None:
+        self.done[row] = True
+        self._release(row, len(self.texts[row]), done=True)
+
+    def _release(self, row: int, end: int, done: bool = False) -> None:
+        new = self.texts[row][self.sent[row]:end]
+        self.sent[row] = max(self.sent[row], end)
+        if self.on_text is not None and (new or done):
+            self.on_text(row, new, done)

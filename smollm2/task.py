@@ -1,0 +1,51 @@
+"""What a training run starts from, reads and minimises: the task train.py's loop runs.
+
+The loop (train.py) asks its task six things: the tokenizer, the batches, the model before training, one
+micro-batch's loss, and how to turn a sampling prompt into ids and where a sample ends. train.py's Pretraining
+answers with a fresh model, the data stages and the next-token loss; sft.py's SFT and dpo.py's DPO answer otherwise,
+and run through the same loop, checkpoints, resume and distribution.
+"""
+
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import torch
+
+from model import SmolLM2
+from smollm2.config import Config
+from smollm2.runtime import Runtime
+from smollm2.tokenizer import eos_token_id, load_tokenizer
+
+
+class Task(ABC):
+    """The defaults are pretraining's; a task overrides what it does otherwise."""
+    reports_perplexity = True   # the validation loss is a per-token cross-entropy
+
+    def tokenizer(self, cfg: Config):
+        return load_tokenizer(cfg)   # under torchrun, a file lock lets one rank train it at first use
+
+    @abstractmethod
+    def data(self, cfg: Config, rt: Runtime, tokenizer):
+        """The training batches, in data.StagedLoader's interface (next_batch, begin_step, validation, state)."""
+
+    @abstractmethod
+    def describe_data(self, cfg: Config, step: int) -> str:
+        """What feeds optimizer step `step`, for the start line."""
+
+    def model(self, cfg: Config, rt: Runtime, resuming: Optional[dict]) -> SmolLM2:
+        """The model before training (a checkpoint being resumed, if any, then loads its weights into it)."""
+        torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
+        return SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
+
+    def loss(self, run, batch) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss to minimise (run is train.py's Run), and statistics to log beside it (tensors,
+        averaged like the loss)."""
+        x, y = (t.to(run.rt.device, non_blocking=True) for t in batch)   # ids past the vocabulary: refused by data.py
+        return run.net(x, y)[1], {}
+
+    def prompt(self, tokenizer, text: str) -> list[int]:
+        """A sampling.prompts entry as the ids samples continue."""
+        return tokenizer.encode(text).ids
+
+    def stop_id(self, tokenizer) -> int:
+        return eos_token_id(tokenizer)

@@ -107,8 +107,8 @@ def report(cfg: Config, checkpoint: str) -> str:
 
 
 def main(argv=None) -> int:
-    return posttraining_command(argv, __doc__, DPO, "each checkpoint's preference accuracy on the config's held-out pairs, "
-                   "against the config's reference (dpo.model_name_or_path)", report)
+    return posttraining_command(argv, __doc__, DPO, "each checkpoint's preference accuracy on the config's held-out "
+                                "pairs, against the config's reference (dpo.model_name_or_path)", report)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (B, H, T, hd): the head axis is 1 and the position axis is 2, so cos/sin broadcast over heads."""
+    """Rotate x of shape (B, H, T, hd): heads on axis 1, positions on axis 2, so cos/sin broadcast over the heads."""
     if cos.dim() == 3:                                  # per-row positions (B, T, hd) -> (B, 1, T, hd)
         cos, sin = cos[:, None], sin[:, None]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)

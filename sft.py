@@ -246,8 +246,8 @@ def report(cfg: Config, checkpoint: str) -> str:
 
 
 def main(argv=None) -> int:
-    return posttraining_command(argv, __doc__, SFT, "the exact match of each checkpoint's greedy replies on the config's "
-                   "held-out conversations", report)
+    return posttraining_command(argv, __doc__, SFT, "the exact match of each checkpoint's greedy replies on the "
+                                "config's held-out conversations", report)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,8 @@ class RunArgs:
     max_consecutive_bad_steps: int = 5
     loss_spike_factor: float = 3.0
     weight_decay_exclude_1d: bool = False   # true: no weight decay on 1-D parameters (norm gains); nanotron decays all
-    selective_recompute: bool = True   # keep only matmul/attention outputs for the backward (parallelism.recompute_layer: none)
+    # keep only the matmul and attention outputs for the backward (with parallelism.recompute_layer false)
+    selective_recompute: bool = True
     tensorboard: bool = False
     wandb: bool = False
 

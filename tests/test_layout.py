@@ -102,7 +102,8 @@ def test_no_file_over_450_lines_and_no_function_over_80():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
-                assert length <= MAX_FUNCTION_LINES, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines"
+                where = f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+                assert length <= MAX_FUNCTION_LINES, f"{where}: {length} lines"
 
 
 def test_every_file_opens_with_a_docstring_and_root_files_say_what_to_read_next():

@@ -2,13 +2,13 @@
 watch the text stream in, chat with a fine-tuned checkpoint, or run one prompt through several checkpoints side by side
 next to their loss curves and benchmark scores.
 
-It builds on generate.py's loader (checkpoint.load_model: training checkpoints, run directories, Hugging Face
-exports, tensors read with weights_only so a crafted pickle runs no code) and tokenizer opener, and on sampling.py's
-generate(), the repository's one generation path, with TextStream, which turns its per-step tokens into text; chats
-are rendered by chat.py, the template training used.
-Safe by default: it listens on 127.0.0.1 unless --host or --share say otherwise, reads only what lies under
---checkpoint_dir (confine.py: every file a load opens, symlinks resolved), checks every value a request sends, and
-caps the prompt and the number of new tokens.
+It builds on smollm2/loading.py's load_model (tensors read with weights_only, so a crafted pickle runs no code) and
+tokenizer opener, on smollm2/sampling.py's generate() with TextStream, and on smollm2/chat.py's template. Safe by
+default: it listens on 127.0.0.1 unless --host or --share say otherwise, reads only what lies under --checkpoint_dir
+(smollm2/confine.py: every file a load opens, symlinks resolved), checks every value a request sends, and caps the
+prompt and the number of new tokens.
+
+Read next: smollm2/__init__.py, the map of the package every root file builds on, one module per concern.
 """
 
 import argparse

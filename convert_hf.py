@@ -6,11 +6,13 @@
 Export writes config.json (LlamaForCausalLM), model.safetensors, generation_config.json and the run's tokenizer, so
 `AutoModelForCausalLM.from_pretrained(DIR)` gives the same logits as our model and the wider ecosystem (evaluation
 harnesses, vLLM, llama.cpp converters) can read it. A tokenizer with the chat tokens gets the chat template in its
-tokenizer_config.json (chat.py's, or the one an import kept), which `apply_chat_template` and llama.cpp's converter
-read; a fine-tuned checkpoint's generation_config also ends a reply at <|im_end|>. Import turns a HF Llama directory
-or hub id into a training checkpoint that train.py can start from and generate.py can load, and keeps the directory's
-chat template beside the run's tokenizer (chat_template.jinja), for a later export. model.py uses HF's parameter
-names and rotary layout, so neither direction needs a rename map or a weight permutation.
+tokenizer_config.json (smollm2/chat.py's, or the one an import kept), which `apply_chat_template` and llama.cpp's
+converter read; a fine-tuned checkpoint's generation_config also ends a reply at <|im_end|>. Import turns a HF Llama
+directory or hub id into a training checkpoint that train.py can start from and generate.py can load, and keeps the
+directory's chat template beside the run's tokenizer (chat_template.jinja), for a later export. model.py uses HF's
+parameter names and rotary layout, so neither direction needs a rename map or a weight permutation.
+
+Read next: validate_params.py, the proof that the two models agree.
 """
 
 import argparse

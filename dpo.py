@@ -1,4 +1,4 @@
-"""Direct preference optimisation: `python dpo.py --config configs/config_dpo_tiny.yaml [key=value ...] [--resume [PATH]]`.
+"""Direct preference optimisation: `python dpo.py --config CFG [key=value ...] [--resume [PATH]]`.
 
 Starts from an SFT checkpoint (`dpo.model_name_or_path`), which is also the reference: a frozen copy, in eval mode
 and without gradients, that the policy is scored against. For a prompt x with a chosen reply y+ and a rejected one y-,
@@ -14,7 +14,9 @@ mean rewards of chosen and rejected replies. Everything else is sft.py's and tra
 resume, S3, DDP and FSDP.
 
     python dpo.py --config configs/config_dpo_tiny.yaml
-    python dpo.py --config configs/config_dpo_tiny.yaml --score runs/tiny-sft runs/tiny-dpo   # held-out preference accuracy
+    python dpo.py --config configs/config_dpo_tiny.yaml --score runs/tiny-sft runs/tiny-dpo   # preference accuracy
+
+Read next: evaluation.py, which scores any checkpoint on benchmarks.
 """
 
 import copy

@@ -4,10 +4,13 @@
     python evaluation.py --checkpoint_path hf_export/ --tasks my_task --include_path my_tasks/
     python evaluation.py --checkpoint_path runs/tiny --text_file notes.txt
 
-Benchmarks are lm-evaluation-harness's (an optional dependency: `pip install lm_eval`), with our model wrapped as
-its language model (smollm2/harness.py); perplexity on a text file needs nothing beyond the model (smollm2/scoring.py). Anything
-checkpoint.load_model reads can be scored. The table goes to stdout; the JSON goes beside the checkpoint (--output
-to choose). During training, smollm2/evals.py's BackgroundEvals runs this command on saved checkpoints, in a process of its own.
+Benchmarks are lm-evaluation-harness's (an optional dependency: `pip install lm_eval`), with our model wrapped as its
+language model (smollm2/harness.py); perplexity on a text file needs nothing beyond the model (smollm2/scoring.py).
+Anything smollm2/loading.py's load_model reads can be scored. The table goes to stdout; the JSON goes beside the
+checkpoint (--output to choose). A bad flag or input is one line, `error: ...`, and exit status 2. During training,
+smollm2/evals.py's BackgroundEvals runs this command on saved checkpoints, in a process of its own.
+
+Read next: convert_hf.py, which takes a checkpoint to Hugging Face's format and back.
 """
 
 import argparse

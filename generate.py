@@ -1,7 +1,8 @@
 """Generate text from any checkpoint: `python generate.py --checkpoint_path PATH --prompt "..."`.
 
-The command line loads anything `checkpoint.load_model` does: a training checkpoint, a run directory (its newest
-checkpoint), a Hugging Face model directory or an s3:// path; the decoding itself is sampling.py's `generate()`.
+The command line loads anything smollm2/loading.py's `load_model` does: a training checkpoint, a run directory (its
+newest checkpoint), a Hugging Face model directory or an s3:// path; the decoding itself is smollm2/sampling.py's
+`generate()`, the repository's one generation path.
 
     python generate.py --checkpoint_path runs/tiny --prompt "def " --max_new_tokens 64
     python generate.py --checkpoint_path runs/tiny --interactive
@@ -9,7 +10,11 @@ checkpoint), a Hugging Face model directory or an s3:// path; the decoding itsel
     python generate.py --compare runs/tiny --prompt "import os" --temperature 0
     python generate.py --checkpoint_path runs/tiny --quantize int8 --prompt "def "    # int8 weights: faster on a CPU
 
-Only the generated text goes to stdout; logs and timings go to stderr, so the output pipes cleanly.
+Only the generated text goes to stdout; logs and timings go to stderr, so the output pipes cleanly. A bad flag or
+input is one line, `error: ...`, and exit status 2.
+
+Read next: sft.py, which teaches a pretrained checkpoint to chat. Generation builds on smollm2/sampling.py (sampling,
+the KV-cache decode, TextStream), quantize.py (int8 weights) and chat.py (the chat template `--chat` renders).
 """
 
 import argparse

@@ -1,9 +1,14 @@
 """SmolLM2, written out by hand: a Llama-architecture decoder in plain PyTorch.
 
-Read top to bottom: RMSNorm -> rotary embeddings -> grouped-query attention (with its KV cache) -> SwiGLU MLP ->
-decoder block -> the model. Module and parameter names are exactly those of Hugging Face `LlamaForCausalLM`
+Read top to bottom: the architecture (ModelConfig) -> RMSNorm -> rotary embeddings -> grouped-query attention (with
+its KV cache) -> SwiGLU MLP -> decoder block -> the model, whose loss runs over chunks of positions so the full
+logits never exist. Module and parameter names are exactly those of Hugging Face `LlamaForCausalLM`
 (`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict moves between the two with no rename map, and the
-rotary layout is HF's rotate-half, so no weight permutation is needed either.
+rotary layout is HF's rotate-half, so no weight permutation is needed either. It imports torch alone: everything
+else in the repository builds on this file.
+
+Read next: data.py, where the token blocks this model trains on come from (validate_params.py, later, proves the
+model equal to transformers' own).
 """
 
 import math

@@ -3,11 +3,14 @@
 Teaches a pretrained or imported checkpoint (`sft.model_name_or_path`) to answer in SmolLM2's chat format. It is
 pretraining's loop (train.py: LR schedule, accumulation, validation, samples, checkpoints, exact resume, S3, DDP and
 FSDP) with another task: the model starts from the checkpoint, with <|im_start|> and <|im_end|> added to its
-tokenizer and embedding if it lacks them; the data are conversations (chat_data.py), packed; the loss is the
+tokenizer and embedding if it lacks them; the data are conversations (smollm2/chat_data.py), packed; the loss is the
 cross-entropy of the assistant's tokens only; samples are replies to `sampling.prompts` sent as user messages.
 
     python sft.py --config configs/config_sft_tiny.yaml
     python sft.py --config configs/config_sft_tiny.yaml --score runs/tiny runs/tiny-sft   # exact match before and after
+
+Read next: dpo.py, which starts from the SFT checkpoint. SFT builds on smollm2/chat.py (the template and the chat
+tokens), chat_data.py (rows) and chat_tasks.py (the built-in tasks of the tiny configs).
 """
 
 import copy

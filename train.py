@@ -1,16 +1,20 @@
-"""Pretrain SmolLM2: `python train.py --config config_smollm2_135M.yaml [key=value ...] [--resume [PATH]]`.
+"""Pretrain SmolLM2: `python train.py --config config_smollm2_135M.yaml [key=value ...] [--resume [PATH]] [--plan]`.
 
-One process per GPU under `torchrun` (DDP or FSDP, see distributed.py), or one plain process on a GPU or the CPU.
-Read top to bottom: `setup()` builds a run (data, model, optimizer, and what a checkpoint restores); `train()` loops
-over optimizer steps: `optimizer_step()` sets the LR, runs k micro-batches of forward and backward (each loss divided
-by k), unscales, clips, skips the update if anything is non-finite, and steps; then `log_progress()`, `validate()`,
-`write_samples()` and `save()` run on their intervals (a save at an `eval` step also starts the config's benchmarks
-on that checkpoint, in a process beside this one: evaluate.BackgroundEvals). A checkpoint holds every part needed to
-continue exactly (model, optimizer, grad scaler, step, data position, RNG states, config), so a run killed at any
-moment resumes with the same losses it would have had.
+One process per GPU under `torchrun` (DDP or FSDP, see smollm2/distributed.py), or one plain process on a GPU or the
+CPU. Read top to bottom: `setup()` builds a run (data, model, optimizer, and what a checkpoint restores); `train()`
+loops over optimizer steps: `optimizer_step()` sets the LR, runs k micro-batches of forward and backward (each loss
+divided by k), unscales, clips, skips the update if anything is non-finite, and steps; then `log_progress()`,
+`validate()`, `write_samples()` and `save()` run on their intervals (a save at an `eval` step also starts the
+config's benchmarks on that checkpoint, in a process beside this one: smollm2/evals.py's BackgroundEvals). A
+checkpoint holds every part needed to continue exactly (model, optimizer, grad scaler, step, data position, RNG
+states, config), so a run killed at any moment resumes with the same losses it would have had.
 
-What the run starts from, reads and minimises is its task: `Pretraining` here (a fresh model, the data stages, the
-next-token loss); sft.py and dpo.py subclass it and run through the same loop, checkpoints, resume and distribution.
+What the run starts from, reads and minimises is its task (smollm2/task.py): `Pretraining` here (a fresh model, the
+data stages, the next-token loss); sft.py's SFT and dpo.py's DPO are other tasks on the same loop, checkpoints,
+resume and distribution. `--plan` prints memory, fit, time and cost instead of training (smollm2/planner.py).
+
+Read next: generate.py, to hear what the checkpoints say. The loop builds on smollm2/cli.py, runtime.py,
+optimizer.py, progress.py, metrics.py, checkpoint.py and remote.py.
 """
 
 import gc

@@ -8,6 +8,8 @@ and shapes, identical weights, fp32 logits on random tokens (max abs difference 
 left-padded prompts, decoded through each side's KV cache: long enough for a wrong RoPE layout to show. No network is
 needed unless --hf_model names a hub id. Prints a table; exit 0 when every check holds, 1 naming the failing checks,
 2 for bad input.
+
+Read next: app.py, which shows the checkpoints to people.
 """
 
 import argparse

@@ -3,7 +3,8 @@
 On the same text (the built-in offline corpus, the Python standard library) and with the same tokenizer (trained on
 it, as config_tiny.yaml does), it prints:
   raw encode   tokenizers' encode_batch over all documents at once, text already in memory (the ceiling);
-  prepare      `prepare.prepare` end to end: read files, tokenize, mix, write and hash shards, commit its state;
+  prepare      smollm2/prepare.py's `prepare` end to end: read files, tokenize, mix, write and hash shards, commit
+               its state;
   ratio        prepare / raw (goal >= 0.8: packing and writing cost little beyond tokenization);
   loader       next_batch() of the training loader over the shards, for the tiny and the 135M batch shapes
                (goal >= 100x the ~40k tokens/s that SmolLM2-135M trains at on an A10G, i.e. >= 4M tokens/s).

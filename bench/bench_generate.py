@@ -10,11 +10,11 @@ the rate is batch x (N - 1) / (t_N - t_1). Runs alternate between the contenders
 --repeats, so a busy machine slows all of them alike.
 
 The contenders: our fp32 model in each weight layout ("row-major" is the layout training leaves, "column-major" the
-re-laid one, "packed" oneDNN's blocked copy; `*` marks the one sampling.decode_layout measures fastest for the batch,
-which generate.py and the app use), our int8 model (quantize.py), and, where inductor can build CPU code, both of ours
-with the decode step compiled (the compile time is printed, not counted). "tokens" compares each contender's greedy
-tokens with transformers': fp32 must be identical; int8 gives the share of tokens equal up to the first difference
-(bench/bench_quantize.py measures int8's quality properly).
+re-laid one, "packed" oneDNN's blocked copy; `*` marks the one smollm2/sampling.py's decode_layout measures fastest
+for the batch, which generate.py and the app use), our int8 model (smollm2/quantize.py), and, where inductor can build
+CPU code, both of ours with the decode step compiled (the compile time is printed, not counted). "tokens" compares
+each contender's greedy tokens with transformers': fp32 must be identical; int8 gives the share of tokens equal up to
+the first difference (bench/bench_quantize.py measures int8's quality properly).
 """
 
 import argparse

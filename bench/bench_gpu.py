@@ -8,10 +8,10 @@
 
 A step is forward + backward + clip + AdamW (fused on CUDA) under bf16 autocast, on random tokens, after warm-up
 steps (which also absorb compilation). MFU = tokens/s x training FLOPs per token / the GPU's dense bf16 peak
-(metrics.PEAK_TFLOPS, from the vendors' data sheets). Each measurement runs in its own process, so peak memory
-(torch.cuda.max_memory_allocated) belongs to it alone. The FSDP part runs train.py's own wrapping
-(distributed.wrap: optimizer.zero_stage, parallelism.recompute_layer and run.selective_recompute from the 1.7B
-config) under torchrun.
+(smollm2/metrics.py's GPUS table, from the vendors' data sheets). Each measurement runs in its own process, so peak
+memory (torch.cuda.max_memory_allocated) belongs to it alone. The FSDP part runs train.py's own wrapping
+(smollm2/distributed.py's wrap: optimizer.zero_stage, parallelism.recompute_layer and run.selective_recompute from
+the 1.7B config) under torchrun.
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Quality of int8 decoding (quantize.py) against fp32: perplexity on a text and greedy agreement over 64 tokens.
+"""Quality of int8 decoding (smollm2/quantize.py) against fp32: perplexity on a text, greedy agreement over 64 tokens.
 
     python bench/bench_quantize.py                                           # 135M shape, random weights
     python bench/bench_quantize.py --checkpoint_path path/to/SmolLM2-135M --text some.txt    # real weights

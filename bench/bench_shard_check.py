@@ -2,7 +2,7 @@
 [--shards N] [--tokens M]`.
 
 Writes N shards of M random uint16 tokens (50M by default: data_prep.shard_tokens' default, 100 MB each) and times
-shards.check_shards three ways:
+smollm2/shards.py's check_shards three ways:
   first sight   a folder copied from elsewhere: every shard is read and hashed (sha256) once;
   remembered    any later start, or the first one after prepare wrote the shards: a stat per shard;
   sha256 only   hashlib over the same bytes already in memory, the floor of the first sight.

@@ -121,7 +121,7 @@ def fit_context(tokenizer: Tokenizer, messages: list[dict], room: int) -> tuple[
 
 def add_chat_tokens(tokenizer: Tokenizer) -> list[str]:
     """Add <|im_start|> and <|im_end|> as special tokens where missing (new ids follow the vocabulary); return the
-    ones added. A tokenizer trained by data.py, or SmolLM2's, already has them as ids 1 and 2."""
+    ones added. A tokenizer trained here (tokenizer.py), or SmolLM2's, already has them as ids 1 and 2."""
     missing = [t for t in CHAT_TOKENS if tokenizer.token_to_id(t) is None]
     if missing:
         tokenizer.add_special_tokens(missing)

@@ -16,8 +16,8 @@ from smollm2.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")   # nanotron's logging levels
 
-# Keys of nanotron's files accepted although they cannot change a run on this engine, and why (the README's config
-# section lists them). Every other key is honoured, or refused by name where its value is not implemented.
+# Keys of nanotron's files accepted although they cannot change a run on this engine, and why (docs/configs.md lists
+# them). Every other key is honoured, or refused by name where its value is not implemented.
 NO_EFFECT = {
     "checkpoints.checkpoints_path_is_shared_file_system": "rank 0 writes every checkpoint, so no node needs to know",
     "data_stages[].data.num_loading_workers": "the loader reads memory-mapped shards in the training process; "
@@ -64,7 +64,7 @@ class DatasetArgs:
     `hf_dataset_or_datasets` names what `datasets.load_dataset` reads (a hub dataset, or a local folder laid out like
     one) or a built-in corpus (`builtin:python-stdlib`); a list mixes them equally, a {name: weight} mapping by weight.
     `dataset_folder` lists local text files, folders or globs (.txt, .jsonl, .parquet, ...), weighted by
-    `dataset_weights`. data.py documents how each is read.
+    `dataset_weights`. sources.py documents how each is read.
     """
     hf_dataset_or_datasets: Union[str, list[str], dict[str, float], None] = None
     hf_dataset_config_name: Optional[str] = None
@@ -274,9 +274,9 @@ class DPOArgs(PosttrainArgs):
 
 @dataclass
 class EvalArgs:
-    """lm-evaluation-harness benchmarks run by evaluate.py on checkpoints while training goes on (a process beside it).
+    """lm-evaluation-harness benchmarks that evaluation.py runs on checkpoints, in a process beside the training.
 
-    Field names are evaluate.py's flags. Benchmarks run on saved checkpoints, so `interval` is a multiple of
+    Field names are evaluation.py's flags. Benchmarks run on saved checkpoints, so `interval` is a multiple of
     checkpoints.checkpoint_interval; the final checkpoint is always evaluated.
     """
     tasks: list[str] = field(default_factory=list)   # lm-eval task, group or tag names; empty: no evals

@@ -128,7 +128,7 @@ def _validate_ranges(cfg: Config) -> None:
 
 def _validate_nanotron_values(cfg: Config) -> None:
     """Keys of nanotron's files whose other values this engine does not implement: refused by name, so a run never
-    silently differs from the one nanotron would make. (The README lists the keys accepted without effect.)"""
+    silently differs from the one nanotron would make. (docs/configs.md lists the keys accepted without effect.)"""
     refusals = [
         (not cfg.checkpoints.load_lr_scheduler, "checkpoints.load_lr_scheduler: false is not supported; the LR here is "
          "a function of the step, restored with it, so set it to true"),

@@ -7,7 +7,7 @@ tasks), and a continuation generated until a stop string (generative tasks). Its
 trailing space of the context moved into the continuation), and everything past tokenization copies `hf`'s rules
 (left truncation to the context, the BOS/EOS prefix, stop strings), so the scores equal `hf`'s on an exported
 directory item by item. The answers come from scoring.score() and sampling.generate(), the repository's one scoring
-and one decoding path. Importing this file needs lm_eval installed; evaluate.py checks that first.
+and one decoding path. Importing this file needs lm_eval installed; evals.require_harness checks that first.
 """
 
 import json

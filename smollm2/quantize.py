@@ -27,7 +27,7 @@ kernel reads them exactly. The kernel needs K to be a multiple of 16: a layer th
 shapes) dequantizes its weight for an ordinary matmul instead, as does a GPU whose PyTorch build lacks the op.
 bench/bench_quantize.py measures what the whole scheme costs in perplexity and greedy agreement.
 
-Quantization is a transform at load time (`checkpoint.load_model(..., quantize="int8")`): checkpoints, parameter
+Quantization is a transform at load time (`loading.load_model(..., quantize="int8")`): checkpoints, parameter
 names and the fp32 model are untouched, and a quantized model refuses to train or to be saved.
 """
 

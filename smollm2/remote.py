@@ -197,7 +197,7 @@ def download_checkpoint(url: str, run_dir=None, s3: Optional[S3Args] = None) -> 
 
     To resume (`run_dir` given) it lands in run_dir/checkpoints/, with the run's metrics.jsonl when the run dir has
     none, so the log goes on from the checkpoint's step. To load, it lands in a cache folder that mirrors the bucket,
-    with the run's tokenizer.json beside it, where checkpoint.load_model looks for one. `s3` gives region and endpoint.
+    with the run's tokenizer.json beside it, where loading.load_model looks for one. `s3` gives region and endpoint.
     """
     bucket, key = split_url(url)
     client = make_client(s3.region if s3 else None, s3.endpoint_url if s3 else None)

@@ -10,7 +10,7 @@ entries), else uint32. `manifest.jsonl` lists every shard with its token count a
 `state.json` records how far `python data.py prepare` got, so a killed run can continue.
 
 Every file is written to a temporary name and renamed into place, so a killed process never leaves a torn file under
-a real name. data.py decides what goes into the shards; this file knows how a split's token stream is cut into
+a real name. prepare.py decides what goes into the shards; this file knows how a split's token stream is cut into
 shards and how they are stored.
 """
 

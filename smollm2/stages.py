@@ -41,7 +41,8 @@ def data_dir(cfg: Config) -> str:
 def stage_view(cfg: Config, index: int) -> Config:
     """The config as data stage `index` sees it: data_stages holds that stage alone, and data_prep.output_dir is
     its own folder (data_dir(cfg) itself when there is one stage, else a subfolder named after the stage). Whatever
-    reads data (sources.py, data.py) reads data_stages[0] of a view; its `stage_index` names the stage in messages."""
+    reads data (sources.py, prepare.py, data.py) reads data_stages[0] of a view; its `stage_index` names the stage in
+    messages."""
     folder = data_dir(cfg)
     if len(cfg.data_stages) > 1:
         folder = os.path.join(folder, stage_folder(cfg.data_stages[index].name))

@@ -22,7 +22,7 @@ OUR_SECTIONS = {"run", "sampling", "data_prep", "s3"}
 SHIPPED = ["config_smollm2_135M.yaml", "configs/config_smollm2_360M.yaml", "configs/config_smollm2_1.7B.yaml"]
 # What this repository does with each key of the official files. "refused" keys are refused for any value other
 # than the ones implemented (test_values_not_implemented_are_refused_by_key); NO_EFFECT keys are in config.NO_EFFECT
-# and the README; every other key changes the run as it does in nanotron.
+# and docs/configs.md; every other key changes the run as it does in nanotron.
 REFUSED_OTHERWISE = {"general.benchmark_csv_path", "model.make_vocab_size_divisible_by",
                      "model.model_config.hidden_act", "model.model_config.pretraining_tp", "model.model_config.rope_scaling",
                      "optimizer.accumulate_grad_in_fp32", "optimizer.optimizer_factory.name",
@@ -79,9 +79,9 @@ def test_every_key_of_the_official_files_is_honoured_listed_as_without_effect_or
     keys = set().union(*(leaf_keys(yaml.safe_load(open(path))) for path in OFFICIAL.values()))
     assert keys == HONOURED | set(NO_EFFECT) | REFUSED_OTHERWISE
     assert not HONOURED & set(NO_EFFECT) and not REFUSED_OTHERWISE & set(NO_EFFECT)
-    readme = open("README.md").read()
+    page = open("docs/configs.md").read()
     for key, why in NO_EFFECT.items():
-        assert f"`{key}`" in readme, f"the README's config section must list {key} as accepted without effect"
+        assert f"`{key}`" in page, f"docs/configs.md must list {key} as accepted without effect"
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -33,7 +33,8 @@ import yaml
 import data
 from model import SmolLM2
 from smollm2 import cli, distributed, planner, remote, stages
-from smollm2.checkpoint import (checkpoint_name, is_sharded, latest_checkpoint, load_state_into, rotate_checkpoints, save_atomic, training_checkpoint)
+from smollm2.checkpoint import (checkpoint_name, is_sharded, latest_checkpoint, load_state_into, rotate_checkpoints,
+                                save_atomic, training_checkpoint)
 from smollm2.config import Config
 from smollm2.config_checks import notes
 from smollm2.config_load import config_to_dict
@@ -166,7 +167,7 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
              f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {run.accumulation} accumulation x {rt.world} "
              f"= {run.tokens_per_step:,} tokens/step"]
     parts += [note] if note else []
-    parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # README: threads
+    parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # docs/training.md: threads
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
               f"data {run.task.describe_data(cfg, run.step + 1)}", peak_flops(rt.device)[1]]
     every = cfg.logging.iteration_step_info_interval

@@ -26,8 +26,11 @@ from tokenizers import Tokenizer
 import app
 from convert_hf import export_hf
 from model import SmolLM2
+from smollm2.app_handlers import as_messages, eval_curves, loss_curves
+from smollm2.app_models import ModelCache, find_checkpoints
 from smollm2.checkpoint import save_atomic
 from smollm2.config_load import config_from_dict, config_to_dict
+from smollm2.confine import resolve_under
 from smollm2.errors import CheckpointError
 from smollm2.loading import load_model
 from smollm2.sampling import SamplingParams, generate
@@ -229,7 +232,7 @@ def sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=40, repetition_
 
 
 def test_listing_names_runs_their_checkpoints_and_hf_exports_but_not_what_lies_outside(runs):
-    names = [value for _, value in app.find_checkpoints(runs)]
+    names = [value for _, value in find_checkpoints(runs)]
     assert names == ["broken", "broken/checkpoints/step_00000010.pt", "cfgtok", "cfgtok/checkpoints/step_00000060.pt",
                      "chat", "chat/checkpoints/step_00000120.pt",
                      "evil", "evil/step_00000001.pt", "linked/checkpoints/step_00000060.pt",   # not its linked newest
@@ -243,7 +246,7 @@ def test_listing_names_runs_their_checkpoints_and_hf_exports_but_not_what_lies_o
                                   "escape/checkpoints/step_00000120.pt", "run1/../../outside"])
 def test_paths_that_resolve_outside_the_checkpoint_dir_are_refused(runs, name):
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
-        app.resolve_under(runs.resolve(), name)
+        resolve_under(runs.resolve(), name)
 
 
 # every name here lies inside the folder, but a file its load would open lies outside, through a link
@@ -253,13 +256,13 @@ LINKED_OUT = ["linked", "linked/checkpoints/step_00000500.pt", "dirlink", "dirli
 
 @pytest.mark.parametrize("name", LINKED_OUT)
 def test_a_load_that_would_open_a_file_outside_through_a_link_is_refused(runs, name):
-    cache = app.ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
+    cache = ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
         cache.get(name)
 
 
 def test_a_sharded_checkpoint_inside_loads_and_generates_what_its_file_twin_does(runs):
-    cache = app.ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
+    cache = ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
     sharded, twin = cache.get("sharded"), cache.get("run1/checkpoints/step_00000060.pt")
     assert sharded.info["step"] == 60
     ids = twin.tokenizer.encode(PROMPT).ids
@@ -268,23 +271,23 @@ def test_a_sharded_checkpoint_inside_loads_and_generates_what_its_file_twin_does
 
 
 def test_a_run_whose_metrics_file_links_outside_loads_but_its_curve_is_not_read(runs):
-    cache = app.ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
+    cache = ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
     loaded = cache.get("metlink")
     assert loaded.info["step"] == 120
-    curves = app.loss_curves(runs.resolve(), {"metlink": loaded.run_dir, "run1": runs.resolve() / "run1"})
+    curves = loss_curves(runs.resolve(), {"metlink": loaded.run_dir, "run1": runs.resolve() / "run1"})
     assert {s.split(" · ")[0] for s in curves["series"]} == {"run1"}   # nothing of metlink's
-    assert app.eval_curves(runs.resolve(), {"metlink": loaded.run_dir})["series"].empty
+    assert eval_curves(runs.resolve(), {"metlink": loaded.run_dir})["series"].empty
 
 
 @pytest.mark.parametrize("name,message", [("run1\x00", "NUL"), ("loop", "loop"), ("x" * 5000, "too long")],
                          ids=["nul", "loop", "long"])
 def test_names_that_cannot_be_paths_are_refused_in_one_message(runs, name, message):
     with pytest.raises(CheckpointError, match=message):
-        app.resolve_under(runs.resolve(), name)
+        resolve_under(runs.resolve(), name)
 
 
 def test_switching_back_to_a_checkpoint_reuses_the_loaded_model_and_the_oldest_is_evicted(runs):
-    cache = app.ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
+    cache = ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
     a = cache.get("run1/checkpoints/step_00000060.pt")
     b = cache.get("run1")                       # the newest checkpoint, step 120
     assert cache.get("run1/checkpoints/step_00000060.pt") is a
@@ -481,13 +484,13 @@ def test_a_port_already_in_use_is_one_line(runs):
 def test_the_chat_keeps_the_conversation_and_streams_each_reply_until_im_end(client, runs):
     job = client.submit("chat", "hello", [], "", *sampling(), api_name="/chat")
     history = job.result()
-    first = app.as_messages(history)   # Gradio sends each message's content as a list of parts
+    first = as_messages(history)   # Gradio sends each message's content as a list of parts
     assert first == CHATS[0][:2]   # the reply stops at <|im_end|>, long before 40 new tokens
-    seen = [app.as_messages(m)[-1]["content"] for m in job.outputs() if len(m) == 2]
+    seen = [as_messages(m)[-1]["content"] for m in job.outputs() if len(m) == 2]
     assert len(seen) > 2 and seen[-1] == CHATS[0][1]["content"]
     assert all(seen[-1].startswith(part) for part in seen)   # streamed: each update extends the one before
     second = client.submit("chat", "how are you?", history, "", *sampling(), api_name="/chat").result()
-    assert app.as_messages(second) == CHATS[0]   # the reply to the second turn, with the first in context
+    assert as_messages(second) == CHATS[0]   # the reply to the second turn, with the first in context
 
 
 def test_the_chat_refuses_a_checkpoint_whose_tokenizer_has_no_chat_tokens(client):

@@ -26,8 +26,11 @@ from tokenizers import Tokenizer
 import app
 from convert_hf import export_hf
 from model import SmolLM2
+from smollm2.app_handlers import Handlers, as_messages, eval_curves, loss_curves
+from smollm2.app_models import ModelCache, find_checkpoints
 from smollm2.checkpoint import save_atomic
 from smollm2.config_load import config_from_dict, config_to_dict
+from smollm2.confine import resolve_under
 from smollm2.errors import CheckpointError
 from smollm2.loading import load_model
 from smollm2.sampling import SamplingParams, generate
@@ -229,7 +232,7 @@ def sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=40, repetition_
 
 
 def test_listing_names_runs_their_checkpoints_and_hf_exports_but_not_what_lies_outside(runs):
-    names = [value for _, value in app.find_checkpoints(runs)]
+    names = [value for _, value in find_checkpoints(runs)]
     assert names == ["broken", "broken/checkpoints/step_00000010.pt", "cfgtok", "cfgtok/checkpoints/step_00000060.pt",
                      "chat", "chat/checkpoints/step_00000120.pt",
                      "evil", "evil/step_00000001.pt", "linked/checkpoints/step_00000060.pt",   # not its linked newest
@@ -243,7 +246,7 @@ def test_listing_names_runs_their_checkpoints_and_hf_exports_but_not_what_lies_o
                                   "escape/checkpoints/step_00000120.pt", "run1/../../outside"])
 def test_paths_that_resolve_outside_the_checkpoint_dir_are_refused(runs, name):
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
-        app.resolve_under(runs.resolve(), name)
+        resolve_under(runs.resolve(), name)
 
 
 # every name here lies inside the folder, but a file its load would open lies outside, through a link
@@ -253,13 +256,13 @@ LINKED_OUT = ["linked", "linked/checkpoints/step_00000500.pt", "dirlink", "dirli
 
 @pytest.mark.parametrize("name", LINKED_OUT)
 def test_a_load_that_would_open_a_file_outside_through_a_link_is_refused(runs, name):
-    cache = app.ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
+    cache = ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
         cache.get(name)
 
 
 def test_a_sharded_checkpoint_inside_loads_and_generates_what_its_file_twin_does(runs):
-    cache = app.ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
+    cache = ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
     sharded, twin = cache.get("sharded"), cache.get("run1/checkpoints/step_00000060.pt")
     assert sharded.info["step"] == 60
     ids = twin.tokenizer.encode(PROMPT).ids
@@ -268,23 +271,23 @@ def test_a_sharded_checkpoint_inside_loads_and_generates_what_its_file_twin_does
 
 
 def test_a_run_whose_metrics_file_links_outside_loads_but_its_curve_is_not_read(runs):
-    cache = app.ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
+    cache = ModelCache(runs.resolve(), size=1, device=torch.device("cpu"), dtype=torch.float32)
     loaded = cache.get("metlink")
     assert loaded.info["step"] == 120
-    curves = app.loss_curves(runs.resolve(), {"metlink": loaded.run_dir, "run1": runs.resolve() / "run1"})
+    curves = loss_curves(runs.resolve(), {"metlink": loaded.run_dir, "run1": runs.resolve() / "run1"})
     assert {s.split(" · ")[0] for s in curves["series"]} == {"run1"}   # nothing of metlink's
-    assert app.eval_curves(runs.resolve(), {"metlink": loaded.run_dir})["series"].empty
+    assert eval_curves(runs.resolve(), {"metlink": loaded.run_dir})["series"].empty
 
 
 @pytest.mark.parametrize("name,message", [("run1\x00", "NUL"), ("loop", "loop"), ("x" * 5000, "too long")],
                          ids=["nul", "loop", "long"])
 def test_names_that_cannot_be_paths_are_refused_in_one_message(runs, name, message):
     with pytest.raises(CheckpointError, match=message):
-        app.resolve_under(runs.resolve(), name)
+        resolve_under(runs.resolve(), name)
 
 
 def test_switching_back_to_a_checkpoint_reuses_the_loaded_model_and_the_oldest_is_evicted(runs):
-    cache = app.ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
+    cache = ModelCache(runs.resolve(), size=2, device=torch.device("cpu"), dtype=torch.float32)
     a = cache.get("run1/checkpoints/step_00000060.pt")
     b = cache.get("run1")                       # the newest checkpoint, step 120
     assert cache.get("run1/checkpoints/step_00000060.pt") is a
@@ -294,6 +297,90 @@ def test_switching_back_to_a_checkpoint_reuses_the_loaded_model_and_the_oldest_i
     assert b.info["step"] == 120 and b.info["val_loss"] is not None
     quantized = cache.get("run1", "int8")       # the same file quantized is another model
     assert quantized is not cache.get("run1") and quantized.model.lm_head.weight.dtype == torch.int8
+
+
+# ---------------------------------------------------------------- in-process: the handlers, as the page calls them
+
+
+@pytest.fixture(scope="module")
+def handlers(runs) -> Handlers:
+    """What the server's page and API call, under the test server's caps, with no server."""
+    cache = ModelCache(runs.resolve(), size=3, device=torch.device("cpu"), dtype=torch.float32)
+    return Handlers(cache, MAX_PROMPT_TOKENS, MAX_NEW_TOKENS)
+
+
+def test_the_page_wires_every_api_endpoint_without_a_server(handlers):
+    endpoints = app.build_app(handlers).get_api_info()["named_endpoints"]
+    assert set(endpoints) == {"/list_checkpoints", "/load", "/generate", "/chat", "/compare"}
+
+
+def test_generate_streams_the_text_that_sampling_generate_gives_for_the_seed(handlers, runs):
+    params = SamplingParams(max_new_tokens=30, temperature=1.2, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    seen = list(handlers.generate("run1", PROMPT, *sampling(1.2, 20, 0.9, 30, 1.3, seed=7), "none"))
+    assert seen[-1] == expected_text(runs / "run1", PROMPT, params, seed=7)
+    assert len(seen) > 5 and all(seen[-1].startswith(part) for part in seen)   # streamed, each extending the last
+    other = list(handlers.generate("run1", PROMPT, *sampling(1.2, 20, 0.9, 30, 1.3, seed=8), "none"))[-1]
+    assert other == expected_text(runs / "run1", PROMPT, params, seed=8) != seen[-1]
+
+
+def test_compare_gives_each_checkpoint_picked_its_own_header_and_text(handlers, runs):
+    names = ["run1/checkpoints/step_00000060.pt", "export", "run1/checkpoints/step_00000060.pt"]   # a repeat is one
+    updates = list(handlers.compare(names, PROMPT, *sampling(max_new_tokens=12), "none"))
+    assert updates[0][1] == [""] * 4   # the headers and curves come before any text
+    heads, texts, plot, scores = updates[-1]
+    assert "step 60" in heads[0] and "step unknown" in heads[1] and heads[2] == heads[3] == ""
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    assert texts == [expected_text(runs / names[0], PROMPT, params), expected_text(runs / "export", PROMPT, params),
+                     "", ""]
+    # the export has no metrics.jsonl: the curves are run1's alone
+    assert {"run1 · train", "run1 · validation"} <= set(plot["series"])
+    assert {series.split(" · ")[0] for series in [*plot["series"], *scores["series"]]} == {"run1"}
+
+
+def test_a_chat_turn_is_answered_by_the_trained_chat_model(handlers):
+    replies = list(handlers.converse("chat", "hello", [], "", *sampling(), "none"))
+    assert replies[-1] == CHATS[0][:2] and len(replies) > 2
+    # the history as Gradio sends it back: each message's content a list of parts
+    history = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in replies[-1]]
+    assert list(handlers.converse("chat", "how are you?", history, "", *sampling(), "none"))[-1] == CHATS[0]
+
+
+def test_loading_reports_the_checkpoint_or_why_it_could_not_be_loaded(handlers):
+    assert "step 60" in handlers.status("run1/checkpoints/step_00000060.pt")
+    assert "in int8" in handlers.status("run1", "int8")
+    assert handlers.status("broken").startswith("⚠️ **could not load this checkpoint**")
+    assert "outside the checkpoint directory" in handlers.status("escape/checkpoints/step_00000120.pt")
+    assert handlers.checkpoint_names() == [name for _, name in find_checkpoints(handlers.root)]
+
+
+def page_error(request) -> str:
+    """The message of the PageError that a handler's request (a generator's first step) raises; it asks the server
+    to log no traceback."""
+    with pytest.raises(gr.Error) as refused:
+        list(request)
+    assert refused.value.print_exception is False
+    return refused.value.message
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "escape/checkpoints/step_00000120.pt", "linked", "toklink"])
+def test_the_handlers_refuse_a_checkpoint_outside_the_checkpoint_dir(handlers, name):
+    assert "outside the checkpoint directory" in page_error(handlers.generate(name, PROMPT, *sampling(), "none"))
+    assert "outside the checkpoint directory" in page_error(handlers.converse(name, "hello", [], "", *sampling(),
+                                                                                "none"))
+
+
+def test_compare_and_chat_refuse_what_they_cannot_use(handlers):
+    controls = [*sampling(), "none"]
+    for names in ("run1", ["run1", 7], None):
+        assert page_error(handlers.compare(names, PROMPT, *controls)) == "compare takes a list of checkpoint names"
+    assert page_error(handlers.compare(["run1", "run1"], PROMPT, *controls)) == \
+        "pick between 2 and 4 checkpoints to compare"
+    assert page_error(handlers.compare(["run1", "export"], PROMPT, *sampling(seed=2**64), "none")).startswith("Seed:")
+    assert page_error(handlers.converse("chat", " ", [], "", *controls)) == \
+        "the message is empty: type something to say"
+    assert "list of {role, content}" in page_error(handlers.converse("chat", "hello", "hi", "", *controls))
+    assert page_error(handlers.converse("chat", "hello", [], 7, *controls)) == "the system message must be text"
+    assert "fine-tune the checkpoint with sft.py" in page_error(handlers.converse("run1", "hello", [], "", *controls))
 
 
 # ---------------------------------------------------------------- over HTTP, against the real server
@@ -400,6 +487,11 @@ def test_bad_values_sent_over_http_are_refused_in_one_message(server, data, mess
     assert re.search(message, json.loads(reply.split("data: ", 1)[1])["error"]), reply
 
 
+@pytest.mark.parametrize("data,message", REFUSED, ids=range(len(REFUSED)))
+def test_bad_values_given_to_the_generate_handler_are_refused_with_the_same_message(handlers, data, message):
+    assert re.search(message, page_error(handlers.generate(*data)))
+
+
 def test_compare_refuses_what_is_not_a_list_of_names_and_a_huge_seed(server):
     for names in ("run1", ["run1", 7], None):
         assert "compare takes a list of checkpoint names" in call_raw(server, "compare", [names, PROMPT, *sampling(), "none"])
@@ -481,13 +573,13 @@ def test_a_port_already_in_use_is_one_line(runs):
 def test_the_chat_keeps_the_conversation_and_streams_each_reply_until_im_end(client, runs):
     job = client.submit("chat", "hello", [], "", *sampling(), api_name="/chat")
     history = job.result()
-    first = app.as_messages(history)   # Gradio sends each message's content as a list of parts
+    first = as_messages(history)   # Gradio sends each message's content as a list of parts
     assert first == CHATS[0][:2]   # the reply stops at <|im_end|>, long before 40 new tokens
-    seen = [app.as_messages(m)[-1]["content"] for m in job.outputs() if len(m) == 2]
+    seen = [as_messages(m)[-1]["content"] for m in job.outputs() if len(m) == 2]
     assert len(seen) > 2 and seen[-1] == CHATS[0][1]["content"]
     assert all(seen[-1].startswith(part) for part in seen)   # streamed: each update extends the one before
     second = client.submit("chat", "how are you?", history, "", *sampling(), api_name="/chat").result()
-    assert app.as_messages(second) == CHATS[0]   # the reply to the second turn, with the first in context
+    assert as_messages(second) == CHATS[0]   # the reply to the second turn, with the first in context
 
 
 def test_the_chat_refuses_a_checkpoint_whose_tokenizer_has_no_chat_tokens(client):

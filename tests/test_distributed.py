@@ -134,10 +134,10 @@ def test_a_sharded_checkpoint_generates_and_exports_like_the_model_it_holds(tmp_
                           "def ", "--temperature", "0", "--max_new_tokens", "8"], capture_output=True, text=True,
                          cwd=ROOT)
     assert gen.returncode == 0 and "step 4" in gen.stderr and "8 tokens in" in gen.stderr, gen.stderr
-    import app
-    listed = [value for _, value in app.find_checkpoints(tmp_path)]
+    from smollm2.app_models import ModelCache, find_checkpoints
+    listed = [value for _, value in find_checkpoints(tmp_path)]
     assert listed[:3] == ["run", "run/checkpoints/step_00000004", "run/checkpoints/step_00000002"]
-    cache = app.ModelCache(tmp_path, 1, torch.device("cpu"), torch.float32)
+    cache = ModelCache(tmp_path, 1, torch.device("cpu"), torch.float32)
     assert cache.get("run/checkpoints/step_00000002").info["step"] == 2
 
 

@@ -8,6 +8,10 @@ default: it listens on 127.0.0.1 unless --host or --share say otherwise, reads o
 (smollm2/confine.py: every file a load opens, symlinks resolved), checks every value a request sends, and caps the
 prompt and the number of new tokens.
 
+The page is three modules of the package: smollm2/app_models.py (which checkpoints, the model cache),
+smollm2/app_handlers.py (what each request does, callable without a server) and smollm2/app_page.py (the layout);
+this file wires the page's events to the handlers and starts the server.
+
 Read next: smollm2/__init__.py, the map of the package every root file builds on, one module per concern.
 """
 

@@ -51,6 +51,9 @@ Evaluation
     scoring.py           the log-likelihood of token spans, batched by length; perplexity in windows of the context
 
 The app
+    app_models.py        the checkpoints under --checkpoint_dir, the cache of loaded models, text streamed from one
+    app_handlers.py      what each request does (generate, chat, compare, status), every value it sends checked
+    app_page.py          the page's components, laid out; app.py wires their events to the handlers
     confine.py           every file the app reads kept inside --checkpoint_dir, links followed
 
 Errors and the command line

@@ -34,7 +34,7 @@ WEIGHTS = (FULL, "int8")
 
 
 def quantized(weights) -> Optional[str]:
-    """The weights switch, as a request sent it, -> checkpoint.load_model's quantize argument."""
+    """The weights switch, as a request sent it, -> smollm2.loading.load_model's quantize argument."""
     if not isinstance(weights, str) or weights not in WEIGHTS:
         raise PageError(f"Weights: {str(weights)[:40]!r} refused; give one of {', '.join(WEIGHTS)}")
     return None if weights == FULL else weights

@@ -96,7 +96,7 @@ def layout(handlers: Handlers) -> Page:
                 plot = gr.LinePlot(loss_curves(handlers.root, {}), x="step", y="loss", color="series",
                                    title="Loss curves of the compared runs", y_title="loss (nats/token)")
                 scores = gr.LinePlot(eval_curves(handlers.root, {}), x="step", y="score", color="series",
-                                     title="Benchmark scores of the compared runs (evaluate.py during training)",
+                                     title="Benchmark scores of the compared runs (evaluation.py during training)",
                                      y_title="score")
         with gr.Column(scale=1, min_width=240):
             sampling, weights = side_panel(handlers.max_new_tokens)

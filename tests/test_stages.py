@@ -9,7 +9,7 @@ import data
 from smollm2 import prepare, stages
 from smollm2.config_load import config_from_dict
 from smollm2.errors import DataError
-from smollm2.stages import data_dir, stage_view
+from smollm2.stages import data_dir, stages_of
 
 K = 2   # micro-batches per optimizer step (accumulation)
 
@@ -44,7 +44,7 @@ def run_steps(loader, first: int, last: int, k: int = K) -> list[list[list[int]]
 
 def stage_blocks(cfg, index: int, first: int, count: int) -> list[list[int]]:
     """Blocks first.. of one stage's own training split, inputs only (as next_batch() gives them)."""
-    blocks = data.train_loader(stage_view(cfg, index)).blocks
+    blocks = data.train_loader(cfg, stage=stages_of(cfg)[index]).blocks
     return [block[:-1].tolist() for block in blocks.read(first, count)]
 
 
@@ -100,17 +100,17 @@ def test_validation_follows_the_running_stage_source_by_source(staged, bpe_path)
 def test_prepare_prepares_every_stage_in_its_own_folder(staged):
     states = prepare.prepare_stages(staged, log=lambda _: None)
     assert [s["done"] for s in states] == [True, True]
-    assert [data_dir(stage_view(staged, i)) for i in range(2)] == [f"{data_dir(staged)}/warm",
-                                                                   f"{data_dir(staged)}/decay"]
+    assert [stage.folder for stage in stages_of(staged)] == [f"{data_dir(staged)}/warm", f"{data_dir(staged)}/decay"]
     assert {r["source"].rsplit("/", 1)[1] for r in states[1]["shards"] if r["split"] == "val"} == {"B", "C"}
 
 
 def test_checkpoints_from_before_stages_resume_the_first_stage_and_unknown_stages_are_refused(staged, bpe_path):
     tok = Tokenizer.from_file(bpe_path)
-    single = data.train_loader(stage_view(staged, 0), tokenizer=tok)
+    single = data.train_loader(staged, tokenizer=tok, stage=stages_of(staged)[0])
     single.next_batch()
     loader = data.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
     loader.load_state_dict(single.state_dict())   # the data position of a checkpoint written before stages
     assert loader.state_dict() == {"stages": {"warm": single.state_dict()}}
     with pytest.raises(DataError, match="stage\\(s\\) stable phase, which data_stages no longer names"):
         loader.load_state_dict({"stages": {"stable phase": single.state_dict()}})
+

@@ -1,5 +1,6 @@
 """data.py prepare / verify and shards.py: the shard format, continuing after a kill, checksums, errors."""
 
+import hashlib
 import json
 import os
 import re
@@ -13,11 +14,13 @@ import numpy as np
 import pytest
 import yaml
 from conftest import build_config, corpus, run_on_a_full_disk
+from tokenizers import Tokenizer
 
 import data
 from smollm2 import prepare, shards
 from smollm2.config_load import config_to_dict
 from smollm2.errors import DataError
+from smollm2.stages import stages_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +78,21 @@ def test_prepare_writes_manifest_and_state_and_a_second_run_changes_nothing(setu
     prepare.prepare_stages(setup, log=lambda _: None)
     assert snapshot(out) == before
     assert "shards ok" in shards.verify(str(out))
+
+
+def test_a_one_stage_fingerprint_is_the_one_folders_were_prepared_with_before_stages_were_objects(setup, bpe_path):
+    """The hash of the formula that read the whole config's data_stages[0], inputs and order as they were: shards
+    prepared before are still found, not made again."""
+    setup.data_prep.max_tokens = {setup.data_stages[0].data.dataset.dataset_folder: 4000}   # every input set
+    data_args, prep, tok = setup.data_stages[0].data, setup.data_prep, Tokenizer.from_file(bpe_path)
+    ds = data_args.dataset
+    before = [shards.VERSION, ds.sources(), prep.max_tokens, data_args.seed, ds.text_column_name,
+              ds.hf_dataset_config_name, ds.hf_dataset_splits, prep.shard_tokens, prep.val_tokens,
+              hashlib.sha256(tok.to_str().encode()).hexdigest()]
+    fingerprint = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert prepare.shards_fingerprint(stages_of(setup)[0], prep, tok) == fingerprint
+    [state] = prepare.prepare_stages(setup, log=lambda _: None)
+    assert state["fingerprint"] == fingerprint
 
 
 def test_prepared_folder_of_other_settings_is_an_error_not_silently_reused(setup):

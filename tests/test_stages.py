@@ -1,5 +1,8 @@
 """Data stages: each stage's mixture from its start_training_step, every stage's position in the loader's state,
-resume inside and across a switch, the rank split within a stage, and validation following the running stage."""
+resume inside and across a switch, the rank split within a stage, and validation following the running stage; the
+data path is handed each stage as a frozen Stage, never a copy of the Config."""
+
+import dataclasses
 
 import pytest
 from conftest import corpus
@@ -7,6 +10,7 @@ from tokenizers import Tokenizer
 
 import data
 from smollm2 import prepare, stages
+from smollm2.config import Config
 from smollm2.config_load import config_from_dict
 from smollm2.errors import DataError
 from smollm2.stages import data_dir, stages_of
@@ -114,3 +118,26 @@ def test_checkpoints_from_before_stages_resume_the_first_stage_and_unknown_stage
     with pytest.raises(DataError, match="stage\\(s\\) stable phase, which data_stages no longer names"):
         loader.load_state_dict({"stages": {"stable phase": single.state_dict()}})
 
+
+def test_the_data_path_is_handed_frozen_stages_and_never_a_copy_of_the_config(staged, bpe_path, monkeypatch):
+    decay = stages_of(staged)[1]
+    assert (decay.index, decay.name, decay.where) == (1, "decay", "data_stages[1].data.dataset")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decay.seed = 3
+    assert not hasattr(stages, "stage_view"), "a Config copy per stage, with its index patched on, is gone"
+    built, init = [], Config.__init__   # every Config made from here on (dataclasses.replace calls __init__ too)
+
+    def counted(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Config, "__init__", counted)
+    dataclasses.replace(staged)   # what stage_view did, once per stage: it is counted
+    assert len(built) == 1
+    built.clear()
+    prepare.prepare_stages(staged, log=lambda _: None)
+    loader = data.StagedLoader(staged, tokenizer=Tokenizer.from_file(bpe_path), log=lambda _: None)
+    for step in (1, 5):   # each stage's training and validation data
+        run_steps(loader, step, step)
+        loader.validation()
+    assert loader.name == "decay" and built == []

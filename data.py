@@ -31,10 +31,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from smollm2 import prepare, shards, sources, streaming
-from smollm2.config import Config
+from smollm2.config import Config, TokensArgs
 from smollm2.config_load import load_config
 from smollm2.errors import DataError, command
-from smollm2.stages import data_dir, stage_at, stage_view
+from smollm2.stages import Stage, stage_at, stages_of
 from smollm2.tokenizer import EOS, eos_token_id, load_tokenizer, train_tokenizer
 
 POOLED = "all sources"   # what a split of all sources together is called
@@ -81,9 +81,9 @@ class TokenLoader:
     on every rank, so one rank's state_dict() resumes them all, even under another world size that divides it.
     """
 
-    def __init__(self, blocks, cfg: Config, rank: int = 0, world_size: int = 1):
-        self.blocks, self.B, self.T = blocks, cfg.tokens.micro_batch_size, cfg.tokens.sequence_length
-        self.vocab_size = cfg.model.model_config.vocab_size
+    def __init__(self, blocks, tokens: TokensArgs, vocab_size: int, rank: int = 0, world_size: int = 1):
+        self.blocks, self.B, self.T = blocks, tokens.micro_batch_size, tokens.sequence_length
+        self.vocab_size = vocab_size
         self.rank, self.world_size = rank, world_size
         self.step = 0   # micro-batches this rank has taken
 
@@ -121,31 +121,36 @@ class TokenLoader:
             self.blocks.restore(state["stream"])
 
 
-def train_loader(cfg: Config, rank: int = 0, world_size: int = 1,
-                 tokenizer: Optional[Tokenizer] = None) -> TokenLoader:
-    """The training split of the config's (first) data stage; stages.py serves every stage."""
-    return TokenLoader(_split(cfg, "train", rank, tokenizer), cfg, rank, world_size)
+def train_loader(cfg: Config, rank: int = 0, world_size: int = 1, tokenizer: Optional[Tokenizer] = None,
+                 stage: Optional[Stage] = None) -> TokenLoader:
+    """The training split of one data stage (the first unless `stage` is given); StagedLoader serves every stage."""
+    blocks = _split(cfg, stage, "train", rank, tokenizer)
+    return TokenLoader(blocks, cfg.tokens, cfg.model.model_config.vocab_size, rank, world_size)
 
 
-def val_loaders(cfg: Config, rank: int = 0, world_size: int = 1,
-                tokenizer: Optional[Tokenizer] = None) -> dict[str, TokenLoader]:
-    """Each source's held-out documents, source name -> loader (none when data_prep.val_tokens is 0). Loaders cycle;
-    call reset() before each evaluation so every evaluation sees the same batches."""
-    return {name: TokenLoader(blocks, cfg, rank, world_size)
-            for name, blocks in _split(cfg, "val", rank, tokenizer).items()}
+def val_loaders(cfg: Config, rank: int = 0, world_size: int = 1, tokenizer: Optional[Tokenizer] = None,
+                stage: Optional[Stage] = None) -> dict[str, TokenLoader]:
+    """Each source's held-out documents, source name -> loader (none when data_prep.val_tokens is 0), of one data
+    stage (the first unless `stage` is given). Loaders cycle; call reset() before each evaluation so every evaluation
+    sees the same batches."""
+    return {name: TokenLoader(blocks, cfg.tokens, cfg.model.model_config.vocab_size, rank, world_size)
+            for name, blocks in _split(cfg, stage, "val", rank, tokenizer).items()}
 
 
-def _split(cfg: Config, split: str, rank: int, tok: Optional[Tokenizer]):
-    """The training blocks, or {source name: validation blocks}: from prepared shards, from shards prepared now
-    (local sources), or streamed (datasets sources)."""
+def _split(cfg: Config, stage: Optional[Stage], split: str, rank: int, tok: Optional[Tokenizer]):
+    """The stage's training blocks, or {source name: validation blocks}: from prepared shards, from shards prepared
+    now (local sources), or streamed (datasets sources). cfg gives the sections every stage shares: tokens, data_prep,
+    the tokenizer and the model's vocabulary."""
+    stage = stage or stages_of(cfg)[0]
     log = print if rank == 0 else (lambda _: None)
     if tok is None:   # a caller that already holds the tokenizer passes it, so it is not read again
         tok = load_tokenizer(cfg)
-    out, block = data_dir(cfg), cfg.tokens.sequence_length + 1
-    state = shards.read_state(out, prepare.shards_fingerprint(cfg, tok))
-    if not (state and state["done"]) and sources.all_local(sources.sources(cfg)):
+    prep, tokenizer_name = cfg.data_prep, cfg.tokenizer.tokenizer_name_or_path
+    out, block = stage.folder, cfg.tokens.sequence_length + 1
+    state = shards.read_state(out, prepare.shards_fingerprint(stage, prep, tok))
+    if not (state and state["done"]) and sources.all_local(sources.sources(stage, prep.max_tokens)):
         log(f"data: preparing {out} (first use of these sources)")
-        state = prepare.prepare(cfg, tok, log)
+        state = prepare.prepare(stage, prep, tokenizer_name, tok, log)
     if state and state["done"]:
         vocab = cfg.model.model_config.vocab_size
         rows = [r for r in state["shards"] if r["split"] == split]
@@ -156,13 +161,14 @@ def _split(cfg: Config, split: str, rank: int, tok: Optional[Tokenizer]):
         if split == "train":
             return _Blocks(groups.get(POOLED, []), block, f"{out} train split")
         return {name: _Blocks(arrays, block, f"{out} validation split of '{name}'") for name, arrays in groups.items()}
-    if (hub := sources.hub_datasets(sources.sources(cfg))) and not sources.hub_reachable():
-        raise sources.offline_error([f"the dataset '{d}' ({sources.dataset_key(cfg)})" for d in hub])
+    hub = sources.hub_datasets(sources.sources(stage, prep.max_tokens))
+    if hub and not sources.hub_reachable():
+        raise sources.offline_error([f"the dataset '{d}' ({stage.where})" for d in hub])
     log(f"data: no prepared shards in {out}: streaming the {split} split from the sources")
     if split == "train":
-        return streaming.StreamedBlocks(cfg, tok, eos_token_id(tok), block)
+        return streaming.StreamedBlocks(stage, prep, tokenizer_name, tok, eos_token_id(tok), block)
     return {name: _Blocks(docs, block, f"streamed validation split of '{name}'")
-            for name, docs in streaming.held_out(cfg, tok, eos_token_id(tok)).items()}
+            for name, docs in streaming.held_out(stage, prep, tokenizer_name, tok, eos_token_id(tok)).items()}
 
 
 
@@ -175,6 +181,7 @@ class StagedLoader:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, tokenizer: Optional[Tokenizer] = None,
                  log: Callable[[str], None] = print):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.stages = stages_of(cfg)
         self.tokenizer = tokenizer or load_tokenizer(cfg)
         self.log = log if rank == 0 else (lambda _: None)
         self.index: Optional[int] = None
@@ -184,7 +191,7 @@ class StagedLoader:
 
     @property
     def name(self) -> str:
-        return self.cfg.data_stages[self.index or 0].name
+        return self.stages[self.index or 0].name
 
     def begin_step(self, step: int) -> bool:
         """Select the stage of optimizer step `step` (1-based); True when it differs from the one running before."""
@@ -194,7 +201,7 @@ class StagedLoader:
         if self.loader is not None:
             self.positions[self.name] = self.loader.state_dict()
         self.index = index
-        self.loader = train_loader(stage_view(self.cfg, index), self.rank, self.world_size, self.tokenizer)
+        self.loader = train_loader(self.cfg, self.rank, self.world_size, self.tokenizer, self.stages[index])
         if self.name in self.positions:
             self.loader.load_state_dict(self.positions.pop(self.name))
         self.validation_sets.pop(index - 1, None)   # the stage before is over: free its held-out data
@@ -209,9 +216,9 @@ class StagedLoader:
         """(source name, mixing weight, loader of its held-out blocks) for every source of the running stage."""
         index = self.index or 0
         if index not in self.validation_sets:
-            view = stage_view(self.cfg, index)
-            weights = {name: weight for name, weight, _ in view.data_stages[0].data.dataset.sources()}
-            loaders = val_loaders(view, self.rank, self.world_size, self.tokenizer)
+            stage = self.stages[index]
+            weights = {name: weight for name, weight, _ in stage.dataset.sources(stage.where)}
+            loaders = val_loaders(self.cfg, self.rank, self.world_size, self.tokenizer, stage)
             if not loaders:
                 raise DataError(f"tokens.limit_val_batches is {self.cfg.tokens.limit_val_batches} but nothing is held "
                                 "out for validation (data_prep.val_tokens is 0): raise data_prep.val_tokens or set "
@@ -227,8 +234,8 @@ class StagedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Every stage's position; a checkpoint from before stages were read holds the first stage's alone."""
-        self.positions = dict(state["stages"]) if "stages" in state else {self.cfg.data_stages[0].name: state}
-        unknown = set(self.positions) - {stage.name for stage in self.cfg.data_stages}
+        self.positions = dict(state["stages"]) if "stages" in state else {self.stages[0].name: state}
+        unknown = set(self.positions) - {stage.name for stage in self.stages}
         if unknown:
             raise DataError(f"the checkpoint holds the data position of stage(s) {', '.join(sorted(unknown))}, which "
                             "data_stages no longer names; resume with the stages the run was started with")

@@ -137,8 +137,9 @@ def loaders(cfg: Config, tokenizer, rank: int, world: int) -> ChatData:
               f"tokens ({counts['tokens'] / (len(train_rows) * T * (train_rows.shape[1] // 2)):.0%} filled, "
               f"{counts['targets'] / max(counts['tokens'], 1):.0%} of the tokens are targets); "
               f"{len(val):,} held out" + (f"; left out: {', '.join(skipped)}" if skipped else ""), flush=True)
-    return ChatData(args.dataset_name, RowLoader(Rows(train_rows), cfg, rank, world),
-                    RowLoader(Rows(val_rows), cfg, rank, world))
+    vocab = cfg.model.model_config.vocab_size
+    return ChatData(args.dataset_name, RowLoader(Rows(train_rows), cfg.tokens, vocab, rank, world),
+                    RowLoader(Rows(val_rows), cfg.tokens, vocab, rank, world))
 
 
 # ---------------------------------------------------------------- the task

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from smollm2 import prepare, sources  # noqa: E402
 from smollm2.config_load import load_config  # noqa: E402
+from smollm2.stages import stages_of  # noqa: E402
 from smollm2.tokenizer import load_tokenizer
 
 
@@ -41,7 +42,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(root, [f"tokenizer.tokenizer_name_or_path={tmp}/tokenizer.json", "data_prep.val_tokens=0"])
         tok = load_tokenizer(cfg)   # trains it: a few seconds
-        texts = [text for text, _ in sources.documents(sources.sources(cfg)[0], cfg)]
+        stage = stages_of(cfg)[0]
+        texts = [text for text, _ in sources.documents(sources.sources(stage, cfg.data_prep.max_tokens)[0], stage)]
         print(f"corpus: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M characters; "
               f"tokenizer: {tok.get_vocab_size()} tokens; {os.cpu_count()} CPU cores")
 
@@ -50,7 +52,9 @@ def main():
             wall, cpu, encodings = timed(lambda: tok.encode_batch(texts, add_special_tokens=False))
             raw.append((wall, cpu))
             cfg.data_prep.output_dir = os.path.join(tmp, f"shards{run}")
-            wall, cpu, state = timed(lambda: prepare.prepare(cfg, tok, log=lambda _: None))
+            stage = stages_of(cfg)[0]   # its folder follows data_prep.output_dir
+            wall, cpu, state = timed(lambda: prepare.prepare(stage, cfg.data_prep, cfg.tokenizer.tokenizer_name_or_path,
+                                                             tok, log=lambda _: None))
             ours.append((wall, cpu))
         n_tokens = sum(len(e.ids) + 1 for e in encodings)   # + EOS per document, as prepare writes
         assert sum(r["tokens"] for r in state["shards"]) == n_tokens

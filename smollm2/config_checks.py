@@ -10,7 +10,7 @@ import re
 
 from smollm2.config import LOG_LEVELS, Config
 from smollm2.errors import ConfigError
-from smollm2.stages import stage_folder
+from smollm2.stages import stage_folder, stages_of
 
 
 def validate(cfg: Config) -> Config:
@@ -179,15 +179,14 @@ def _validate_stages(cfg: Config) -> None:
 def _validate_data(cfg: Config) -> None:
     """Every stage's sources and the data_prep section. A config with no source at all is fine until data is read."""
     names = []
-    for i, stage in enumerate(cfg.data_stages):
-        where = f"data_stages[{i}].data.dataset"
-        sources = stage.data.dataset.sources(where)
+    for stage in stages_of(cfg):
+        sources = stage.dataset.sources(stage.where)
         stage_names = [name for name, _, _ in sources]
         for name, weight, _ in sources:
             if weight <= 0:
-                raise ConfigError(f"{where}: the weight of '{name}' must be > 0, got {weight}")
+                raise ConfigError(f"{stage.where}: the weight of '{name}' must be > 0, got {weight}")
             if stage_names.count(name) > 1:
-                raise ConfigError(f"{where}: '{name}' is listed twice; give it once, with the sum of its weights")
+                raise ConfigError(f"{stage.where}: '{name}' is listed twice; give it once, with the sum of its weights")
         names += [name for name in stage_names if name not in names]
     dp = cfg.data_prep
     for name, cap in (dp.max_tokens or {}).items():

@@ -18,7 +18,6 @@ from typing import Iterator, Optional
 import numpy as np
 from tokenizers import Tokenizer
 
-from smollm2.config import Config
 from smollm2.errors import DataError
 
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}   # by bytes per token
@@ -45,8 +44,9 @@ def _metadata(path: str) -> tuple[str, np.dtype]:
     return name, DTYPES[int(size)]
 
 
-def _same_tokenizer(name: str, cfg: Config, tok: Tokenizer) -> bool:
-    if name == cfg.tokenizer.tokenizer_name_or_path:
+def _same_tokenizer(name: str, tokenizer_name: str, tok: Tokenizer) -> bool:
+    """Whether the tokenizer `name` that made a folder is the configured one (named `tokenizer_name`, loaded as tok)."""
+    if name == tokenizer_name:
         return True
     path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
     if not os.path.isfile(path):
@@ -57,16 +57,16 @@ def _same_tokenizer(name: str, cfg: Config, tok: Tokenizer) -> bool:
         return False
 
 
-def files(folder: str, cfg: Config, tok: Tokenizer) -> list[tuple[str, np.dtype]]:
-    """(path, dtype) of every non-empty .ds file of the folder, sorted by name, each checked against the config's
-    tokenizer; the seed's shuffle is documents()' business."""
+def files(folder: str, tokenizer_name: str, tok: Tokenizer) -> list[tuple[str, np.dtype]]:
+    """(path, dtype) of every non-empty .ds file of the folder, sorted by name, each checked against the configured
+    tokenizer (tokenizer.tokenizer_name_or_path, loaded as tok); the seed's shuffle is documents()' business."""
     found = []
     for name in sorted(n for n in os.listdir(folder) if n.endswith(".ds")):
         path = os.path.join(folder, name)
         made_with, dtype = _metadata(path)
-        if not _same_tokenizer(made_with, cfg, tok):
+        if not _same_tokenizer(made_with, tokenizer_name, tok):
             raise DataError(f"{path} was tokenized with '{made_with}' but tokenizer.tokenizer_name_or_path is "
-                            f"'{cfg.tokenizer.tokenizer_name_or_path}'; set it to '{made_with}' (or to a local copy "
+                            f"'{tokenizer_name}'; set it to '{made_with}' (or to a local copy "
                             "of that tokenizer)")
         if os.path.exists(path + ".loss"):
             raise DataError(f"{path}.loss: loss masks are not supported; tokenize without save_loss_metadata")
@@ -90,12 +90,12 @@ def _ends(path: str, n_tokens: int) -> np.ndarray:
     return ends
 
 
-def documents(folder: str, cfg: Config, tok: Tokenizer, eos: int,
+def documents(folder: str, seed: int, tokenizer_name: str, tok: Tokenizer, eos: int,
               after: Optional[list[int]] = None) -> Iterator[tuple[np.ndarray, list[int]]]:
     """(uint32 tokens ending in EOS, [file index, document index]) for every document of the folder, files in the
     order the stage's seed shuffles them, from the start or from right after the document at `after`."""
-    paths = files(folder, cfg, tok)
-    random.Random(cfg.data_stages[0].data.seed).shuffle(paths)
+    paths = files(folder, tokenizer_name, tok)
+    random.Random(seed).shuffle(paths)
     first_file, last_doc = after or (0, -1)
     for f in range(first_file, len(paths)):
         path, dtype = paths[f]

@@ -9,36 +9,37 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from smollm2 import shards, sources
-from smollm2.config import Config
+from smollm2.config import Config, DataPrepArgs
 from smollm2.errors import DataError
-from smollm2.stages import data_dir, stage_view
+from smollm2.stages import Stage, stages_of
 from smollm2.tokenizer import eos_token_id, load_tokenizer
 
 
-def shards_fingerprint(cfg: Config, tok: Tokenizer) -> str:
-    """A hash of every setting that changes the shards' bytes: shards made otherwise are never taken for these."""
-    stage = cfg.data_stages[0].data
+def shards_fingerprint(stage: Stage, prep: DataPrepArgs, tok: Tokenizer) -> str:
+    """A hash of every setting that changes the stage's shards' bytes: shards made otherwise are never taken for
+    these. Folders prepared before are found by this hash, so its inputs and their order stay as they are."""
     ds = stage.dataset
-    settings = [shards.VERSION, ds.sources(), cfg.data_prep.max_tokens, stage.seed, ds.text_column_name,
-                ds.hf_dataset_config_name, ds.hf_dataset_splits, cfg.data_prep.shard_tokens, cfg.data_prep.val_tokens,
+    settings = [shards.VERSION, ds.sources(stage.where), prep.max_tokens, stage.seed, ds.text_column_name,
+                ds.hf_dataset_config_name, ds.hf_dataset_splits, prep.shard_tokens, prep.val_tokens,
                 hashlib.sha256(tok.to_str().encode()).hexdigest()]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], None] = print) -> dict:
-    """Write the validation and training shards to data_dir(cfg), continuing an interrupted run; return the state.
+def prepare(stage: Stage, prep: DataPrepArgs, tokenizer_name: str, tok: Tokenizer,
+            log: Callable[[str], None] = print) -> dict:
+    """Write the stage's validation and training shards to its folder, continuing an interrupted run; return the
+    state. `tokenizer_name` is tokenizer.tokenizer_name_or_path, of which tok is the loaded tokenizer.
 
     The held-out documents are kept in memory until the validation split is complete, then written per source; from
     then on the state (committed after each shard, once the shard itself is in place) holds the mixer's position and
     the tokens not yet in a shard, so a continued run rebuilds exactly the stream an uninterrupted one would write."""
-    tok = tok or load_tokenizer(cfg)
-    out, fingerprint = data_dir(cfg), shards_fingerprint(cfg, tok)
+    out, fingerprint = stage.folder, shards_fingerprint(stage, prep, tok)
     with shards.exclusive(os.path.join(out, ".lock")):   # the other ranks wait here, then find the work done
         state = shards.read_state(out, fingerprint) or {"fingerprint": fingerprint, "mixer": None, "split": "val",
                                                         "carry": [], "shards": [], "done": False}
@@ -47,12 +48,12 @@ def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], N
             return state
         if "mixer" not in state:
             raise DataError(f"{out} was left half-prepared by an older version of data.py; delete it to prepare again")
-        mixer = sources.token_mixer(cfg, tok, eos_token_id(tok), state["mixer"])
+        mixer = sources.token_mixer(stage, prep.max_tokens, tokenizer_name, tok, eos_token_id(tok), state["mixer"])
         dtype = shards.token_dtype(tok.get_vocab_size())
         w, t0, taken0 = None, time.time(), sum(mixer.taken)
         if state["split"] == "train":
             index = sum(r["split"] == "train" for r in state["shards"])
-            w = shards.ShardWriter(out, "train", cfg.data_prep.shard_tokens, dtype, index,
+            w = shards.ShardWriter(out, "train", prep.shard_tokens, dtype, index,
                                    np.array(state["carry"], np.uint32))
 
         def commit(rows: list[dict], done: bool = False) -> None:
@@ -65,7 +66,7 @@ def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], N
                     f"({(sum(mixer.taken) - taken0) / (time.time() - t0):,.0f} tokens/s)")
 
         held = [[] for _ in mixer.srcs]   # each source's validation documents, until the split is complete
-        val_tokens = cfg.data_prep.val_tokens
+        val_tokens = prep.val_tokens
         for is_val, (k, doc) in sources.with_split(mixer.tagged(), val_tokens, 0 if w is None else val_tokens,
                                                    size=lambda item: len(item[1])):
             if is_val:
@@ -73,8 +74,8 @@ def prepare(cfg: Config, tok: Optional[Tokenizer] = None, log: Callable[[str], N
                 continue
             rows = []
             if w is None:
-                rows = _write_held_out(out, held, mixer.srcs, cfg.data_prep.shard_tokens, dtype)
-                w = shards.ShardWriter(out, "train", cfg.data_prep.shard_tokens, dtype, 0, np.zeros(0, np.uint32))
+                rows = _write_held_out(out, held, mixer.srcs, prep.shard_tokens, dtype)
+                w = shards.ShardWriter(out, "train", prep.shard_tokens, dtype, 0, np.zeros(0, np.uint32))
             rows += w.add(doc)
             if rows:
                 commit(rows)
@@ -101,7 +102,7 @@ def _write_held_out(out: str, held: list[list[np.ndarray]], srcs: list[sources.S
 def prepare_stages(cfg: Config, log: Callable[[str], None] = print) -> list[dict]:
     """prepare() every data stage, each into its own folder."""
     tok = load_tokenizer(cfg)
-    return [prepare(stage_view(cfg, i), tok, log) for i in range(len(cfg.data_stages))]
+    return [prepare(stage, cfg.data_prep, cfg.tokenizer.tokenizer_name_or_path, tok, log) for stage in stages_of(cfg)]
 
 
 def _summary(state: dict) -> str:

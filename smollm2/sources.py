@@ -1,6 +1,6 @@
 """Where the documents come from, and how several sources mix into one token stream.
 
-Sources are read from a data stage's data.dataset (stages.py gives each stage its own view of the config):
+Sources are read from a data stage's data.dataset (a stages.Stage holds it, with the stage's seed):
 - `hf_dataset_or_datasets`: a name that `datasets.load_dataset(name, hf_dataset_config_name, split=..., streaming=True)`
   reads (a hub dataset such as HuggingFaceTB/smollm-corpus, or a local folder laid out like one), taking each row's
   `text_column_name`; or `builtin:python-stdlib`, the standard library's own .py files (code, docstrings and pydoc's
@@ -39,8 +39,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from smollm2 import datatrove_folder
-from smollm2.config import Config
 from smollm2.errors import ConfigError, DataError
+from smollm2.stages import Stage
 
 STDLIB = "builtin:python-stdlib"
 # encodings/ is mostly generated codec tables ("LATIN CAPITAL LETTER A ..."), which a tiny model would learn to recite
@@ -57,17 +57,13 @@ class Source:
     tokens: bool = False     # a folder tokenized by datatrove: its documents are token ids already
 
 
-def dataset_key(cfg: Config) -> str:
-    """The key path of the data stage a (stage view of the) config reads, for messages."""
-    return f"data_stages[{getattr(cfg, 'stage_index', 0)}].data.dataset"
-
-
-def sources(cfg: Config) -> list[Source]:
-    found = cfg.data_stages[0].data.dataset.sources(dataset_key(cfg))
+def sources(stage: Stage, max_tokens: Optional[dict[str, int]]) -> list[Source]:
+    """The stage's sources, each capped at its data_prep.max_tokens entry (`max_tokens`)."""
+    found = stage.dataset.sources(stage.where)
     if not found:
-        raise ConfigError(f"{dataset_key(cfg)}: no data source; set hf_dataset_or_datasets (a hub dataset, or "
+        raise ConfigError(f"{stage.where}: no data source; set hf_dataset_or_datasets (a hub dataset, or "
                           f"{STDLIB} to work offline) or dataset_folder (local text files)")
-    caps = cfg.data_prep.max_tokens or {}
+    caps = max_tokens or {}
     return [Source(name, weight, caps.get(name), local, local and datatrove_folder.is_tokenized(name))
             for name, weight, local in found]
 
@@ -164,12 +160,12 @@ def _file_documents(path: str, column: str, fix: str) -> Iterator[str]:
         raise DataError(f"{path}: cannot read it ({e})") from None
 
 
-def _hub_documents(name: str, cfg: Config, after: Optional[Position]) -> Iterator[tuple[str, Position]]:
+def _hub_documents(name: str, stage: Stage, after: Optional[Position]) -> Iterator[tuple[str, Position]]:
     """(text, position) of each row, split after split. The position is the split's index and the datasets
     library's own state of its streamed IterableDataset after that row: load_state_dict() continues from there
     without reading the rows before (at most it re-reads the current file of the dataset)."""
     import datasets  # takes seconds to import, and only these sources need it
-    ds = cfg.data_stages[0].data.dataset
+    ds = stage.dataset
     splits = [ds.hf_dataset_splits] if isinstance(ds.hf_dataset_splits, str) else ds.hf_dataset_splits
     first = after["split"] if after else 0
     for index in range(first, len(splits)):
@@ -181,7 +177,7 @@ def _hub_documents(name: str, cfg: Config, after: Optional[Position]) -> Iterato
             for row in rows:
                 if ds.text_column_name not in row:
                     raise DataError(f"{where}: no column '{ds.text_column_name}' (it has {', '.join(row)}); "
-                                    f"set {dataset_key(cfg)}.text_column_name")
+                                    f"set {stage.where}.text_column_name")
                 yield row[ds.text_column_name], {"split": index, "state": rows.state_dict()}
         except DataError:
             raise
@@ -189,14 +185,14 @@ def _hub_documents(name: str, cfg: Config, after: Optional[Position]) -> Iterato
             raise DataError(f"{where}: datasets.load_dataset failed ({type(e).__name__}: {e})") from None
 
 
-def _file_texts(src: Source, cfg: Config, after: Optional[Position]) -> Iterator[tuple[str, Position]]:
+def _file_texts(src: Source, stage: Stage, after: Optional[Position]) -> Iterator[tuple[str, Position]]:
     """(text, [file index, row index]) of a local source's files, in the order the stage's seed shuffles them."""
-    where, column = dataset_key(cfg), cfg.data_stages[0].data.dataset.text_column_name
+    where, column = stage.where, stage.dataset.text_column_name
     if not src.local and src.name != STDLIB:
         raise DataError(f"{where}: unknown built-in corpus '{src.name}'; there is {STDLIB}")
     files = _local_files(src.name, where) if src.local else [
         f for f in _walk(sysconfig.get_paths()["stdlib"], STDLIB_SKIP.__contains__) if f.endswith(".py")]
-    random.Random(cfg.data_stages[0].data.seed).shuffle(files)
+    random.Random(stage.seed).shuffle(files)
     first_file, last_row = after or (0, -1)
     for f in range(first_file, len(files)):
         skip = last_row + 1 if f == first_file else 0
@@ -205,15 +201,15 @@ def _file_texts(src: Source, cfg: Config, after: Optional[Position]) -> Iterator
             yield text, [f, row]
 
 
-def documents(src: Source, cfg: Config, after: Optional[Position] = None) -> Iterator[tuple[str, Position]]:
+def documents(src: Source, stage: Stage, after: Optional[Position] = None) -> Iterator[tuple[str, Position]]:
     """(text, position) for the non-empty texts of one source, always in the same order, from the start or from
     right after the document at position `after`."""
     if src.tokens:
         raise DataError(f"{src.name} is tokenized by datatrove already: it has token ids, not text (a tokenizer is "
                         "trained on text; give tokenizer.tokenizer_name_or_path the tokenizer it was made with)")
-    column = cfg.data_stages[0].data.dataset.text_column_name
-    texts = _file_texts(src, cfg, after) if src.local or src.name.startswith("builtin:") else \
-        _hub_documents(src.name, cfg, after)
+    column = stage.dataset.text_column_name
+    texts = _file_texts(src, stage, after) if src.local or src.name.startswith("builtin:") else \
+        _hub_documents(src.name, stage, after)
     for text, position in texts:
         if text is not None and not isinstance(text, str):
             raise DataError(f"source '{src.name}': column '{column}' holds {type(text).__name__}, not text")
@@ -293,17 +289,19 @@ class Mixer:
         return (doc for _, doc in self.tagged())
 
 
-def token_mixer(cfg: Config, tok: Tokenizer, eos: int, state: Optional[dict] = None) -> Mixer:
-    """The mixed token stream of all sources, from the start or from a Mixer's state(): every source resumes right
-    after the last document taken from it, without reading or tokenizing what came before."""
-    srcs = sources(cfg)
+def token_mixer(stage: Stage, max_tokens: Optional[dict[str, int]], tokenizer_name: str, tok: Tokenizer, eos: int,
+                state: Optional[dict] = None) -> Mixer:
+    """The mixed token stream of the stage's sources, from the start or from a Mixer's state(): every source resumes
+    right after the last document taken from it, without reading or tokenizing what came before. Folders tokenized by
+    datatrove must have been made with the configured tokenizer, `tokenizer_name`."""
+    srcs = sources(stage, max_tokens)
     positions = (state or {}).get("positions") or [None] * len(srcs)
     streams = []
     for src, after in zip(srcs, positions):
         if src.tokens:
-            streams.append(datatrove_folder.documents(src.name, cfg, tok, eos, after))
+            streams.append(datatrove_folder.documents(src.name, stage.seed, tokenizer_name, tok, eos, after))
         else:
-            streams.append(tokenized(documents(src, cfg, after), tok, eos))
+            streams.append(tokenized(documents(src, stage, after), tok, eos))
     return Mixer(streams, srcs, state)
 
 

@@ -2,19 +2,20 @@
 
 SmolLM2 was trained in stages: at given steps the mixture of sources (and their weights) changes. A stage runs from
 its start_training_step (the 1-based optimizer step, so the first stage starts at 1) until the next stage starts.
-Each stage reads its own data from its start, in its own folder (stage_view), as nanotron's per-stage
-dataloaders did; a stage's position counts the micro-batches taken during that stage.
+Each stage reads its own data from its start, in its own folder, as nanotron's per-stage dataloaders did; a stage's
+position counts the micro-batches taken during that stage. What reads data is handed a Stage (stages_of): the
+stage's sources, seed and folder, a small frozen value, never the whole Config.
 
 The training loop needs one call: `begin_step(step)` before the micro-batches of optimizer step `step`. The
 loader's state_dict() holds every stage's position, so a resume inside any stage continues that stage where it
 stopped, and validation follows the running stage's sources.
 """
 
-import dataclasses
 import os
 import re
+from dataclasses import dataclass
 
-from smollm2.config import Config
+from smollm2.config import Config, DatasetArgs
 
 
 def stage_at(cfg: Config, step: int) -> int:
@@ -38,15 +39,25 @@ def data_dir(cfg: Config) -> str:
     return cfg.data_prep.output_dir or os.path.join("data", cfg.general.run)
 
 
-def stage_view(cfg: Config, index: int) -> Config:
-    """The config as data stage `index` sees it: data_stages holds that stage alone, and data_prep.output_dir is
-    its own folder (data_dir(cfg) itself when there is one stage, else a subfolder named after the stage). Whatever
-    reads data (sources.py, prepare.py, data.py) reads data_stages[0] of a view; its `stage_index` names the stage in
-    messages."""
-    folder = data_dir(cfg)
-    if len(cfg.data_stages) > 1:
-        folder = os.path.join(folder, stage_folder(cfg.data_stages[index].name))
-    view = dataclasses.replace(cfg, data_stages=[cfg.data_stages[index]],
-                               data_prep=dataclasses.replace(cfg.data_prep, output_dir=folder))
-    view.stage_index = index
-    return view
+@dataclass(frozen=True)
+class Stage:
+    """One data stage as the data path reads it: its sources (`dataset`), the seed that shuffles its files, and the
+    folder of its shards. `where` is the key path that names it in messages."""
+    index: int
+    name: str
+    dataset: DatasetArgs
+    seed: int
+    folder: str
+
+    @property
+    def where(self) -> str:
+        return f"data_stages[{self.index}].data.dataset"
+
+
+def stages_of(cfg: Config) -> list[Stage]:
+    """Every data stage of the config. With one stage its folder is data_dir(cfg) itself, with several each stage
+    has a subfolder named after it."""
+    root, several = data_dir(cfg), len(cfg.data_stages) > 1
+    return [Stage(i, stage.name, stage.data.dataset, stage.data.seed,
+                  os.path.join(root, stage_folder(stage.name)) if several else root)
+            for i, stage in enumerate(cfg.data_stages)]

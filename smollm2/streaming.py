@@ -19,15 +19,17 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from smollm2 import sources
-from smollm2.config import Config
+from smollm2.config import DataPrepArgs
 from smollm2.errors import DataError
+from smollm2.stages import Stage
 
 
-def held_out(cfg: Config, tok: Tokenizer, eos: int) -> dict[str, list[np.ndarray]]:
-    """Each source's validation documents, read from the start of the mixed stream."""
-    mixer = sources.token_mixer(cfg, tok, eos)
+def held_out(stage: Stage, prep: DataPrepArgs, tokenizer_name: str, tok: Tokenizer,
+             eos: int) -> dict[str, list[np.ndarray]]:
+    """Each source's validation documents, read from the start of the stage's mixed stream."""
+    mixer = sources.token_mixer(stage, prep.max_tokens, tokenizer_name, tok, eos)
     docs = {}
-    labelled = sources.with_split(mixer.tagged(), cfg.data_prep.val_tokens, size=lambda item: len(item[1]))
+    labelled = sources.with_split(mixer.tagged(), prep.val_tokens, size=lambda item: len(item[1]))
     for _, (k, doc) in itertools.takewhile(lambda pair: pair[0], labelled):
         docs.setdefault(mixer.srcs[k].name, []).append(doc)
     return docs
@@ -38,8 +40,9 @@ class StreamedBlocks:
     stream ends, the tail shorter than a block is dropped and the next epoch starts the stream again; asking for an
     earlier block starts it again too (slow, and never needed by training)."""
 
-    def __init__(self, cfg: Config, tok: Tokenizer, eos: int, block: int):
-        self.cfg, self.tok, self.eos, self.block = cfg, tok, eos, block
+    def __init__(self, stage: Stage, prep: DataPrepArgs, tokenizer_name: str, tok: Tokenizer, eos: int, block: int):
+        self.stage, self.prep, self.tokenizer_name = stage, prep, tokenizer_name
+        self.tok, self.eos, self.block = tok, eos, block
         self.restore(None)
 
     def restore(self, snapshot: Optional[dict]) -> None:
@@ -47,9 +50,10 @@ class StreamedBlocks:
         snap = snapshot or {"pos": 0, "buf": [], "mixer": None, "epoch_blocks": 0}
         self.pos, self.epoch_blocks = snap["pos"], snap["epoch_blocks"]
         self.buf = np.array(snap["buf"], np.uint32)
-        self.mixer = sources.token_mixer(self.cfg, self.tok, self.eos, snap["mixer"])
+        self.mixer = sources.token_mixer(self.stage, self.prep.max_tokens, self.tokenizer_name, self.tok, self.eos,
+                                         snap["mixer"])
         # a mixer state is saved once the epoch reached its training documents: validation is behind it then
-        val = self.cfg.data_prep.val_tokens
+        val = self.prep.val_tokens
         split = sources.with_split(iter(self.mixer), val, val if snap["mixer"] else 0)
         self.docs = (doc for is_val, doc in split if not is_val)
         self.in_training = snap["mixer"] is not None

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from smollm2 import chat, shards, sources
 from smollm2.config import Config
 from smollm2.errors import DataError
-from smollm2.stages import data_dir, stage_view
+from smollm2.stages import stages_of
 
 EOS = "<|endoftext|>"
 EOS_SPELLINGS = (EOS, "</s>", "<|end_of_text|>", "<eos>")
@@ -57,10 +57,10 @@ def _hub_tokenizer(cfg: Config) -> Tokenizer:
         from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(name, "tokenizer.json", revision=revision)
         needed = [] if isinstance(cached, str) else [f"the tokenizer '{name}' (tokenizer.tokenizer_name_or_path)"]
-        for view in (stage_view(cfg, i) for i in range(len(cfg.data_stages))):
-            if not _prepared(view):
-                needed += [f"the dataset '{d}' ({sources.dataset_key(view)})" for d in
-                           sources.hub_datasets(sources.sources(view))]
+        for stage in stages_of(cfg):
+            if not _prepared(stage.folder):
+                needed += [f"the dataset '{d}' ({stage.where})" for d in
+                           sources.hub_datasets(sources.sources(stage, cfg.data_prep.max_tokens))]
         if needed:
             raise sources.offline_error(needed)
         return Tokenizer.from_file(cached)
@@ -71,10 +71,10 @@ def _hub_tokenizer(cfg: Config) -> Tokenizer:
                         "offline, give the path of a tokenizer.json") from None
 
 
-def _prepared(cfg: Config) -> bool:
-    """Whether prepare finished in the config's output folder (the loader then reads shards, no source)."""
+def _prepared(folder: str) -> bool:
+    """Whether prepare finished in a stage's folder (the loader then reads shards, no source)."""
     try:
-        with open(os.path.join(data_dir(cfg), shards.STATE), encoding="utf-8") as f:
+        with open(os.path.join(folder, shards.STATE), encoding="utf-8") as f:
             return json.load(f).get("done") is True
     except (OSError, ValueError, AttributeError):
         return False
@@ -90,10 +90,10 @@ def eos_token_id(tokenizer: Tokenizer) -> int:
 
 def train_tokenizer(cfg: Config) -> Tokenizer:
     """Train a byte-level BPE tokenizer of data_prep.tokenizer_vocab_size tokens on up to tokenizer_train_chars
-    characters of the mixed sources and save it at tokenizer.tokenizer_name_or_path. The special tokens take the first
-    ids, as in SmolLM2: EOS is 0 (bos_token_id = eos_token_id = 0), and the chat template's <|im_start|> and <|im_end|>
-    are 1 and 2, reserved so that a model pretrained here can be fine-tuned to chat (sft.py) with its vocabulary as it
-    is. Byte-level: any text encodes, nothing is <unk>."""
+    characters of the first data stage's mixed sources and save it at tokenizer.tokenizer_name_or_path. The special
+    tokens take the first ids, as in SmolLM2: EOS is 0 (bos_token_id = eos_token_id = 0), and the chat template's
+    <|im_start|> and <|im_end|> are 1 and 2, reserved so that a model pretrained here can be fine-tuned to chat
+    (sft.py) with its vocabulary as it is. Byte-level: any text encodes, nothing is <unk>."""
     path, size = cfg.tokenizer.tokenizer_name_or_path, cfg.data_prep.tokenizer_vocab_size
     if not path.endswith(".json"):
         raise DataError(f"tokenizer.tokenizer_name_or_path is '{path}': a trained tokenizer is saved to a local file, "
@@ -103,8 +103,9 @@ def train_tokenizer(cfg: Config) -> Tokenizer:
     if size > cfg.model.model_config.vocab_size:
         raise DataError(f"data_prep.tokenizer_vocab_size ({size}) exceeds model.model_config.vocab_size "
                         f"({cfg.model.model_config.vocab_size})")
-    srcs = sources.sources(cfg)
-    texts = sources.Mixer([sources.documents(s, cfg) for s in srcs], srcs, use_caps=False)   # caps count tokens
+    stage = stages_of(cfg)[0]
+    srcs = sources.sources(stage, cfg.data_prep.max_tokens)
+    texts = sources.Mixer([sources.documents(s, stage) for s in srcs], srcs, use_caps=False)   # caps count tokens
     budget = cfg.data_prep.tokenizer_train_chars
     print(f"data: training a {size}-token BPE tokenizer on up to {budget:,} characters of the sources "
           f"(first use; {path})", flush=True)

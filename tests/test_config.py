@@ -13,7 +13,7 @@ from smollm2.config import NO_EFFECT
 from smollm2.config_checks import notes
 from smollm2.config_load import config_from_dict, load_config
 from smollm2.errors import ConfigError
-from smollm2.stages import data_dir, stage_view
+from smollm2.stages import stages_of
 
 OFFICIAL = {size: f"tests/fixtures/smollm2/config_smollm2_{name}.yaml"   # 1B is the file of the 1.7B run
             for size, name in (("135M", "135M"), ("360M", "360M"), ("1.7B", "1B"))}
@@ -150,9 +150,10 @@ def test_data_stages_are_validated_as_nanotron_does(spec, message):
 
 def test_each_stage_has_its_own_data_folder_and_its_sources_are_checked_by_index():
     cfg = config_from_dict(stages(("stable phase", 1), ("decay", 80)) | {"data_prep": {"output_dir": "d"}})
-    assert [data_dir(stage_view(cfg, i)) for i in range(2)] == ["d/stable-phase", "d/decay"]
-    assert stage_view(cfg, 1).data_stages == [cfg.data_stages[1]]
-    assert data_dir(stage_view(config_from_dict(stages(("only", 1))), 0)) == "data/smollm2"
+    assert [stage.folder for stage in stages_of(cfg)] == ["d/stable-phase", "d/decay"]
+    decay = stages_of(cfg)[1]
+    assert decay.where == "data_stages[1].data.dataset" and decay.dataset is cfg.data_stages[1].data.dataset
+    assert [stage.folder for stage in stages_of(config_from_dict(stages(("only", 1))))] == ["data/smollm2"]
     bad = stages(("stable", 1), ("decay", 80))
     bad["data_stages"][1]["data"]["dataset"] = {"dataset_folder": ["x", "y"], "dataset_weights": [1.0]}
     with pytest.raises(ConfigError, match=re.escape("data_stages[1].data.dataset.dataset_weights: one weight per")):

@@ -23,6 +23,7 @@ from smollm2 import prepare, shards, sources, streaming
 from smollm2.config_load import config_to_dict
 from smollm2.errors import ConfigError, DataError
 from smollm2.sources import Mixer, Source
+from smollm2.stages import stages_of
 from smollm2.tokenizer import eos_token_id, load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +35,14 @@ def stream_of(out) -> np.ndarray:
     return np.concatenate([shards.open_shard(str(out / r["file"]), 2**16) for r in rows]).astype(np.int64)
 
 
+def sources_of(cfg) -> list[Source]:
+    """The sources of the config's first data stage."""
+    return sources.sources(stages_of(cfg)[0], cfg.data_prep.max_tokens)
+
+
 def texts_of(cfg, source: int = 0) -> list[str]:
     """The texts of one source of the config, in the order they are read."""
-    return [text for text, _ in sources.documents(sources.sources(cfg)[source], cfg)]
+    return [text for text, _ in sources.documents(sources_of(cfg)[source], stages_of(cfg)[0])]
 
 
 def documents_of(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
@@ -100,23 +106,23 @@ def test_config_eos_id_must_match_the_tokenizer(tmp_path, bpe_path):
 def test_config_names_sources_in_nanotrons_forms_with_weights_and_checked_caps(tmp_path):
     cfg = build_config(tmp_path, "t.json", {"hf_dataset_or_datasets": ["org/a", "org/b"], "dataset_folder": ["x", "y"],
                                             "dataset_weights": [2, 0.5]}, max_tokens={"org/b": 10})
-    assert sources.sources(cfg) == [Source("org/a", 1.0, None, False), Source("org/b", 1.0, 10, False),
-                                    Source("x", 2.0, None, True), Source("y", 0.5, None, True)]
+    assert sources_of(cfg) == [Source("org/a", 1.0, None, False), Source("org/b", 1.0, 10, False),
+                               Source("x", 2.0, None, True), Source("y", 0.5, None, True)]
     cfg = build_config(tmp_path, "t.json", {"hf_dataset_or_datasets": {"org/a": 0.7, "builtin:python-stdlib": 0.3}})
-    assert [(s.name, s.weight) for s in sources.sources(cfg)] == [("org/a", 0.7), ("builtin:python-stdlib", 0.3)]
-    assert not sources.all_local(sources.sources(cfg))
+    assert [(s.name, s.weight) for s in sources_of(cfg)] == [("org/a", 0.7), ("builtin:python-stdlib", 0.3)]
+    assert not sources.all_local(sources_of(cfg))
     for dataset, prep, error in (({"dataset_folder": ["x", "y"], "dataset_weights": [1]}, {}, "one weight per"),
                                  ({"hf_dataset_or_datasets": {"a": 0}}, {}, "weight of 'a' must be > 0"),
                                  ({"hf_dataset_or_datasets": "a"}, {"max_tokens": {"b": 5}}, "not a source")):
         with pytest.raises(ConfigError, match=error):
             build_config(tmp_path, "t.json", dataset, **prep)
     with pytest.raises(ConfigError, match="no data source"):
-        sources.sources(build_config(tmp_path, "t.json", {}))
+        sources_of(build_config(tmp_path, "t.json", {}))
 
 
 def test_builtin_corpus_is_the_standard_library_without_its_tests(tmp_path, bpe_path):
     cfg = build_config(tmp_path, bpe_path, {"hf_dataset_or_datasets": "builtin:python-stdlib"})
-    texts = [text for text, _ in itertools.islice(sources.documents(sources.sources(cfg)[0], cfg), 20)]
+    texts = [text for text, _ in itertools.islice(sources.documents(sources_of(cfg)[0], stages_of(cfg)[0]), 20)]
     assert len(texts) == 20 and all(("def " in t or "import " in t or '"""' in t) for t in texts)
 
 
@@ -154,7 +160,7 @@ def test_weighted_sources_share_the_prepared_tokens_by_weight(tmp_path, bpe_path
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": [str(tmp_path / "a"), str(tmp_path / "b")],
                                             "dataset_weights": [3, 1]},
                        max_tokens={str(tmp_path / "a"): 3000})
-    prepare.prepare(cfg, log=lambda _: None)
+    prepare.prepare_stages(cfg, log=lambda _: None)
     tok = Tokenizer.from_file(bpe_path)
     tokens = stream_of(tmp_path / "shards")
     docs = documents_of(tokens, tok)
@@ -198,7 +204,7 @@ def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_block
     streamed = data.train_loader(cfg)   # a datasets source is streamed when it has not been prepared
     assert isinstance(streamed.blocks, streaming.StreamedBlocks)
     [streamed_val] = data.val_loaders(cfg).values()
-    prepare.prepare(cfg, log=lambda _: None)
+    prepare.prepare_stages(cfg, log=lambda _: None)
     prepared, [prepared_val] = data.train_loader(cfg), data.val_loaders(cfg).values()
     assert isinstance(prepared.blocks, data._Blocks)
     for _ in range(prepared.blocks.n_blocks // 2 + 3):   # into the second epoch
@@ -211,7 +217,7 @@ def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_block
 
     cfg.data_stages[0].data.dataset.text_column_name = "text"
     with pytest.raises(DataError, match="no column 'text' .*it has content"):
-        next(sources.documents(sources.sources(cfg)[0], cfg))
+        texts_of(cfg)
 
 
 @pytest.mark.parametrize("name, content, error", [
@@ -226,13 +232,13 @@ def test_bad_input_is_one_clear_error_naming_the_file(tmp_path, bpe_path, name, 
     (tmp_path / "in" / name).write_bytes(content)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "in")})
     with pytest.raises(DataError, match=error):
-        prepare.prepare(cfg, log=lambda _: None)
+        prepare.prepare_stages(cfg, log=lambda _: None)
 
 
 def test_a_folder_or_glob_with_no_file_is_an_error(tmp_path, bpe_path):
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "nothing" / "*.txt")})
     with pytest.raises(DataError, match=r"nothing/\*.txt' is no file or folder"):
-        prepare.prepare(cfg, log=lambda _: None)
+        prepare.prepare_stages(cfg, log=lambda _: None)
 
 
 # ---------------------------------------------------------------- packing
@@ -242,7 +248,7 @@ def test_a_folder_or_glob_with_no_file_is_an_error(tmp_path, bpe_path):
 def prepared(tmp_path, bpe_path):
     texts = corpus(tmp_path / "text", "doc", 150)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")})
-    prepare.prepare(cfg, log=lambda _: None)
+    prepare.prepare_stages(cfg, log=lambda _: None)
     return cfg, texts, Tokenizer.from_file(bpe_path)
 
 
@@ -340,7 +346,7 @@ def test_a_token_id_past_the_vocabulary_is_refused_wherever_it_sits_in_a_block(p
     for position in (0, 7, 15):   # an input only, both, a target only (block = sequence_length + 1 = 16 tokens)
         tokens = np.zeros(64, np.uint16)
         tokens[16 + position] = 600   # the second block; model vocab_size is 512
-        loader = data.TokenLoader(data._Blocks([tokens], 16, "test"), cfg)
+        loader = data.TokenLoader(data._Blocks([tokens], 16, "test"), cfg.tokens, cfg.model.model_config.vocab_size)
         with pytest.raises(DataError, match="token id 600 is outside the model's vocabulary \\(512\\)"):
             loader.next_batch()   # micro-batch of 2 blocks: blocks 0 and 1
 

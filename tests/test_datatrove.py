@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 import data
 from smollm2 import datatrove_folder, prepare, shards, sources
 from smollm2.errors import DataError
+from smollm2.stages import stages_of
 from smollm2.tokenizer import eos_token_id
 
 
@@ -31,7 +32,7 @@ def datatrove_tokenize(texts: list[str], out, tokenizer: str, eos: bool = True, 
 
 def prepared_documents(cfg, tok) -> list[list[int]]:
     """The documents of a prepared folder's whole stream (validation first), cut at EOS."""
-    prepare.prepare(cfg, tok, log=lambda _: None)
+    prepare.prepare_stages(cfg, log=lambda _: None)
     out = cfg.data_prep.output_dir
     rows = [json.loads(line) for line in open(f"{out}/manifest.jsonl")]
     stream = np.concatenate([shards.open_shard(f"{out}/{r['file']}", 2**16) for r in rows]).tolist()
@@ -55,7 +56,7 @@ def test_a_datatrove_folder_is_read_as_its_tokens_one_eos_per_document(tmp_path,
     assert datatrove_folder.is_tokenized(str(tmp_path / "tokens"))
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": [str(tmp_path / "tokens")]})
     tok = Tokenizer.from_file(bpe_path)
-    [src] = sources.sources(cfg)
+    [src] = sources.sources(stages_of(cfg)[0], cfg.data_prep.max_tokens)
     assert src.tokens and src.local
     docs = prepared_documents(cfg, tok)
     want = sorted(tok.encode(t, add_special_tokens=False).ids + [0] for t in texts)
@@ -78,7 +79,7 @@ def test_a_datatrove_folder_of_another_tokenizer_is_refused_by_name(tmp_path, bp
     datatrove_tokenize(texts, tmp_path / "tokens", str(other), tasks=1)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "tokens")})
     with pytest.raises(DataError, match=f"was tokenized with '{other}' but tokenizer.tokenizer_name_or_path is"):
-        prepare.prepare(cfg, log=lambda _: None)
+        prepare.prepare_stages(cfg, log=lambda _: None)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -97,4 +98,4 @@ def test_a_folder_that_is_neither_text_nor_datatrove_tokens_says_what_was_expect
         next(folder.glob(f"*.ds.{damage}")).unlink()
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(folder)})
     with pytest.raises(DataError, match=message):
-        prepare.prepare(cfg, log=lambda _: None)
+        prepare.prepare_stages(cfg, log=lambda _: None)

@@ -1,5 +1,6 @@
 """data.py prepare / verify and shards.py: the shard format, continuing after a kill, checksums, errors."""
 
+import hashlib
 import json
 import os
 import re
@@ -13,11 +14,13 @@ import numpy as np
 import pytest
 import yaml
 from conftest import build_config, corpus, run_on_a_full_disk
+from tokenizers import Tokenizer
 
 import data
 from smollm2 import prepare, shards
 from smollm2.config_load import config_to_dict
 from smollm2.errors import DataError
+from smollm2.stages import stages_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +67,7 @@ def setup(tmp_path, bpe_path):
 
 
 def test_prepare_writes_manifest_and_state_and_a_second_run_changes_nothing(setup, tmp_path):
-    first = prepare.prepare(setup, log=lambda _: None)
+    [first] = prepare.prepare_stages(setup, log=lambda _: None)
     out = tmp_path / "shards"
     rows = [json.loads(line) for line in open(out / "manifest.jsonl")]
     assert rows == first["shards"] and first["done"]
@@ -72,16 +75,31 @@ def test_prepare_writes_manifest_and_state_and_a_second_run_changes_nothing(setu
     assert all(r["tokens"] == 500 for r in rows[1:-1]), "every training shard but the last is full"
     assert not list(out.glob("*.tmp")), "no temporary file is left behind"
     before = snapshot(out)
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     assert snapshot(out) == before
     assert "shards ok" in shards.verify(str(out))
 
 
+def test_a_one_stage_fingerprint_is_the_one_folders_were_prepared_with_before_stages_were_objects(setup, bpe_path):
+    """The hash of the formula that read the whole config's data_stages[0], inputs and order as they were: shards
+    prepared before are still found, not made again."""
+    setup.data_prep.max_tokens = {setup.data_stages[0].data.dataset.dataset_folder: 4000}   # every input set
+    data_args, prep, tok = setup.data_stages[0].data, setup.data_prep, Tokenizer.from_file(bpe_path)
+    ds = data_args.dataset
+    before = [shards.VERSION, ds.sources(), prep.max_tokens, data_args.seed, ds.text_column_name,
+              ds.hf_dataset_config_name, ds.hf_dataset_splits, prep.shard_tokens, prep.val_tokens,
+              hashlib.sha256(tok.to_str().encode()).hexdigest()]
+    fingerprint = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert prepare.shards_fingerprint(stages_of(setup)[0], prep, tok) == fingerprint
+    [state] = prepare.prepare_stages(setup, log=lambda _: None)
+    assert state["fingerprint"] == fingerprint
+
+
 def test_prepared_folder_of_other_settings_is_an_error_not_silently_reused(setup):
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     setup.data_prep.shard_tokens = 400
     with pytest.raises(DataError, match="made with other data settings or another tokenizer"):
-        prepare.prepare(setup, log=lambda _: None)
+        prepare.prepare_stages(setup, log=lambda _: None)
     with pytest.raises(DataError, match="made with other data settings"):
         data.train_loader(setup)
 
@@ -108,12 +126,12 @@ def test_prepare_killed_at_any_point_continues_to_byte_identical_shards(tmp_path
     assert run_cli("prepare", "--config", tmp_path / "cfg.yaml").returncode == 0
 
     cfg.data_prep.output_dir = str(tmp_path / "whole")
-    prepare.prepare(cfg, log=lambda _: None)
+    prepare.prepare_stages(cfg, log=lambda _: None)
     assert snapshot(tmp_path / "killed") == snapshot(tmp_path / "whole")
 
 
 def test_verify_names_the_shard_whose_checksum_is_wrong(setup, tmp_path):
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     out = tmp_path / "shards"
     assert run_cli("verify", out).returncode == 0
     victim = out / "train_000002.bin"
@@ -150,7 +168,7 @@ def flip_a_token(path: Path) -> None:
 
 
 def test_the_loader_refuses_a_shard_changed_after_prepare_even_with_ids_in_range(setup, tmp_path):
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     data.train_loader(setup)   # verified once, and remembered
     flip_a_token(tmp_path / "shards" / "train_000001.bin")
     with pytest.raises(DataError, match=r"train_000001.bin: sha256 differs from manifest.jsonl.*data.py prepare"):
@@ -159,12 +177,12 @@ def test_the_loader_refuses_a_shard_changed_after_prepare_even_with_ids_in_range
 
 
 def test_the_loader_refuses_a_same_size_shard_from_another_tokenizer(setup, tmp_path, bpe_path):
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     other = tmp_path / "other_tok.json"
     setup.tokenizer.tokenizer_name_or_path = str(other)
     setup.data_prep.tokenizer_vocab_size = 280
     setup.data_prep.output_dir = str(tmp_path / "other")
-    prepare.prepare(setup, log=lambda _: None)   # trains the other tokenizer first
+    prepare.prepare_stages(setup, log=lambda _: None)   # trains the other tokenizer first
     mine, theirs = tmp_path / "shards" / "train_000001.bin", tmp_path / "other" / "train_000001.bin"
     assert mine.stat().st_size == theirs.stat().st_size and mine.read_bytes() != theirs.read_bytes()
     os.replace(theirs, mine)   # a rename keeps the file's own mtime
@@ -180,7 +198,7 @@ def test_each_shard_is_hashed_only_when_it_changed_since_prepare_wrote_or_a_load
     hashed = []
     real = shards.file_sha256
     monkeypatch.setattr(shards, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     rows = [json.loads(line) for line in open(tmp_path / "shards" / "manifest.jsonl")]
     train = sorted(r["file"] for r in rows if r["split"] == "train")
     data.train_loader(setup)
@@ -215,7 +233,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(setup, 
     (lambda out: (out / "manifest.jsonl").write_bytes(b"\xff\xfe\n"), r"manifest.jsonl: unreadable manifest"),
 ])
 def test_verify_names_a_damaged_manifest_in_one_line(setup, tmp_path, damage, message):
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     damage(tmp_path / "shards")
     result = run_cli("verify", tmp_path / "shards")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -232,7 +250,7 @@ def test_verify_of_a_file_instead_of_a_folder_is_one_line(tmp_path):
 @pytest.mark.parametrize("state", [[], {"done": True}, {"done": True, "fingerprint": "x", "shards": [{"file": 3}]},
                                    "not json"])
 def test_a_damaged_state_file_is_one_error_naming_it(setup, tmp_path, state):
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     fingerprint = json.loads((tmp_path / "shards" / "state.json").read_text())["fingerprint"]
     if isinstance(state, dict):
         state = {**state, "fingerprint": fingerprint}
@@ -242,7 +260,7 @@ def test_a_damaged_state_file_is_one_error_naming_it(setup, tmp_path, state):
 
 
 def test_a_damaged_record_of_checked_shards_means_checking_them_again(setup, tmp_path):
-    prepare.prepare(setup, log=lambda _: None)
+    prepare.prepare_stages(setup, log=lambda _: None)
     for junk in ("[1]", '{"train_000001.bin": 5}', "garbage"):
         (tmp_path / "shards" / shards.CHECKED).write_text(junk)
         data.train_loader(setup)

@@ -1,5 +1,8 @@
 """Data stages: each stage's mixture from its start_training_step, every stage's position in the loader's state,
-resume inside and across a switch, the rank split within a stage, and validation following the running stage."""
+resume inside and across a switch, the rank split within a stage, and validation following the running stage; the
+data path is handed each stage as a frozen Stage, never a copy of the Config."""
+
+import dataclasses
 
 import pytest
 from conftest import corpus
@@ -7,9 +10,10 @@ from tokenizers import Tokenizer
 
 import data
 from smollm2 import prepare, stages
+from smollm2.config import Config
 from smollm2.config_load import config_from_dict
 from smollm2.errors import DataError
-from smollm2.stages import data_dir, stage_view
+from smollm2.stages import data_dir, stages_of
 
 K = 2   # micro-batches per optimizer step (accumulation)
 
@@ -44,7 +48,7 @@ def run_steps(loader, first: int, last: int, k: int = K) -> list[list[list[int]]
 
 def stage_blocks(cfg, index: int, first: int, count: int) -> list[list[int]]:
     """Blocks first.. of one stage's own training split, inputs only (as next_batch() gives them)."""
-    blocks = data.train_loader(stage_view(cfg, index)).blocks
+    blocks = data.train_loader(cfg, stage=stages_of(cfg)[index]).blocks
     return [block[:-1].tolist() for block in blocks.read(first, count)]
 
 
@@ -100,17 +104,40 @@ def test_validation_follows_the_running_stage_source_by_source(staged, bpe_path)
 def test_prepare_prepares_every_stage_in_its_own_folder(staged):
     states = prepare.prepare_stages(staged, log=lambda _: None)
     assert [s["done"] for s in states] == [True, True]
-    assert [data_dir(stage_view(staged, i)) for i in range(2)] == [f"{data_dir(staged)}/warm",
-                                                                   f"{data_dir(staged)}/decay"]
+    assert [stage.folder for stage in stages_of(staged)] == [f"{data_dir(staged)}/warm", f"{data_dir(staged)}/decay"]
     assert {r["source"].rsplit("/", 1)[1] for r in states[1]["shards"] if r["split"] == "val"} == {"B", "C"}
 
 
 def test_checkpoints_from_before_stages_resume_the_first_stage_and_unknown_stages_are_refused(staged, bpe_path):
     tok = Tokenizer.from_file(bpe_path)
-    single = data.train_loader(stage_view(staged, 0), tokenizer=tok)
+    single = data.train_loader(staged, tokenizer=tok, stage=stages_of(staged)[0])
     single.next_batch()
     loader = data.StagedLoader(staged, tokenizer=tok, log=lambda _: None)
     loader.load_state_dict(single.state_dict())   # the data position of a checkpoint written before stages
     assert loader.state_dict() == {"stages": {"warm": single.state_dict()}}
     with pytest.raises(DataError, match="stage\\(s\\) stable phase, which data_stages no longer names"):
         loader.load_state_dict({"stages": {"stable phase": single.state_dict()}})
+
+
+def test_the_data_path_is_handed_frozen_stages_and_never_a_copy_of_the_config(staged, bpe_path, monkeypatch):
+    decay = stages_of(staged)[1]
+    assert (decay.index, decay.name, decay.where) == (1, "decay", "data_stages[1].data.dataset")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decay.seed = 3
+    assert not hasattr(stages, "stage_view"), "a Config copy per stage, with its index patched on, is gone"
+    built, init = [], Config.__init__   # every Config made from here on (dataclasses.replace calls __init__ too)
+
+    def counted(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Config, "__init__", counted)
+    dataclasses.replace(staged)   # what stage_view did, once per stage: it is counted
+    assert len(built) == 1
+    built.clear()
+    prepare.prepare_stages(staged, log=lambda _: None)
+    loader = data.StagedLoader(staged, tokenizer=Tokenizer.from_file(bpe_path), log=lambda _: None)
+    for step in (1, 5):   # each stage's training and validation data
+        run_steps(loader, step, step)
+        loader.validation()
+    assert loader.name == "decay" and built == []

@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
-from conftest import CHATS, byte_bpe, train_chat_model
+from helpers import CHATS, byte_bpe, train_chat_model
 from tokenizers import Tokenizer
 
 import app

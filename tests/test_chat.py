@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHATS, byte_bpe, train_chat_model
+from helpers import CHATS, byte_bpe, train_chat_model
 from tokenizers import Tokenizer
 
 import convert_hf

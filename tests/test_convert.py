@@ -10,21 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import byte_bpe
+from helpers import RUN_TEXT, make_run, write_run_tokenizer
 from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import convert_hf
 import validate_params
-from model import SmolLM2
-from smollm2.checkpoint import checkpoint_name, load_checkpoint, save_atomic
-from smollm2.config_load import config_from_dict, config_to_dict
+from smollm2.checkpoint import checkpoint_name, load_checkpoint
 from smollm2.errors import CheckpointError
 from smollm2.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. Once upon a time, 42."
 # a model-level bug validate_params must catch: RoPE in the interleaved (nanotron/Meta) layout on HF-layout weights
 INTERLEAVED_ROPE = """
 import sys, torch, model, validate_params
@@ -38,30 +35,6 @@ def interleaved(x, cos, sin):
 model.apply_rotary = interleaved
 sys.exit(validate_params.main(sys.argv[1:]))
 """
-
-
-def train_tokenizer(path: Path) -> Path:
-    byte_bpe([TEXT] * 20, 300).save(str(path))
-    return path
-
-
-def make_run(run_dir: Path, tied: bool = True, context: int = 128) -> SmolLM2:
-    """A run directory as train.py leaves it: checkpoints/step_00000100.pt and the run's tokenizer.json."""
-    cfg = config_from_dict({
-        "model": {"init_method": {"std": 0.05},
-                  "model_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                                   "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 320,
-                                   "max_position_embeddings": context, "tie_word_embeddings": tied}},
-        "tokens": {"sequence_length": context},
-        "tokenizer": {"tokenizer_name_or_path": str(run_dir / "tokenizer.json")}})
-    model = SmolLM2(cfg.model.model_config)
-    validate_params.parity_weights(model, 0.05, seed=0)
-    run_dir.mkdir(parents=True)
-    train_tokenizer(run_dir / "tokenizer.json")
-    save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
-                 "train_state": {"step": 100, "tokens_seen": 12800, "val_loss": 5.0}},
-                run_dir / "checkpoints" / checkpoint_name(100))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +92,7 @@ def test_export_writes_generation_config_and_a_tokenizer_autotokenizer_reads(exp
     _, out = exported
     assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 0, "eos_token_id": 0}
     auto, ours = AutoTokenizer.from_pretrained(str(out)), Tokenizer.from_file(str(out / "tokenizer.json"))
-    assert auto(TEXT)["input_ids"] == ours.encode(TEXT).ids
+    assert auto(RUN_TEXT)["input_ids"] == ours.encode(RUN_TEXT).ids
     assert (auto.eos_token, auto.eos_token_id) == ("<|endoftext|>", 0)
 
 
@@ -148,7 +121,7 @@ def test_export_refuses_to_overwrite_without_force(exported, tmp_path, capsys):
 @torch.no_grad()
 def test_import_of_a_save_pretrained_directory_gives_hf_logits(tmp_path):
     hf = hf_llama_dir(tmp_path / "hf")
-    train_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    write_run_tokenizer(tmp_path / "hf" / "tokenizer.json")
     assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     file = tmp_path / "run" / "checkpoints" / checkpoint_name(0)
     ckpt = load_checkpoint(file)
@@ -180,7 +153,7 @@ def snapshot(folder: Path) -> dict:
 @pytest.mark.parametrize("out", ["run", "run/checkpoints/step_00000000.pt", "run/imported.pt"])
 def test_import_never_replaces_or_adds_to_what_it_did_not_create_without_force(tmp_path, capsys, out):
     hf_llama_dir(tmp_path / "hf")
-    train_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    write_run_tokenizer(tmp_path / "hf" / "tokenizer.json")
     make_run(tmp_path / "run")                      # a run with its own checkpoint and tokenizer
     before = snapshot(tmp_path / "run")
     assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", str(tmp_path / out)]) == 2
@@ -223,7 +196,7 @@ def test_export_to_a_path_it_cannot_write_or_onto_its_own_source_is_one_line_and
 
 def test_import_to_an_empty_out_is_refused_instead_of_writing_into_the_current_folder(tmp_path, capsys, monkeypatch):
     hf_llama_dir(tmp_path / "hf")
-    train_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    write_run_tokenizer(tmp_path / "hf" / "tokenizer.json")
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", ""]) == 2

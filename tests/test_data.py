@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import build_config, corpus
+from helpers import build_config, write_documents
 from tokenizers import Tokenizer
 
 import data
@@ -65,20 +65,20 @@ def test_trained_tokenizer_has_eos_at_id_0_and_decodes_any_text_exactly(bpe_path
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, bpe_path):
-    corpus(tmp_path / "text", "doc", 200)
+    write_documents(tmp_path / "text", "doc", 200)
     cfg = build_config(tmp_path, str(tmp_path / "new" / "again.json"), {"dataset_folder": str(tmp_path / "text")})
     assert train_tokenizer(cfg).to_str() == Tokenizer.from_file(bpe_path).to_str()
 
 
 def test_missing_local_tokenizer_is_trained_on_first_use(tmp_path):
-    corpus(tmp_path / "text", "doc", 50)
+    write_documents(tmp_path / "text", "doc", 50)
     path = tmp_path / "new" / "tokenizer.json"
     tok = load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
     assert path.exists() and tok.get_vocab_size() == 300
 
 
 def test_training_a_tokenizer_says_so_before_and_after(tmp_path, capsys):
-    corpus(tmp_path / "text", "doc", 20)
+    write_documents(tmp_path / "text", "doc", 20)
     path = tmp_path / "tokenizer.json"
     load_tokenizer(build_config(tmp_path, str(path), {"dataset_folder": str(tmp_path / "text")}))
     before, after = capsys.readouterr().out.splitlines()
@@ -155,8 +155,8 @@ def test_mixing_continues_exactly_from_its_saved_position():
 
 
 def test_weighted_sources_share_the_prepared_tokens_by_weight(tmp_path, bpe_path):
-    corpus(tmp_path / "a", "A", 300)
-    corpus(tmp_path / "b", "B", 300)
+    write_documents(tmp_path / "a", "A", 300)
+    write_documents(tmp_path / "b", "B", 300)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": [str(tmp_path / "a"), str(tmp_path / "b")],
                                             "dataset_weights": [3, 1]},
                        max_tokens={str(tmp_path / "a"): 3000})
@@ -173,7 +173,7 @@ def test_weighted_sources_share_the_prepared_tokens_by_weight(tmp_path, bpe_path
 
 
 def test_files_are_shuffled_by_the_seed_and_each_read_exactly_once(tmp_path, bpe_path):
-    texts = corpus(tmp_path / "text", "doc", 60)
+    texts = write_documents(tmp_path / "text", "doc", 60)
     orders = []
     for seed in (1, 1, 2):
         cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")})
@@ -193,7 +193,7 @@ def test_jsonl_and_parquet_rows_are_documents(tmp_path, bpe_path):
 
 def test_a_hub_style_dataset_is_read_through_datasets_and_streams_the_same_blocks_as_prepared_shards(
         tmp_path, bpe_path):
-    texts = corpus(tmp_path / "texts", "H", 120)
+    texts = write_documents(tmp_path / "texts", "H", 120)
     (tmp_path / "hub" / "data").mkdir(parents=True)   # the layout of a dataset repository on the hub
     pq.write_table(pa.table({"content": texts[:80]}), tmp_path / "hub" / "data" / "train-00000-of-00002.parquet")
     pq.write_table(pa.table({"content": texts[80:]}), tmp_path / "hub" / "data" / "train-00001-of-00002.parquet")
@@ -246,7 +246,7 @@ def test_a_folder_or_glob_with_no_file_is_an_error(tmp_path, bpe_path):
 
 @pytest.fixture
 def prepared(tmp_path, bpe_path):
-    texts = corpus(tmp_path / "text", "doc", 150)
+    texts = write_documents(tmp_path / "text", "doc", 150)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")})
     prepare.prepare_stages(cfg, log=lambda _: None)
     return cfg, texts, Tokenizer.from_file(bpe_path)
@@ -384,7 +384,7 @@ def test_offline_a_tokenizer_in_the_hugging_face_cache_and_a_local_dataset_still
     (snapshot / "tokenizer.json").write_bytes(open(bpe_path, "rb").read())
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-    texts = corpus(tmp_path / "texts", "H", 60)
+    texts = write_documents(tmp_path / "texts", "H", 60)
     (tmp_path / "hub" / "data").mkdir(parents=True)
     pq.write_table(pa.table({"text": texts}), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
     cfg = build_config(tmp_path, "org/tok", {"hf_dataset_or_datasets": str(tmp_path / "hub")})

@@ -5,10 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build_config, byte_bpe, corpus
-from datatrove.executor import LocalPipelineExecutor
-from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.tokens import DocumentTokenizer
+from helpers import build_config, byte_bpe, datatrove_tokenize, write_documents
 from tokenizers import Tokenizer
 
 import data
@@ -16,18 +13,6 @@ from smollm2 import datatrove_folder, prepare, shards, sources
 from smollm2.errors import DataError
 from smollm2.stages import stages_of
 from smollm2.tokenizer import eos_token_id
-
-
-def datatrove_tokenize(texts: list[str], out, tokenizer: str, eos: bool = True, tasks: int = 2) -> None:
-    """datatrove's own pipeline: a JSON-lines reader and DocumentTokenizer (which shuffles documents per file)."""
-    src = out.parent / f"{out.name}_input"
-    src.mkdir()
-    with open(src / "docs.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-    LocalPipelineExecutor(pipeline=[JsonlReader(str(src)),
-                                    DocumentTokenizer(str(out), tokenizer_name_or_path=tokenizer, seed=5,
-                                                      eos_token="<|endoftext|>" if eos else None)],
-                          tasks=tasks, workers=1, logging_dir=str(out.parent / f"{out.name}_logs")).run()
 
 
 def prepared_documents(cfg, tok) -> list[list[int]]:
@@ -47,7 +32,7 @@ def prepared_documents(cfg, tok) -> list[list[int]]:
 
 @pytest.fixture
 def texts(tmp_path):
-    return corpus(tmp_path / "text", "doc", 120)
+    return write_documents(tmp_path / "text", "doc", 120)
 
 
 @pytest.mark.parametrize("eos", [True, False])

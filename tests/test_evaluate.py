@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_convert import make_run
+from helpers import make_config, make_run, run_train
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -370,13 +370,10 @@ def test_evals_during_training_refuse_to_start_without_the_harness(monkeypatch):
         evals.BackgroundEvals(EvalArgs(tasks=["hellaswag"]), 100)
 
 
-def test_evals_during_training_land_in_metrics_jsonl_at_their_steps(setup, tmp_path):
-    from test_train import make_config, run_train, write_corpus
-
+def test_evals_during_training_land_in_metrics_jsonl_at_their_steps(setup, code_corpus, tmp_path):
     from smollm2.metrics import read_metrics
     tasks = setup[2]
-    write_corpus(tmp_path / "corpus" / "text")
-    config = make_config(tmp_path, tmp_path / "corpus", **{
+    config = make_config(tmp_path, code_corpus, **{
         "checkpoints.checkpoint_interval": 4, "tokens.train_steps": 10,
         "eval": {"tasks": ["tiny_mc"], "include_path": str(tasks), "interval": 8, "limit": 3, "device": "cpu"}})
     proc = run_train(config)

@@ -9,69 +9,23 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
-from conftest import byte_bpe
+from helpers import ROOT, save_checkpoint, tiny_model
 from tokenizers import Tokenizer
 
 import generate as G
-from model import ModelConfig, SmolLM2
+from model import SmolLM2
 from smollm2 import sampling
-from smollm2.config_load import config_from_dict, config_to_dict
 from smollm2.quantize import quantize_model
 from smollm2.sampling import SamplingParams, TextStream, generate, warp_logits
 
-ROOT = Path(__file__).resolve().parent.parent
-TEXT = ("The quick brown fox jumps over the lazy dog. Café déjà vu, naïve façade; Grüße aus Köln. "
-        "def main():\n    return 0\n\nimport os\nprint(os.getcwd())\n"
-        "日本語のテキスト、中文文本。🙂 🚀\n") * 40
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    return ModelConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=128), **overrides})
-
-
-def tiny_model(seed: int = 0, **overrides) -> SmolLM2:
-    # a large init std makes the logits of a random model decisive, so greedy choices are not near-ties
-    torch.manual_seed(seed)
-    return SmolLM2(tiny_config(**overrides), init_std=0.3).eval()
-
 
 @pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    """A 300-token byte-level BPE with <|endoftext|> as id 0."""
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    byte_bpe([TEXT], 300).save(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_file):
-    return Tokenizer.from_file(str(tokenizer_file))
-
-
-def save_checkpoint(run_dir: Path, model: SmolLM2, step: int, val_loss) -> Path:
-    """A training checkpoint in train.py's format."""
-    cfg = config_from_dict({"model": {"model_config": asdict(model.config)},
-                            "tokens": {"sequence_length": model.config.max_position_embeddings}})
-    path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg),
-                "train_state": {"step": step, "tokens_seen": step * 1000, "val_loss": val_loss}}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenizer_file) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    (run / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
-    save_checkpoint(run, tiny_model(seed=1), 100, 4.5)
-    save_checkpoint(run, tiny_model(seed=2), 200, 3.25)
-    return run
+def tokenizer(tiny_tokenizer_file):
+    return Tokenizer.from_file(str(tiny_tokenizer_file))
 
 
 def hf_twin(model: SmolLM2):
@@ -356,8 +310,8 @@ def test_eos_ends_the_text(tokenizer):
 # ---------------------------------------------------------------- command line
 
 
-def test_stdout_carries_only_the_generated_text(run_dir, tokenizer):
-    proc = run_cli("--checkpoint_path", str(run_dir), "--prompt", "The quick", "--temperature", "0",
+def test_stdout_carries_only_the_generated_text(tiny_run, tokenizer):
+    proc = run_cli("--checkpoint_path", str(tiny_run), "--prompt", "The quick", "--temperature", "0",
                    "--max_new_tokens", "24")
     assert proc.returncode == 0, proc.stderr
     model = tiny_model(seed=2)   # the run's newest checkpoint
@@ -367,8 +321,8 @@ def test_stdout_carries_only_the_generated_text(run_dir, tokenizer):
     assert "tok/s" in proc.stderr and "step 200" in proc.stderr
 
 
-def test_cli_stop_string_cuts_the_completion(run_dir, capsys):
-    args = ["--checkpoint_path", str(run_dir), "--prompt", "The quick", "--temperature", "0", "--max_new_tokens", "40"]
+def test_cli_stop_string_cuts_the_completion(tiny_run, capsys):
+    args = ["--checkpoint_path", str(tiny_run), "--prompt", "The quick", "--temperature", "0", "--max_new_tokens", "40"]
     code, full, _ = cli(capsys, *args)
     assert code == 0
     stop = full[5:8]   # a piece from the middle of what the model writes
@@ -376,8 +330,8 @@ def test_cli_stop_string_cuts_the_completion(run_dir, capsys):
     assert code == 0 and cut == full[: full.index(stop)] + "\n"
 
 
-def test_several_prompts_print_in_order_each_once(run_dir, capsys):
-    base = ["--checkpoint_path", str(run_dir), "--temperature", "0", "--max_new_tokens", "16"]
+def test_several_prompts_print_in_order_each_once(tiny_run, capsys):
+    base = ["--checkpoint_path", str(tiny_run), "--temperature", "0", "--max_new_tokens", "16"]
     singles = [cli(capsys, *base, "--prompt", p)[1] for p in ("The quick", "def", "Café")]
     code, out, err = cli(capsys, *base, "--prompt", "The quick", "--prompt", "def", "--prompt", "Café")
     assert code == 0
@@ -385,22 +339,22 @@ def test_several_prompts_print_in_order_each_once(run_dir, capsys):
     assert err.count("--- prompt") == 3
 
 
-def test_prompt_file_holds_one_prompt_per_line(run_dir, tmp_path, capsys):
-    base = ["--checkpoint_path", str(run_dir), "--temperature", "0", "--max_new_tokens", "8"]
+def test_prompt_file_holds_one_prompt_per_line(tiny_run, tmp_path, capsys):
+    base = ["--checkpoint_path", str(tiny_run), "--temperature", "0", "--max_new_tokens", "8"]
     (tmp_path / "prompts.txt").write_text("The quick\n\ndef\n", encoding="utf-8")
     from_flags = cli(capsys, *base, "--prompt", "The quick", "--prompt", "def")[1]
     assert cli(capsys, *base, "--prompt_file", str(tmp_path / "prompts.txt"))[1] == from_flags
 
 
-def test_interactive_reads_prompts_until_eof(run_dir):
-    proc = run_cli("--checkpoint_path", str(run_dir), "--interactive", "--temperature", "0", "--max_new_tokens",
+def test_interactive_reads_prompts_until_eof(tiny_run):
+    proc = run_cli("--checkpoint_path", str(tiny_run), "--interactive", "--temperature", "0", "--max_new_tokens",
                    "8", stdin="The quick\n\ndef\n")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) >= 2 and proc.stderr.count("tok/s") == 2
 
 
-def test_interactive_skips_a_line_that_is_not_utf8_and_goes_on(run_dir):
-    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(run_dir),
+def test_interactive_skips_a_line_that_is_not_utf8_and_goes_on(tiny_run):
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(tiny_run),
                            "--interactive", "--temperature", "0", "--max_new_tokens", "8"],
                           input=b"The quick\ncaf\xe9 \xff\ndef\n", capture_output=True, cwd=ROOT, timeout=120)
     err = proc.stderr.decode()
@@ -409,47 +363,47 @@ def test_interactive_skips_a_line_that_is_not_utf8_and_goes_on(run_dir):
     assert err.count("tok/s") == 2
 
 
-def test_jsonl_output_is_one_record_per_prompt_with_the_text_each_prompt_gets_alone(run_dir, capsys):
-    base = ["--checkpoint_path", str(run_dir), "--temperature", "0", "--max_new_tokens", "16"]
+def test_jsonl_output_is_one_record_per_prompt_with_the_text_each_prompt_gets_alone(tiny_run, capsys):
+    base = ["--checkpoint_path", str(tiny_run), "--temperature", "0", "--max_new_tokens", "16"]
     prompts = ["The quick", "def", "Café\n\nnaïve"]
     singles = [cli(capsys, *base, "--prompt", p)[1].removesuffix("\n") for p in prompts]
     code, out, err = cli(capsys, *base, *[a for p in prompts for a in ("--prompt", p)], "--output_format", "jsonl")
     assert code == 0 and "--- prompt" not in err
     assert [json.loads(line) for line in out.splitlines()] == [
         {"prompt": p, "completion": c} for p, c in zip(prompts, singles)]
-    code, out, _ = cli(capsys, "--compare", str(run_dir), "--prompt", "def", "--temperature", "0",
+    code, out, _ = cli(capsys, "--compare", str(tiny_run), "--prompt", "def", "--temperature", "0",
                        "--max_new_tokens", "8", "--output_format", "jsonl")
     records = [json.loads(line) for line in out.splitlines()]
     assert [(r["step"], r["val_loss"], r["prompt"]) for r in records] == [(100, 4.5, "def"), (200, 3.25, "def")]
 
 
-def test_compare_lists_every_checkpoint_with_its_loss(run_dir, capsys):
-    code, out, _ = cli(capsys, "--compare", str(run_dir), "--prompt", "The quick", "--temperature", "0",
+def test_compare_lists_every_checkpoint_with_its_loss(tiny_run, capsys):
+    code, out, _ = cli(capsys, "--compare", str(tiny_run), "--prompt", "The quick", "--temperature", "0",
                        "--max_new_tokens", "8")
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == 'prompt: "The quick"'
     assert lines[2].split()[:2] == ["100", "4.5000"] and lines[3].split()[:2] == ["200", "3.2500"]
-    completion = cli(capsys, "--checkpoint_path", str(run_dir / "checkpoints" / "step_00000100.pt"),
+    completion = cli(capsys, "--checkpoint_path", str(tiny_run / "checkpoints" / "step_00000100.pt"),
                      "--prompt", "The quick", "--temperature", "0", "--max_new_tokens", "8")[1]
     assert json.loads(lines[2].split(None, 2)[2]) == completion.rstrip("\n")
 
 
-def test_compare_skips_an_unreadable_checkpoint(run_dir, tmp_path, capsys):
+def test_compare_skips_an_unreadable_checkpoint(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    for f in [run_dir / "tokenizer.json", *sorted((run_dir / "checkpoints").glob("*.pt"))]:
-        (run / f.relative_to(run_dir)).write_bytes(f.read_bytes())
+    for f in [tiny_run / "tokenizer.json", *sorted((tiny_run / "checkpoints").glob("*.pt"))]:
+        (run / f.relative_to(tiny_run)).write_bytes(f.read_bytes())
     (run / "checkpoints" / "step_00000150.pt").write_bytes(b"truncated")
     code, out, err = cli(capsys, "--compare", str(run), "--prompt", "def", "--max_new_tokens", "4")
     assert code == 0 and "warning: skipped" in err and "step_00000150.pt" in err
     assert [line.split()[0] for line in out.splitlines()[2:]] == ["100", "200"]
 
 
-def test_loads_a_hugging_face_directory(tmp_path, tokenizer_file, tokenizer, capsys):
+def test_loads_a_hugging_face_directory(tmp_path, tiny_tokenizer_file, tokenizer, capsys):
     model = tiny_model(seed=3)
     hf_twin(model).save_pretrained(tmp_path)
-    (tmp_path / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    (tmp_path / "tokenizer.json").write_bytes(tiny_tokenizer_file.read_bytes())
     code, out, err = cli(capsys, "--checkpoint_path", str(tmp_path), "--prompt", "def", "--temperature", "0",
                          "--max_new_tokens", "20")
     assert code == 0, err
@@ -496,21 +450,21 @@ def test_checkpoint_whose_shapes_do_not_match_its_config(tmp_path, capsys):
     assert_fails(capsys, "shape mismatch", "--checkpoint_path", str(path), "--prompt", "x")
 
 
-def test_empty_prompt(run_dir, capsys):
-    assert_fails(capsys, "prompt 1 is empty", "--checkpoint_path", str(run_dir), "--prompt", "")
+def test_empty_prompt(tiny_run, capsys):
+    assert_fails(capsys, "prompt 1 is empty", "--checkpoint_path", str(tiny_run), "--prompt", "")
 
 
-def test_no_prompt(run_dir, capsys):
-    assert_fails(capsys, "no prompt", "--checkpoint_path", str(run_dir))
+def test_no_prompt(tiny_run, capsys):
+    assert_fails(capsys, "no prompt", "--checkpoint_path", str(tiny_run))
 
 
-def test_max_new_tokens_beyond_the_context(run_dir, capsys):
-    assert_fails(capsys, "use at most 127", "--checkpoint_path", str(run_dir), "--prompt", "x",
+def test_max_new_tokens_beyond_the_context(tiny_run, capsys):
+    assert_fails(capsys, "use at most 127", "--checkpoint_path", str(tiny_run), "--prompt", "x",
                  "--max_new_tokens", "500")
 
 
-def test_bad_sampling_flag(run_dir, capsys):
-    assert_fails(capsys, "top_p must be a number from 1e-06 to 1", "--checkpoint_path", str(run_dir), "--prompt", "x",
+def test_bad_sampling_flag(tiny_run, capsys):
+    assert_fails(capsys, "top_p must be a number from 1e-06 to 1", "--checkpoint_path", str(tiny_run), "--prompt", "x",
                  "--top_p", "0")
 
 
@@ -523,58 +477,58 @@ def test_bad_sampling_flag(run_dir, capsys):
     ("--seed", "-1", "--seed -1: give a whole number from 0 to 2**64 - 1"),
     ("--output_format", "xml", "invalid choice: 'xml'"),
 ])
-def test_non_finite_sampling_values_and_seeds_past_64_bits_are_refused(run_dir, capsys, flag, value, needle):
-    assert_fails(capsys, needle, "--checkpoint_path", str(run_dir), "--prompt", "x", flag, value)
+def test_non_finite_sampling_values_and_seeds_past_64_bits_are_refused(tiny_run, capsys, flag, value, needle):
+    assert_fails(capsys, needle, "--checkpoint_path", str(tiny_run), "--prompt", "x", flag, value)
 
 
-def test_a_prompt_that_is_not_utf8_is_named(run_dir, capsys):
+def test_a_prompt_that_is_not_utf8_is_named(tiny_run, capsys):
     # a byte that is not UTF-8 in argv reaches Python as a lone surrogate (surrogateescape)
-    assert_fails(capsys, "prompt 2 is not valid UTF-8", "--checkpoint_path", str(run_dir), "--prompt", "ok",
+    assert_fails(capsys, "prompt 2 is not valid UTF-8", "--checkpoint_path", str(tiny_run), "--prompt", "ok",
                  "--prompt", "caf\udce9")
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "xla", "cpu:x"])
-def test_a_device_generation_cannot_run_on_is_one_line(run_dir, capsys, device):
+def test_a_device_generation_cannot_run_on_is_one_line(tiny_run, capsys, device):
     if device == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has an Apple GPU")
-    assert_fails(capsys, f"--device {device}", "--checkpoint_path", str(run_dir), "--prompt", "x", "--device", device)
+    assert_fails(capsys, f"--device {device}", "--checkpoint_path", str(tiny_run), "--prompt", "x", "--device", device)
 
 
-def test_missing_tokenizer_file(run_dir, tmp_path, capsys):
-    assert_fails(capsys, "file not found", "--checkpoint_path", str(run_dir), "--prompt", "x",
+def test_missing_tokenizer_file(tiny_run, tmp_path, capsys):
+    assert_fails(capsys, "file not found", "--checkpoint_path", str(tiny_run), "--prompt", "x",
                  "--tokenizer", str(tmp_path / "missing.json"))
 
 
-def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, tokenizer_file, capsys):
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, tiny_tokenizer_file, capsys):
     save_checkpoint(tmp_path, tiny_model(vocab_size=200), 1, None)
-    (tmp_path / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    (tmp_path / "tokenizer.json").write_bytes(tiny_tokenizer_file.read_bytes())
     assert_fails(capsys, "the model has 200 tokens", "--checkpoint_path", str(tmp_path), "--prompt", "Ωμέγα ✓")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_cuda_requested_without_a_gpu(run_dir, capsys):
-    assert_fails(capsys, "no CUDA GPU", "--checkpoint_path", str(run_dir), "--prompt", "x", "--device", "cuda")
+def test_cuda_requested_without_a_gpu(tiny_run, capsys):
+    assert_fails(capsys, "no CUDA GPU", "--checkpoint_path", str(tiny_run), "--prompt", "x", "--device", "cuda")
 
 
-def test_half_precision_refused_on_cpu(run_dir, capsys):
-    assert_fails(capsys, "runs in fp32", "--checkpoint_path", str(run_dir), "--prompt", "x", "--device", "cpu",
+def test_half_precision_refused_on_cpu(tiny_run, capsys):
+    assert_fails(capsys, "runs in fp32", "--checkpoint_path", str(tiny_run), "--prompt", "x", "--device", "cpu",
                  "--dtype", "bf16")
 
 
-def test_prompt_longer_than_the_context_keeps_its_end(run_dir, tokenizer, capsys):
+def test_prompt_longer_than_the_context_keeps_its_end(tiny_run, tokenizer, capsys):
     long = "The quick brown fox jumps over the lazy dog. " * 30
     ids = tokenizer.encode(long).ids
     assert len(ids) > 128
-    code, out, err = cli(capsys, "--checkpoint_path", str(run_dir), "--prompt", long, "--temperature", "0",
+    code, out, err = cli(capsys, "--checkpoint_path", str(tiny_run), "--prompt", long, "--temperature", "0",
                          "--max_new_tokens", "10")
     assert code == 0 and "warning: prompt 1 has" in err and "dropped" in err
     new = generate(tiny_model(seed=2), [ids[-118:]], SamplingParams(max_new_tokens=10, temperature=0), eos_id=0)
     assert out == tokenizer.decode(new[0]) + "\n"
 
 
-def test_compile_where_inductor_cannot_build_says_so_and_runs_eagerly(run_dir, capsys, monkeypatch):
+def test_compile_where_inductor_cannot_build_says_so_and_runs_eagerly(tiny_run, capsys, monkeypatch):
     monkeypatch.setattr(G, "compile_unavailable", lambda device: "no C++ compiler (test)")
-    args = ["--checkpoint_path", str(run_dir), "--prompt", "x", "--device", "cpu", "--max_new_tokens", "4",
+    args = ["--checkpoint_path", str(tiny_run), "--prompt", "x", "--device", "cpu", "--max_new_tokens", "4",
             "--temperature", "0"]
     code, out, err = cli(capsys, *args, "--compile")
     assert code == 0 and "warning: --compile: no C++ compiler (test); running eagerly" in err

@@ -128,6 +128,7 @@ def test_no_root_module_shadows_an_installed_library():
 
 
 def test_no_test_imports_another_test_module():
+    """Nor conftest.py, which pytest loads itself: what tests share is in helpers.py (functions) or is a fixture."""
     tests = {p.stem for p in (ROOT / "tests").glob("*.py")}
     for path in sorted((ROOT / "tests").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

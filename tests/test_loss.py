@@ -4,7 +4,7 @@ ever building them, under autocast, activation checkpointing, torch.compile and 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LargestTensor
+from helpers import LargestTensor
 
 from model import LOSS_CHUNK_TOKENS, ModelConfig, SmolLM2, chunked_cross_entropy
 from validate_params import parity_weights

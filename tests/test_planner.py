@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import LargestTensor
+from helpers import LargestTensor
 
 import train
 from model import ModelConfig, SmolLM2

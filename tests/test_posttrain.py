@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import byte_bpe
+from helpers import ROOT, byte_bpe, run_at_once, signalled_at, train_command
 
 import dpo
 import sft
@@ -28,7 +27,6 @@ from smollm2.config_load import config_from_dict, config_to_dict, load_config
 from smollm2.loading import load_model
 from smollm2.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
 # one thread: the smallest models gain little from a second, and on a busy machine OpenMP's waiting threads make a run
 # several times slower; the learning runs' wider model takes two (1.8x faster)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -193,17 +191,6 @@ def test_the_reference_stays_frozen_in_eval_mode_while_the_policy_learns(small_b
 # ---------------------------------------------------------------- exact resume after SIGKILL
 
 
-def kill_after_first_checkpoint(script: str, config: Path, run_dir: Path) -> None:
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--config", str(config)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "step_00000008.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-8 checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 def losses(run_dir: Path, kind: str = "train") -> list:
     return [(r["step"], r["loss"], r.get("accuracy")) for r in read_metrics(run_dir / "metrics.jsonl")
             if r["kind"] == kind]
@@ -212,12 +199,13 @@ def losses(run_dir: Path, kind: str = "train") -> list:
 @pytest.mark.parametrize("script", ["sft.py", "dpo.py"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(small_base, tmp_path, script):
     section = script.removesuffix(".py")
-    settings = {"tokens.train_steps": 24, "checkpoints.checkpoint_interval": 8, "tokens.val_check_interval": 12}
-    straight = write_config(tmp_path / "a", section, small_base, **settings)
-    run_script(script, "--config", straight)
-    killed = write_config(tmp_path / "b", section, small_base, **settings)
-    kill_after_first_checkpoint(script, killed, tmp_path / "b" / "run")
-    assert len(losses(tmp_path / "b" / "run")) < 24
+    settings = {"tokens.train_steps": 16, "checkpoints.checkpoint_interval": 8, "tokens.val_check_interval": 6}
+    straight, killed = (write_config(tmp_path / k, section, small_base, **settings) for k in "ab")
+    # the kill lands as step 11 begins: steps 9 and 10 are logged but not saved, and the resumed run redoes them
+    done, kill = run_at_once(train_command(straight, script=script),
+                             signalled_at(11, "SIGKILL", script, "--config", killed), check=False)
+    assert done.returncode == 0 and kill.returncode == -signal.SIGKILL, (done.stderr[-3000:], kill.stderr[-3000:])
+    assert [step for step, *_ in losses(tmp_path / "b" / "run")] == list(range(1, 11))
     out = run_script(script, "--config", killed, "--resume").stdout
     assert "resumed from" in out
     assert losses(tmp_path / "b" / "run") == losses(tmp_path / "a" / "run")              # bitwise, with DPO's stats
@@ -232,11 +220,7 @@ def test_dpo_under_fsdp_on_two_ranks_equals_one_process(small_base, tmp_path):
                 "checkpoints.checkpoint_interval": 4}
     single = write_config(tmp_path / "one", "dpo", small_base, **settings)
     fsdp = write_config(tmp_path / "two", "dpo", small_base, **settings, **{"optimizer.zero_stage": 3})
-    run_script("dpo.py", "--config", single)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "dpo.py"), "--config", str(fsdp)], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, proc = run_at_once(train_command(single, script="dpo.py"), train_command(fsdp, ranks=2, script="dpo.py"))
     assert "FSDP2 over 2 processes (ZeRO-3" in proc.stdout and "x 1 accumulation x 2" in proc.stdout
     one, two = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")   # loss and accuracy per step
     assert len(one) == len(two) == 4 and one[-1][1] != pytest.approx(math.log(2))   # the policy left the reference

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import build_config, corpus, run_on_a_full_disk
+from helpers import build_config, run_on_a_full_disk, write_documents
 from tokenizers import Tokenizer
 
 import data
@@ -62,7 +62,7 @@ def test_a_truncated_shard_is_refused_by_name(tmp_path):
 
 @pytest.fixture
 def setup(tmp_path, bpe_path):
-    corpus(tmp_path / "text", "doc", 300)
+    write_documents(tmp_path / "text", "doc", 300)
     return build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")}, shard_tokens=500)
 
 
@@ -105,7 +105,7 @@ def test_prepared_folder_of_other_settings_is_an_error_not_silently_reused(setup
 
 
 def test_prepare_killed_at_any_point_continues_to_byte_identical_shards(tmp_path, bpe_path):
-    corpus(tmp_path / "text", "doc", 2000)
+    write_documents(tmp_path / "text", "doc", 2000)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")}, shard_tokens=1000,
                        output_dir=str(tmp_path / "killed"))
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
@@ -268,7 +268,7 @@ def test_a_damaged_record_of_checked_shards_means_checking_them_again(setup, tmp
 
 
 def test_ctrl_c_during_prepare_is_one_line_and_the_same_command_continues(tmp_path, bpe_path):
-    corpus(tmp_path / "text", "doc", 2000)
+    write_documents(tmp_path / "text", "doc", 2000)
     cfg = build_config(tmp_path, bpe_path, {"dataset_folder": str(tmp_path / "text")}, shard_tokens=1000)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     state = tmp_path / "shards" / "state.json"

@@ -7,8 +7,7 @@ trained here until it recites its text, where greedy decoding must agree with fp
 
 import pytest
 import torch
-from conftest import byte_bpe
-from test_generate import run_dir, tiny_config, tokenizer_file  # noqa: F401 (fixtures)
+from helpers import byte_bpe, tiny_config
 
 import generate as G
 from model import SmolLM2
@@ -155,30 +154,30 @@ def test_a_quantized_model_refuses_to_train_or_be_saved_with_one_clear_message()
     q.eval()   # what generate() does around its loop still works
 
 
-def test_quantizing_at_load_leaves_the_checkpoint_and_its_names_alone(run_dir):   # noqa: F811
-    plain, _, _ = load_model(run_dir)
+def test_quantizing_at_load_leaves_the_checkpoint_and_its_names_alone(tiny_run):
+    plain, _, _ = load_model(tiny_run)
     names = list(plain.state_dict())
-    q, _, _ = load_model(run_dir, quantize="int8")
+    q, _, _ = load_model(tiny_run, quantize="int8")
     assert isinstance(q.lm_head, Int8Linear)
-    again, _, _ = load_model(run_dir)
+    again, _, _ = load_model(tiny_run)
     assert list(again.state_dict()) == names and all(torch.equal(again.state_dict()[k], v)
                                                       for k, v in plain.state_dict().items())
 
 
-def test_cli_quantize_int8_prints_what_generate_gives_the_int8_model(run_dir, tokenizer_file, capsys):   # noqa: F811
-    code = G.main(["--checkpoint_path", str(run_dir), "--prompt", "The quick", "--temperature", "0",
+def test_cli_quantize_int8_prints_what_generate_gives_the_int8_model(tiny_run, tiny_tokenizer_file, capsys):
+    code = G.main(["--checkpoint_path", str(tiny_run), "--prompt", "The quick", "--temperature", "0",
                    "--max_new_tokens", "12", "--quantize", "int8"])
     out = capsys.readouterr()
-    model, _, _ = load_model(run_dir, quantize="int8")
-    tok = G.open_tokenizer(str(tokenizer_file))
+    model, _, _ = load_model(tiny_run, quantize="int8")
+    tok = G.open_tokenizer(str(tiny_tokenizer_file))
     want = generate(model, [tok.encode("The quick").ids], SamplingParams(max_new_tokens=12, temperature=0), eos_id=0)
     assert code == 0 and "int8 weights" in out.err
     assert out.out == tok.decode(want[0]) + "\n"
 
 
-def test_cli_refuses_an_unknown_quantization(run_dir, capsys):   # noqa: F811
+def test_cli_refuses_an_unknown_quantization(tiny_run, capsys):
     with pytest.raises(SystemExit):
-        G.main(["--checkpoint_path", str(run_dir), "--prompt", "x", "--quantize", "int4"])
+        G.main(["--checkpoint_path", str(tiny_run), "--prompt", "x", "--quantize", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
 
 

@@ -6,14 +6,13 @@ import json
 import pytest
 import torch
 import yaml
-from test_datatrove import datatrove_tokenize
-from test_train import ROOT, losses, make_config, run_train, write_corpus
+from helpers import ROOT, datatrove_tokenize, losses, make_config, run_train, write_code_corpus
 
+import train
 from smollm2.checkpoint import list_checkpoints, load_checkpoint
 from smollm2.config_load import config_from_dict, load_config
 from smollm2.metrics import read_metrics
 from smollm2.tokenizer import load_tokenizer
-from train import validation_due
 
 SWITCH = 5   # the second stage's start_training_step
 
@@ -23,7 +22,7 @@ def recipe(tmp_path_factory):
     """Stage 'stable' reads a text folder from step 1; stage 'decay', from step 5, a datatrove-tokenized folder and
     another text folder, 2:1. The datatrove folder is made with the run's tokenizer, trained first."""
     root = tmp_path_factory.mktemp("recipe")
-    write_corpus(root / "text")
+    write_code_corpus(root / "text")
     (root / "other").mkdir()
     (root / "other" / "notes.txt").write_text((ROOT / "README.md").read_text())
     path = make_config(root / "cfg", root, **{"tokens.train_steps": 10, "checkpoints.checkpoint_interval": 4,
@@ -99,18 +98,18 @@ def test_a_resume_before_or_after_the_switch_gives_the_uninterrupted_losses(reci
         assert torch.equal(value, weights[key])
 
 
-def test_no_validation_when_limit_val_batches_is_0_as_in_the_official_files(tmp_path, recipe):
+def test_no_validation_when_limit_val_batches_is_0_as_in_the_official_files(tmp_path, recipe, capsys):
     root, _, _ = recipe
     path = make_config(tmp_path, root, **{"tokens.train_steps": 3, "tokens.limit_val_batches": 0})
-    out = run_train(path)
+    assert train.main(["--config", str(path)]) == 0
     assert not [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
-    assert "val loss n/a" in out.stdout
+    assert "val loss n/a" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("interval", [0, -1])
 def test_a_val_check_interval_below_1_validates_after_the_last_step_only(interval):
     """nanotron's default is -1; neither it nor 0 may divide the step (a ZeroDivisionError once)."""
     cfg = config_from_dict({"tokens": {"train_steps": 12, "val_check_interval": interval, "limit_val_batches": 2}})
-    assert [step for step in range(1, 13) if validation_due(cfg, step)] == [12]
+    assert [step for step in range(1, 13) if train.validation_due(cfg, step)] == [12]
     cfg = config_from_dict({"tokens": {"train_steps": 12, "val_check_interval": 5, "limit_val_batches": 2}})
-    assert [step for step in range(1, 13) if validation_due(cfg, step)] == [5, 10, 12]
+    assert [step for step in range(1, 13) if train.validation_due(cfg, step)] == [5, 10, 12]

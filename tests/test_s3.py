@@ -19,7 +19,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from test_train import losses, make_config, torchrun, write_corpus
+from helpers import ROOT, losses, make_config, torchrun
 
 from smollm2 import remote
 from smollm2.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, rotate_checkpoints, save_atomic
@@ -27,7 +27,6 @@ from smollm2.config import S3Args
 from smollm2.errors import CheckpointError
 from smollm2.loading import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "smollm2-runs"
 CHECKPOINTS = [checkpoint_name(s) for s in (4, 8, 12)]   # make_config: 12 steps, a checkpoint every 4
 
@@ -209,16 +208,9 @@ class Output:
             return self.index(text)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(root / "text")
-    return root
-
-
-def s3_config(tmp: Path, corpus: Path, endpoint: str, prefix: str, **overrides) -> Path:
+def s3_config(tmp: Path, code_corpus: Path, endpoint: str, prefix: str, **overrides) -> Path:
     s3 = {"bucket": BUCKET, "prefix": prefix, "region": "us-east-1", "endpoint_url": endpoint}
-    return make_config(tmp, corpus, s3={**s3, **overrides.pop("s3", {})}, **overrides)
+    return make_config(tmp, code_corpus, s3={**s3, **overrides.pop("s3", {})}, **overrides)
 
 
 def train(config: Path, env: dict, *args) -> subprocess.CompletedProcess:
@@ -229,10 +221,10 @@ def train(config: Path, env: dict, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def uploaded(server, corpus, tmp_path_factory):
+def uploaded(server, code_corpus, tmp_path_factory):
     """A finished 12-step run that uploaded to s3://BUCKET/a: (its run dir, its completed process)."""
     tmp = tmp_path_factory.mktemp("uploaded")
-    return tmp / "run", train(s3_config(tmp, corpus, server.url, "a"), server.env)
+    return tmp / "run", train(s3_config(tmp, code_corpus, server.url, "a"), server.env)
 
 
 def test_a_run_uploads_every_checkpoint_and_its_logs_byte_for_byte(uploaded, server):
@@ -255,7 +247,7 @@ def test_no_credential_is_printed_or_written_to_a_log_checkpoint_or_object(uploa
 
 @pytest.mark.parametrize("how", ["url", "bare"])
 def test_resume_from_the_bucket_on_an_empty_machine_reproduces_the_uninterrupted_losses(
-        uploaded, server, corpus, tmp_path, how):
+        uploaded, server, code_corpus, tmp_path, how):
     run, _ = uploaded
     prefix = f"killed-{how}"
     s3 = server.client()
@@ -265,7 +257,7 @@ def test_resume_from_the_bucket_on_an_empty_machine_reproduces_the_uninterrupted
     # its log went up a moment later than the checkpoint, with step 9 in it: the resumed run drops and redoes that
     log = [line for line in (run / "metrics.jsonl").read_text().splitlines(True) if json.loads(line)["step"] <= 9]
     s3.put_object(Bucket=BUCKET, Key=f"{prefix}/metrics.jsonl", Body="".join(log).encode())
-    config = s3_config(tmp_path, corpus, server.url, prefix)
+    config = s3_config(tmp_path, code_corpus, server.url, prefix)
     # `--resume s3://bucket/prefix`, or a bare `--resume`: the run dir has no checkpoint, the bucket has
     proc = train(config, server.env, *(["--resume", f"s3://{BUCKET}/{prefix}"] if how == "url" else ["--resume"]))
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / CHECKPOINTS[1]} at step 8" in proc.stdout
@@ -274,9 +266,9 @@ def test_resume_from_the_bucket_on_an_empty_machine_reproduces_the_uninterrupted
     assert f"{prefix}/checkpoints/{CHECKPOINTS[2]}" in server.keys(prefix)
 
 
-def test_training_goes_on_while_the_server_is_down_and_every_checkpoint_arrives_after(server, corpus, tmp_path):
+def test_training_goes_on_while_the_server_is_down_and_every_checkpoint_arrives_after(server, code_corpus, tmp_path):
     proxy = Proxy(server.port)
-    config = s3_config(tmp_path, corpus, proxy.url, "outage", **{"run.keep_last_checkpoints": 1})
+    config = s3_config(tmp_path, code_corpus, proxy.url, "outage", **{"run.keep_last_checkpoints": 1})
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(config)], cwd=ROOT,
                             env=server.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = Output(proc)
@@ -378,7 +370,7 @@ def test_generate_and_load_model_read_a_checkpoint_straight_from_the_bucket(uplo
     assert "step 12" in proc.stderr   # what this 12-step model writes is mostly blanks
 
 
-def test_bucket_problems_are_one_line_errors_before_anything_runs(server, corpus, tmp_path):
+def test_bucket_problems_are_one_line_errors_before_anything_runs(server, code_corpus, tmp_path):
     no_keys = {k: v for k, v in server.env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     cases = {   # name: (s3 section changes, environment, what the one line says)
         "missing_bucket": ({"bucket": "no-such-bucket"}, server.env, "no such bucket"),
@@ -388,7 +380,7 @@ def test_bucket_problems_are_one_line_errors_before_anything_runs(server, corpus
     }
     procs = {}
     for name, (s3, env, _) in cases.items():   # all at once: each is mostly python and torch starting up
-        config = s3_config(tmp_path / name, corpus, server.url, name, s3=s3)
+        config = s3_config(tmp_path / name, code_corpus, server.url, name, s3=s3)
         procs[name] = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(config)], cwd=ROOT,
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for name, proc in procs.items():
@@ -399,9 +391,9 @@ def test_bucket_problems_are_one_line_errors_before_anything_runs(server, corpus
         assert "step 1/" not in out and not (tmp_path / name / "run").exists(), name   # checked before anything else
 
 
-def test_a_sharded_run_uploads_its_checkpoint_folders_and_loads_back_from_the_bucket(server, corpus, tmp_path,
+def test_a_sharded_run_uploads_its_checkpoint_folders_and_loads_back_from_the_bucket(server, code_corpus, tmp_path,
                                                                                      aws_env, monkeypatch):
-    config = s3_config(tmp_path / "fsdp", corpus, server.url, "sharded",
+    config = s3_config(tmp_path / "fsdp", code_corpus, server.url, "sharded",
                        **{"optimizer.zero_stage": 1, "tokens.train_steps": 8,
                           "tokens.batch_accumulation_per_replica": 2})
     proc = torchrun(config, env={**server.env, "OMP_NUM_THREADS": "1"})
@@ -417,7 +409,7 @@ def test_a_sharded_run_uploads_its_checkpoint_folders_and_loads_back_from_the_bu
     for key, value in load_model(run)[0].state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
     # a new machine resumes the sharded run on one process, from the bucket's step-4 folder
-    resumed = s3_config(tmp_path / "one", corpus, server.url, "sharded-resumed",
+    resumed = s3_config(tmp_path / "one", code_corpus, server.url, "sharded-resumed",
                         **{"tokens.train_steps": 8, "tokens.batch_accumulation_per_replica": 2})
     out = train(resumed, server.env, "--resume", f"s3://{BUCKET}/sharded/checkpoints/{checkpoint_name(4)[:-3]}")
     assert "at step 4" in out.stdout

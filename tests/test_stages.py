@@ -5,7 +5,7 @@ data path is handed each stage as a frozen Stage, never a copy of the Config."""
 import dataclasses
 
 import pytest
-from conftest import corpus
+from helpers import write_documents
 from tokenizers import Tokenizer
 
 import data
@@ -22,7 +22,7 @@ K = 2   # micro-batches per optimizer step (accumulation)
 def staged(tmp_path, bpe_path):
     """Stage 'warm' reads A-documents from step 1, 'decay' B- and C-documents 1:1 from step 5."""
     for tag in "ABC":
-        corpus(tmp_path / tag, tag, 80)
+        write_documents(tmp_path / tag, tag, 80)
     folder = lambda tag: str(tmp_path / tag)   # noqa: E731
     return config_from_dict({
         "data_stages": [

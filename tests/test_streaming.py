@@ -11,7 +11,7 @@ import random
 import datasets
 import pytest
 import torch
-from conftest import WORDS, build_config
+from helpers import WORDS, build_config
 
 import data
 from smollm2 import streaming

@@ -3,18 +3,14 @@ given to --resume; and what it says while it runs (the mean loss of each logging
 the output is not a terminal, the CPU threads it uses)."""
 
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import run_on_a_full_disk
-from test_train import ROOT, corpus, losses, make_config, run_train  # noqa: F401 (corpus is a fixture)
+from helpers import ROOT, losses, make_config, run_at_once, run_on_a_full_disk, run_train, signalled_at, train_command
 
 import train
-from smollm2 import progress
-from smollm2 import shards
+from smollm2 import progress, shards
 from smollm2.checkpoint import list_checkpoints, load_checkpoint, save_atomic
 from smollm2.config_load import load_config
 from smollm2.metrics import read_metrics
@@ -22,30 +18,24 @@ from smollm2.metrics import read_metrics
 # ---------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_saves_says_how_to_resume_and_the_run_continues_from_there(tmp_path, corpus):
-    config = make_config(tmp_path, corpus, **{"tokens.train_steps": 200, "checkpoints.checkpoint_interval": 50,
-                                              "tokens.val_check_interval": 50})
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(config)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while len(losses(tmp_path / "run")) < 5:   # a few steps in, between two checkpoints
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+def test_ctrl_c_saves_says_how_to_resume_and_the_run_continues_from_there(tmp_path, code_corpus):
+    config = make_config(tmp_path, code_corpus, **{"tokens.train_steps": 200, "checkpoints.checkpoint_interval": 8})
+    # Ctrl-C as step 6 begins, between two checkpoints: the run finishes that step, saves it and stops
+    [proc] = run_at_once(signalled_at(6, "SIGINT", "train.py", "--config", config), check=False)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 130 and "Traceback" not in err, err
     saved = list_checkpoints(tmp_path / "run")[-1]
     step = load_checkpoint(saved)["train_state"]["step"]
-    assert 5 <= step < 50 and f"saved {saved} (Ctrl-C)" in out
+    assert step == 6 and f"saved {saved} (Ctrl-C)" in out
     assert err.strip().splitlines() == [f"stopped by Ctrl-C at step {step}; continue with: python train.py --config "
                                         f"{config} --resume"]
-    resumed = run_train(config, "tokens.train_steps=60", "--resume")
+    resumed = run_train(config, "tokens.train_steps=12", "--resume")
     assert f"resumed from {saved} at step {step}" in resumed.stdout
-    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 61))
+    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 13))
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, corpus, monkeypatch, capsys):
-    config = make_config(tmp_path, corpus, **{"tokens.train_steps": 12})
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, code_corpus, monkeypatch, capsys):
+    config = make_config(tmp_path, code_corpus, **{"tokens.train_steps": 12})
     real_step = train.optimizer_step
 
     def step(run, progress):
@@ -67,9 +57,9 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, corpus, monkeypa
 # ---------------------------------------------------------------- resuming what cannot be resumed as it is
 
 
-def test_resuming_a_finished_run_says_it_is_complete_and_how_to_extend_it(tmp_path, corpus):
-    config = make_config(tmp_path, corpus, **{"tokens.train_steps": 4})
-    run_train(config)
+def test_resuming_a_finished_run_says_it_is_complete_and_how_to_extend_it(tmp_path, code_corpus):
+    config = make_config(tmp_path, code_corpus, **{"tokens.train_steps": 4})
+    train.train(load_config(str(config)))
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     proc = run_train(config, "--resume")
     assert "nan" not in proc.stdout and "done:" not in proc.stdout
@@ -81,27 +71,28 @@ def test_resuming_a_finished_run_says_it_is_complete_and_how_to_extend_it(tmp_pa
     assert "resumed from" in extended.stdout and "done: step 6" in extended.stdout
 
 
-@pytest.mark.parametrize("content", [{"w": torch.zeros(2)}, {"model": {}}, [1, 2]], ids=["state_dict", "no_config",
-                                                                                           "list"])
-def test_a_file_that_is_not_a_training_checkpoint_given_to_resume_is_one_line(tmp_path, corpus, content):
-    config = make_config(tmp_path, corpus)
-    save_atomic(content, tmp_path / "weights.pt")
-    proc = run_train(config, "--resume", str(tmp_path / "weights.pt"), check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'weights.pt'}: not a training checkpoint of this repository (it lacks its model, config "
-        "and train_state parts; a bare state_dict cannot be resumed); give a step_*.pt that train.py or "
-        "`convert_hf.py import` wrote"], proc.stderr
+def test_a_file_that_is_not_a_training_checkpoint_given_to_resume_is_one_line(tmp_path, code_corpus):
+    config = make_config(tmp_path, code_corpus)
+    files = {"state_dict": {"w": torch.zeros(2)}, "no_config": {"model": {}}, "list": [1, 2]}
+    for name, content in files.items():
+        save_atomic(content, tmp_path / f"{name}.pt")
+    procs = run_at_once(*[train_command(config, "--resume", tmp_path / f"{name}.pt") for name in files], check=False)
+    for name, proc in zip(files, procs):
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: {tmp_path / name}.pt: not a training checkpoint of this repository (it lacks its model, config "
+            "and train_state parts; a bare state_dict cannot be resumed); give a step_*.pt that train.py or "
+            "`convert_hf.py import` wrote"], (name, proc.stderr)
 
 
 # ---------------------------------------------------------------- what the run says
 
 
-def test_the_logged_loss_is_the_mean_over_its_interval_and_the_start_line_says_so(tmp_path, corpus, capsys):
-    every = load_config(str(make_config(tmp_path / "a", corpus, **{"tokens.train_steps": 8})))
+def test_the_logged_loss_is_the_mean_over_its_interval_and_the_start_line_says_so(tmp_path, code_corpus, capsys):
+    every = load_config(str(make_config(tmp_path / "a", code_corpus, **{"tokens.train_steps": 8})))
     train.train(every)
     per_step = [loss for _, loss in losses(tmp_path / "a" / "run")]
-    fourth = load_config(str(make_config(tmp_path / "b", corpus, **{"tokens.train_steps": 8,
-                                                                    "logging.iteration_step_info_interval": 4})))
+    fourth = load_config(str(make_config(tmp_path / "b", code_corpus, **{"tokens.train_steps": 8,
+                                                                         "logging.iteration_step_info_interval": 4})))
     train.train(fourth)
     records = [r for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in records] == [4, 8] and [r["loss_steps"] for r in records] == [4, 4]
@@ -109,25 +100,25 @@ def test_the_logged_loss_is_the_mean_over_its_interval_and_the_start_line_says_s
     assert "loss: mean of the 4 steps since the previous line" in capsys.readouterr().out
 
 
-def test_without_a_terminal_a_long_logging_interval_still_shows_progress(tmp_path, corpus, monkeypatch, capsys):
+def test_without_a_terminal_a_long_logging_interval_still_shows_progress(tmp_path, code_corpus, monkeypatch, capsys):
     monkeypatch.setattr(progress, "QUIET_S", 0.0)   # a line as soon as nothing else was printed since the last
-    config = load_config(str(make_config(tmp_path, corpus, **{"tokens.train_steps": 6,
-                                                               "logging.iteration_step_info_interval": 100})))
+    config = load_config(str(make_config(tmp_path, code_corpus, **{"tokens.train_steps": 6,
+                                                                   "logging.iteration_step_info_interval": 100})))
     train.train(config)
     out = capsys.readouterr().out.splitlines()
     assert [line.split(" |")[0] for line in out if "still running" in line][:3] == ["step 1/6", "step 2/6", "step 3/6"]
 
 
-def test_a_sample_prompt_longer_than_the_context_keeps_its_newest_tokens(tmp_path, corpus, capsys):
-    config = load_config(str(make_config(tmp_path, corpus, **{"tokens.train_steps": 2, "sampling.interval": 2,
-                                                               "sampling.prompts": ["def f(x): return x " * 40]})))
+def test_a_sample_prompt_longer_than_the_context_keeps_its_newest_tokens(tmp_path, code_corpus, capsys):
+    config = load_config(str(make_config(tmp_path, code_corpus, **{"tokens.train_steps": 2, "sampling.interval": 2,
+                                                                   "sampling.prompts": ["def f(x): return x " * 40]})))
     train.train(config)   # the context is 64 tokens
     samples = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "sample"]
     assert len(samples) == 1 and samples[0]["text"]
 
 
-def test_the_start_line_gives_the_cpu_threads_in_use(tmp_path, corpus, capsys):
-    config = load_config(str(make_config(tmp_path, corpus, **{"tokens.train_steps": 1})))
+def test_the_start_line_gives_the_cpu_threads_in_use(tmp_path, code_corpus, capsys):
+    config = load_config(str(make_config(tmp_path, code_corpus, **{"tokens.train_steps": 1})))
     train.train(config)
     start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model "))
     assert f"{torch.get_num_threads()} CPU threads" in start
@@ -136,9 +127,9 @@ def test_the_start_line_gives_the_cpu_threads_in_use(tmp_path, corpus, capsys):
 # ---------------------------------------------------------------- the disk
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary_file(tmp_path, corpus):
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary_file(tmp_path, code_corpus):
     run = tmp_path / "run"
-    config = make_config(tmp_path, corpus, **{"tokens.train_steps": 12, "checkpoints.checkpoint_interval": 4})
+    config = make_config(tmp_path, code_corpus, **{"tokens.train_steps": 12, "checkpoints.checkpoint_interval": 4})
     # a 2 MB disk holds the step-4 checkpoint (~1.3 MB with Adam's moments) but not the step-8 one beside it; a
     # 500 KB file-size limit holds the tokenizer and logs but no checkpoint
     code, _, err, files, reason = run_on_a_full_disk(run, [sys.executable, ROOT / "train.py", "--config", config],

@@ -153,7 +153,7 @@ def run_at_once(*commands: list, check: bool = True, env=None) -> list[subproces
     env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
     with contextlib.ExitStack() as stack:
         files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in "oe"] for _ in commands]
-        procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        procs = [subprocess.Popen(list(map(str, command)), cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
                  for command, (out, err) in zip(commands, files)]
         done = []
         for proc, (out, err) in zip(procs, files):

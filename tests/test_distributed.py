@@ -32,14 +32,23 @@ def consolidated(checkpoint: Path) -> dict:
     return load_model(checkpoint)[0].state_dict()
 
 
+def run_settings(accumulation: int, recompute: bool) -> dict:
+    """SMALL with `accumulation` micro-batches per rank when two ranks share it."""
+    return {**SMALL, "tokens.batch_accumulation_per_replica": 2 * accumulation,
+            "parallelism.recompute_layer": recompute}
+
+
+def fsdp_settings(zero_stage: int) -> dict:
+    """What the two-rank side adds: FSDP at that stage, and samples at the last step, which both ranks generate."""
+    return {"optimizer.zero_stage": zero_stage, "sampling.interval": 4}
+
+
 def one_and_two_ranks(folder: Path, corpus: Path, zero_stage: int, accumulation: int, recompute: bool):
-    """The same SMALL run on one process (folder/single) and as FSDP on two ranks (folder/fsdp), at once, with
-    `accumulation` micro-batches per rank -> torchrun's completed process."""
-    settings = {**SMALL, "tokens.batch_accumulation_per_replica": 2 * accumulation,
-                "parallelism.recompute_layer": recompute}
+    """The same run on one process (folder/single) and as FSDP on two ranks (folder/fsdp), at once -> torchrun's
+    completed process."""
+    settings = run_settings(accumulation, recompute)
     single = make_config(folder / "single", corpus, **settings)
-    fsdp = make_config(folder / "fsdp", corpus, **settings, **{"optimizer.zero_stage": zero_stage,
-                                                               "sampling.interval": 4})
+    fsdp = make_config(folder / "fsdp", corpus, **settings, **fsdp_settings(zero_stage))
     return run_at_once(train_command(single), train_command(fsdp, ranks=2))[1]
 
 
@@ -74,22 +83,19 @@ def test_fsdp_on_two_ranks_equals_one_process(request, runs, stage, accumulation
         torch.testing.assert_close(consolidated(sharded[-1])[key], value, atol=1e-5, rtol=1e-4)
 
 
-def test_a_sharded_run_killed_mid_run_resumes_with_the_uninterrupted_losses(tmp_path, code_corpus):
-    settings = {"optimizer.zero_stage": 1, "tokens.batch_accumulation_per_replica": 2, "tokens.train_steps": 16,
-                "checkpoints.checkpoint_interval": 8}
-    straight, killed = (make_config(tmp_path / name, code_corpus, **settings) for name in "ab")
-    run_dir = tmp_path / "b" / "run"
-    assert torchrun(straight).returncode == 0
-    # torchrun and both ranks SIGKILLed at once as step 11 begins: steps 9 and 10 are logged, not saved
-    [kill] = run_at_once(signalled_at(11, "SIGKILL", "train.py", "--config", killed, ranks=2), check=False)
+def test_a_sharded_run_killed_mid_run_resumes_with_the_uninterrupted_losses(zero2, tmp_path, code_corpus):
+    killed = make_config(tmp_path, code_corpus, **run_settings(accumulation=1, recompute=False), **fsdp_settings(1))
+    run_dir, straight = tmp_path / "run", zero2[0] / "fsdp" / "run"   # the same run, uninterrupted
+    # torchrun and both ranks SIGKILLed at once as step 4 begins: step 3 is logged, not saved
+    [kill] = run_at_once(signalled_at(4, "SIGKILL", "train.py", "--config", killed, ranks=2), check=False)
     assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
-    assert [s for s, _ in losses(run_dir)] == list(range(1, 11))
-    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000008"]
+    assert [s for s, _ in losses(run_dir)] == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000002"]
     out = torchrun(killed, "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout
-    assert_close_losses(losses(run_dir), losses(tmp_path / "a" / "run"), 1e-6)
-    assert_close_losses(losses(run_dir, "val"), losses(tmp_path / "a" / "run", "val"), 1e-6)
+    assert_close_losses(losses(run_dir), losses(straight), 1e-6)
+    assert_close_losses(losses(run_dir, "val"), losses(straight, "val"), 1e-6)
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one_process(zero2, tmp_path, code_corpus):

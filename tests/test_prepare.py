@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import build_config, run_on_a_full_disk, write_documents
+from helpers import build_config, run_at_once, run_on_a_full_disk, write_documents
 from tokenizers import Tokenizer
 
 import data
@@ -145,14 +145,17 @@ def test_verify_names_the_shard_whose_checksum_is_wrong(setup, tmp_path):
 
 def test_cli_prepares_with_overrides_and_reports_bad_input_in_one_line(setup, tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(setup)))
-    ok = run_cli("prepare", "--config", tmp_path / "cfg.yaml", f"data_prep.output_dir={tmp_path / 'cli'}")
+    bad = ((("prepare", "--config", tmp_path / "missing.yaml"), "config file not found"),
+           (("prepare", "--config", tmp_path / "cfg.yaml", "data_prep.shard_tokens=0"),
+            "data_prep.shard_tokens: must be >= 1"),
+           (("train-tokenizer", "--config", tmp_path / "cfg.yaml"), "exists; delete it"),
+           (("verify", tmp_path / "nowhere"), "no manifest"))
+    ok, *results = run_at_once(   # all at once: none writes what another reads
+        [sys.executable, ROOT / "data.py", "prepare", "--config", tmp_path / "cfg.yaml",
+         f"data_prep.output_dir={tmp_path / 'cli'}"], *[[sys.executable, ROOT / "data.py", *args] for args, _ in bad],
+        check=False)
     assert ok.returncode == 0 and "ready" in ok.stdout and (tmp_path / "cli" / "manifest.jsonl").exists()
-    for args, message in ((("prepare", "--config", tmp_path / "missing.yaml"), "config file not found"),
-                          (("prepare", "--config", tmp_path / "cfg.yaml", "data_prep.shard_tokens=0"),
-                           "data_prep.shard_tokens: must be >= 1"),
-                          (("train-tokenizer", "--config", tmp_path / "cfg.yaml"), "exists; delete it"),
-                          (("verify", tmp_path / "nowhere"), "no manifest")):
-        result = run_cli(*args)
+    for result, (_, message) in zip(results, bad):
         assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 

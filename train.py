@@ -64,6 +64,7 @@ class Run:
     accumulation: int                       # micro-batches per optimizer step on each rank
     accumulation_note: str                  # why it differs from the config's, if it does
     task: Task                              # what the run starts from, reads and minimises
+    recompute: tuple[str, str]              # the recompute mode (planner.RECOMPUTE) and why it was chosen
     uploader: Optional[remote.Uploader] = None
     evals: Optional[BackgroundEvals] = None   # benchmarks on saved checkpoints, in processes beside this one
     log: Optional[MetricsLog] = None
@@ -114,8 +115,8 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
     ckpt = training_checkpoint(ckpt_path) if ckpt_path else None
     model = task.model(cfg, rt, ckpt)
     torch.manual_seed(cfg.general.seed + rt.rank)
-    model.gradient_checkpointing = cfg.parallelism.recompute_layer
-    model.selective_recompute = cfg.run.selective_recompute
+    recompute = planner.recompute_for_run(cfg, rt.world, rt.precision, rt.device)   # (mode, why): the start line
+    model.gradient_checkpointing, model.selective_recompute = recompute[0] == "full", recompute[0] == "selective"
     if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
         load_state_into(model, ckpt["model"], str(ckpt_path))
     net = distributed.wrap(model, cfg, rt)
@@ -124,8 +125,8 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
     optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt),
                                 cfg.run.weight_decay_exclude_1d)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, task, uploader,
-              evals)
+    run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, task, recompute,
+              uploader, evals)
     if ckpt is not None:
         restore(run, ckpt_path, ckpt)
     train_data.begin_step(run.step + 1)   # the stage of the next step, at its position (the start line names it)
@@ -158,7 +159,8 @@ def restore(run: Run, path: Path, ckpt: dict) -> None:
 
 
 def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
-    """model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ..."""
+    """model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ... |
+    recompute: none (auto, fits: 14.2 of 20.2 GiB planned) | ..."""
     cfg, rt = run.cfg, run.rt
     t = cfg.tokens
     note = run.accumulation_note
@@ -167,6 +169,7 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
              f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {run.accumulation} accumulation x {rt.world} "
              f"= {run.tokens_per_step:,} tokens/step"]
     parts += [note] if note else []
+    parts += ["recompute: {} ({})".format(*run.recompute)]
     parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # docs/training.md: threads
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
               f"data {run.task.describe_data(cfg, run.step + 1)}", peak_flops(rt.device)[1]]

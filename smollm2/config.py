@@ -207,8 +207,9 @@ class RunArgs:
     max_consecutive_bad_steps: int = 5
     loss_spike_factor: float = 3.0
     weight_decay_exclude_1d: bool = False   # true: no weight decay on 1-D parameters (norm gains); nanotron decays all
-    # keep only the matmul and attention outputs for the backward (with parallelism.recompute_layer false)
-    selective_recompute: bool = True
+    # what each layer keeps for its backward: none (everything), selective (matmul and attention outputs), full (its
+    # input: parallelism.recompute_layer true means full); auto: the first of these the planner fits on the device
+    recompute: str = "auto"
     tensorboard: bool = False
     wandb: bool = False
 

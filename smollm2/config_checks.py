@@ -68,6 +68,11 @@ def validate(cfg: Config) -> Config:
                           f"got '{lrs.lr_decay_style}'")
     if cfg.run.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"run.precision: 'auto', 'bf16', 'fp16' or 'fp32', got '{cfg.run.precision}'")
+    if cfg.run.recompute not in ("auto", "none", "selective", "full"):
+        raise ConfigError(f"run.recompute: 'auto', 'none', 'selective' or 'full', got '{cfg.run.recompute}'")
+    if cfg.parallelism.recompute_layer and cfg.run.recompute not in ("auto", "full"):
+        raise ConfigError(f"parallelism.recompute_layer true means run.recompute full, but run.recompute is "
+                          f"'{cfg.run.recompute}': set one of them")
     _validate_nanotron_values(cfg)
     _validate_stages(cfg)
     _validate_data(cfg)

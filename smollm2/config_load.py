@@ -21,7 +21,8 @@ from smollm2.errors import ConfigError
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 # keys this repository once had, and where their meaning lives now
-MOVED = {"run.val_batches": "tokens.limit_val_batches (nanotron's key: micro-batches per validation, 0 = none)"}
+MOVED = {"run.val_batches": "tokens.limit_val_batches (nanotron's key: micro-batches per validation, 0 = none)",
+         "run.selective_recompute": "run.recompute: auto (the default), none (was false), selective (was true) or full"}
 
 
 def _type_name(tp) -> str:

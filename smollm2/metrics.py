@@ -21,22 +21,28 @@ from model import ModelConfig
 
 @dataclass(frozen=True)
 class GPU:
-    """A GPU as its vendor's data sheet gives it: memory, and the dense bf16 tensor-core peak (no sparsity; the
-    data sheets' headline figure with sparsity is twice this). V100 and T4 have no bf16: their fp16 peak."""
+    """A GPU: the memory it reports (less than its data sheet's round figure: the A10G and L4 sold as 24 GB report
+    23,028 MiB, 22.5 GiB), and the data sheet's dense bf16 tensor-core peak (no sparsity; the headline figure with
+    sparsity is twice this). V100 and T4 have no bf16: their fp16 peak."""
     key: str            # the name `--plan --gpu` takes
     match: str          # a substring of torch.cuda.get_device_name()
-    memory_gib: float
+    memory_mib: int     # total memory as torch.cuda.get_device_properties / nvidia-smi report it
     bf16_tflops: float
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_mib / 1024
 
 
 # One table for MFU (metrics) and the planner. gpu_by_name() takes the first entry whose `match` is in the device
 # name, so the more specific names come first (H100 PCIe before H100, A10G before A10, L40S before L40 before L4).
-GPUS = [GPU("h200", "H200", 141, 989.0), GPU("h100-pcie", "H100 PCIe", 80, 756.0),
-        GPU("h100-nvl", "H100 NVL", 94, 835.0), GPU("h100", "H100", 80, 989.0),
-        GPU("a100-80", "A100", 80, 312.0), GPU("a100-40", "A100", 40, 312.0),
-        GPU("a10g", "A10G", 24, 70.0), GPU("a10", "A10", 24, 125.0), GPU("l40s", "L40S", 48, 362.0),
-        GPU("l40", "L40", 48, 181.0), GPU("l4", "L4", 24, 121.0), GPU("rtx4090", "4090", 24, 165.2),
-        GPU("rtx3090", "3090", 24, 71.0), GPU("v100", "V100", 16, 125.0), GPU("t4", "T4", 16, 65.0)]
+# On a GPU, train.py's recompute choice reads the device itself (planner.device_usable_bytes), not this table.
+GPUS = [GPU("h200", "H200", 143771, 989.0), GPU("h100-pcie", "H100 PCIe", 81559, 756.0),
+        GPU("h100-nvl", "H100 NVL", 95830, 835.0), GPU("h100", "H100", 81559, 989.0),
+        GPU("a100-80", "A100", 81920, 312.0), GPU("a100-40", "A100", 40960, 312.0),
+        GPU("a10g", "A10G", 23028, 70.0), GPU("a10", "A10", 23028, 125.0), GPU("l40s", "L40S", 46068, 362.0),
+        GPU("l40", "L40", 46068, 181.0), GPU("l4", "L4", 23028, 121.0), GPU("rtx4090", "4090", 24564, 165.2),
+        GPU("rtx3090", "3090", 24576, 71.0), GPU("v100", "V100", 16160, 125.0), GPU("t4", "T4", 15360, 65.0)]
 
 
 def gpu_by_name(device_name: str) -> Optional[GPU]:

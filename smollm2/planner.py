@@ -13,9 +13,11 @@ the rest is arithmetic on the config. Per GPU, for P parameters on N processes:
   FSDP2 gathers each layer's bf16 weights and keeps them until that layer's backward (zero_stage 1-2: every layer
   at the peak) or frees them after each use (zero_stage 3: about two layers, plus the embedding and head).
 - activations: what the backward needs from the forward, tensor by tensor, in one of three modes (`RECOMPUTE`):
-  everything autograd keeps (`layer_bytes`); with run.selective_recompute (the default) the outputs of the matmuls
-  and of attention only, the rest rebuilt layer by layer in the backward; with parallelism.recompute_layer only each
-  layer's input, and one whole layer at a time is rebuilt.
+  everything autograd keeps (`layer_bytes`, run.recompute none); with selective the outputs of the matmuls and of
+  attention only, the rest rebuilt layer by layer in the backward; with full (or parallelism.recompute_layer) only
+  each layer's input, and one whole layer at a time is rebuilt. run.recompute auto (the default) takes the first of
+  none, selective, full whose peak fits (`resolve_recompute`): recompute costs host time per layer in eager mode,
+  so a run that fits without it should not pay it.
 - the loss path: what the final norm keeps, and one chunk of model.LOSS_CHUNK_TOKENS positions' logits, log-softmax
   and gradient, never more.
 - the KV cache of the training samples, taken after a step, when activations and gradients are gone.
@@ -153,7 +155,8 @@ class Plan:
     price_per_gpu_hour: Optional[float]
     parameters: int
     accumulation: int
-    recompute: str                 # the config's mode, one of RECOMPUTE
+    recompute: str                 # the mode the run would take, one of RECOMPUTE (run.recompute auto resolved)
+    recompute_reason: str          # why: configured, or what auto found fits
     memory: dict[str, int]
     peak: int
     activations: dict[str, int]    # activations kept, in each recompute mode
@@ -181,7 +184,45 @@ class Plan:
 
 
 def usable_bytes(gpu: GPU) -> int:
+    """What tensors may use of a GPU on paper: what it reports, less the CUDA context and workspaces, less headroom."""
     return int((gpu.memory_gib - RESERVED_GIB) * HEADROOM * GiB)
+
+
+def device_usable_bytes(device: torch.device) -> Optional[int]:
+    """What tensors may use of the device this process runs on: what is free now plus what this process's allocator
+    holds already (the context and other processes, background evals among them, are outside both), less headroom.
+    None off CUDA, where no figure means the same."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int((free + torch.cuda.memory_reserved(device)) * HEADROOM)
+
+
+def resolve_recompute(asked: str, peaks: dict[str, int], usable: Optional[int]) -> tuple[str, str]:
+    """(mode, why) for run.recompute `asked` (auto or one of RECOMPUTE), given the planned peak in each mode and
+    the usable bytes (None: no device memory figure). auto takes the first mode that fits; off a GPU, selective:
+    host memory is shared with everything else and the CPU's own compute dwarfs recompute's dispatch cost."""
+    of = lambda mode: f"{peaks[mode] / GiB:.1f} of {usable / GiB:.1f} GiB planned"
+    if asked != "auto":
+        return asked, "as configured" + (f", {of(asked)}" if usable is not None else "")
+    if usable is None:
+        return "selective", "auto, no device memory figure off a GPU"
+    for mode in RECOMPUTE:
+        if peaks[mode] <= usable:
+            return mode, f"auto, fits: {of(mode)}" + (f"; none needs {of('none')}" if mode != "none" else "")
+    return "full", f"auto, DOES NOT FIT even so: {of('full')}"
+
+
+def asked_recompute(cfg: Config) -> str:
+    """run.recompute, with nanotron's parallelism.recompute_layer true meaning full."""
+    return "full" if cfg.parallelism.recompute_layer else cfg.run.recompute
+
+
+def recompute_for_run(cfg: Config, nproc: int, precision_name: str, device: torch.device) -> tuple[str, str]:
+    """train.py's recompute mode and why, from this device's memory (torch.cuda's figure, not the table's)."""
+    compute, p = 4 if precision_name == "fp32" else 2, count_parameters(cfg.model.model_config)
+    peaks = {mode: memory(cfg, nproc, cfg.tokens.micro_batch_size, mode, compute, p)[1] for mode in RECOMPUTE}
+    return resolve_recompute(asked_recompute(cfg), peaks, device_usable_bytes(device))
 
 
 def largest_micro_batch(cfg: Config, nproc: int, gpu: GPU, recompute: str, compute: int = 2,
@@ -207,13 +248,6 @@ def find_gpu(key: str) -> GPU:
     raise ConfigError(f"--gpu {key}: unknown GPU; one of {', '.join(g.key for g in GPUS)}")
 
 
-def recompute_mode(cfg: Config) -> str:
-    """The config's recompute mode: parallelism.recompute_layer wins over run.selective_recompute."""
-    if cfg.parallelism.recompute_layer:
-        return "full"
-    return "selective" if cfg.run.selective_recompute else "none"
-
-
 def precision(cfg: Config) -> str:
     """What run.precision gives on a GPU (runtime.resolve_precision): the config's model.dtype when 'auto'."""
     if cfg.run.precision == "auto":
@@ -228,16 +262,16 @@ def plan(cfg: Config, gpu: str = "a10g", nproc: int = 1, price_per_gpu_hour: Opt
     spec = find_gpu(gpu)
     if nproc < 1 or not 0 < mfu <= 1:
         raise ConfigError(f"--nproc must be >= 1 and --mfu in (0, 1], got {nproc} and {mfu}")
-    t, recompute = cfg.tokens, recompute_mode(cfg)
-    k = accumulation(cfg, nproc, explicit_accumulation)[0]
+    t, k = cfg.tokens, accumulation(cfg, nproc, explicit_accumulation)[0]
     compute = 4 if precision(cfg) == "fp32" else 2
     p = count_parameters(cfg.model.model_config)
-    lines, peak = memory(cfg, nproc, t.micro_batch_size, recompute, compute, p)
-    activations = {mode: memory(cfg, nproc, t.micro_batch_size, mode, compute, p)[0]["activations kept"]
-                   for mode in RECOMPUTE}
+    modes = {mode: memory(cfg, nproc, t.micro_batch_size, mode, compute, p) for mode in RECOMPUTE}
+    recompute, why = resolve_recompute(asked_recompute(cfg), {m: peak for m, (_, peak) in modes.items()},
+                                       usable_bytes(spec))
     largest = {mode: largest_micro_batch(cfg, nproc, spec, mode, compute, p) for mode in RECOMPUTE}
-    return Plan(cfg, spec, nproc, mfu, price_per_gpu_hour, p.total, k, recompute, lines, peak, activations,
-                samples_kv_bytes(cfg), usable_bytes(spec), largest)
+    return Plan(cfg, spec, nproc, mfu, price_per_gpu_hour, p.total, k, recompute, why, *modes[recompute],
+                {m: lines["activations kept"] for m, (lines, _) in modes.items()}, samples_kv_bytes(cfg),
+                usable_bytes(spec), largest)
 
 
 def format_plan(p: Plan) -> str:
@@ -247,8 +281,8 @@ def format_plan(p: Plan) -> str:
     others = lambda values: ", ".join(f"{m}: {values[m]}" for m in RECOMPUTE if m != p.recompute)
     row = lambda name, n, note="": f"  {name:<30}{n / GiB:7.2f} GiB{note}"
     lines = [f"plan: {human(p.parameters)} parameters on {p.nproc} x {g.key} "
-             f"({g.memory_gib:g} GiB, {g.bf16_tflops:g} TFLOP/s dense bf16) | {precision(cfg)} | {mode} "
-             f"(optimizer.zero_stage {zero}) | recompute {p.recompute}",
+             f"({g.memory_gib:.1f} GiB, {g.bf16_tflops:g} TFLOP/s dense bf16) | {precision(cfg)} | {mode} "
+             f"(optimizer.zero_stage {zero}) | recompute: {p.recompute} ({p.recompute_reason})",
              f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {p.accumulation} accumulation x {p.nproc} "
              f"GPU(s) = {p.tokens_per_step:,} tokens/step",
              "memory per GPU (at the peak, the loss path and one layer's backward come one after the other):"]

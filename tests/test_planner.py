@@ -21,6 +21,7 @@ import train
 from model import ModelConfig, SmolLM2
 from smollm2 import planner
 from smollm2.config_load import load_config
+from smollm2.errors import ConfigError
 from smollm2.metrics import GPUS, flops_per_token, gpu_by_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,3 +200,49 @@ def test_plan_of_an_unknown_gpu_is_a_one_line_error(capsys):
     assert train.main(["--config", str(ROOT / "config_tiny.yaml"), "--plan", "--gpu", "b200x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --gpu b200x: unknown GPU; one of h200,") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- run.recompute auto
+
+
+def test_auto_recompute_is_none_where_it_fits_selective_then_full(capsys):
+    """135M at micro-batch 8 on an A10G fits without recompute; larger micro-batches need selective, then full;
+    what a user sets is kept, and parallelism.recompute_layer means full."""
+    chosen = {b: planner.plan(config(**{"tokens.micro_batch_size": b}), "a10g").recompute for b in (8, 12, 32)}
+    assert chosen == {8: "none", 12: "selective", 32: "full"}
+    assert planner.plan(config(**{"run.recompute": "selective"}), "a10g").recompute == "selective"
+    assert planner.plan(config(**{"parallelism.recompute_layer": True}), "a10g").recompute == "full"
+    assert train.main(["--config", str(ROOT / "config_smollm2_135M.yaml"), "--plan", "--gpu", "a10g"]) == 0
+    assert "recompute: none (auto, fits: " in capsys.readouterr().out
+
+
+def test_auto_recompute_reads_the_device_memory_at_the_boundary(monkeypatch):
+    """On a GPU the choice follows what the device has free (plus what this process holds), not the table: one
+    byte less than the no-recompute peak needs turns it to selective. Off a GPU: selective, and it says why."""
+    cfg = config()
+    peak = planner.memory(cfg, 1, cfg.tokens.micro_batch_size, "none")[1]
+    held = 3 * 2 ** 30
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: held)
+    for free, mode in ((int(peak / planner.HEADROOM) + 2 - held, "none"), (int(peak / planner.HEADROOM) - held - 2, "selective")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * 2 ** 30))
+        assert planner.recompute_for_run(cfg, 1, "bf16", torch.device("cuda"))[0] == mode
+    assert planner.recompute_for_run(cfg, 1, "bf16", torch.device("cpu")) == (
+        "selective", "auto, no device memory figure off a GPU")
+
+
+def test_a10g_and_l4_plan_with_the_memory_they_report_not_24_gib():
+    """A micro-batch whose peak fits 24 GiB but not the 23,028 MiB an A10G reports is refused."""
+    cfg = config(**{"run.recompute": "full"})
+    on_24, p = int((24 - planner.RESERVED_GIB) * planner.HEADROOM * planner.GiB), planner.count_parameters(cfg.model.model_config)
+    peak = lambda b: planner.memory(cfg, 1, b, "full", p=p)[1]
+    b = next(b for b in range(1, 200) if peak(b) > planner.usable_bytes(planner.find_gpu("a10g")))
+    assert peak(b) <= on_24, "no micro-batch lies between the two figures"
+    for gpu in ("a10g", "l4"):
+        assert not planner.plan(config(**{"run.recompute": "full", "tokens.micro_batch_size": b}), gpu).fits
+
+
+def test_the_old_selective_recompute_key_is_refused_with_the_new_one():
+    with pytest.raises(ConfigError, match=r"run.selective_recompute: this key moved to run.recompute"):
+        config(**{"run.selective_recompute": False})
+    with pytest.raises(ConfigError, match="run.recompute"):
+        config(**{"run.recompute": "some"})

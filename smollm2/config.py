@@ -286,7 +286,9 @@ class EvalArgs:
     num_fewshot: Optional[int] = None  # null: each task's own
     include_path: Optional[str] = None  # a folder of your own task YAML files
     batch_size: int = 8
-    device: str = "auto"               # where the eval process runs: auto (the GPU if any) | cpu | cuda:N
+    # where the eval process runs: auto is the CPU, because the training GPU's memory is the run's (the planner and
+    # run.recompute auto count it all for training) | cpu | cuda:N (a GPU the training does not use)
+    device: str = "auto"
 
 
 @dataclass

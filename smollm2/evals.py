@@ -126,9 +126,12 @@ class BackgroundEvals:
         return final or step % self.every == 0
 
     def command(self, checkpoint: Path) -> list[str]:
+        """evaluation.py's command line. eval.device auto is the CPU: on the training GPU the eval's weights and
+        activations would take memory the planner gave the run, and an out-of-memory error would stop training."""
         c = self.cfg   # paths absolute: the trainer's working directory need not be the eval's
         flags = {"--tasks": ",".join(c.tasks), "--limit": c.limit, "--num_fewshot": c.num_fewshot, "--include_path":
-                 c.include_path and Path(c.include_path).resolve(), "--batch_size": c.batch_size, "--device": c.device}
+                 c.include_path and Path(c.include_path).resolve(), "--batch_size": c.batch_size,
+                 "--device": "cpu" if c.device == "auto" else c.device}
         return [sys.executable, str(ROOT / "evaluation.py"), "--checkpoint_path", str(checkpoint.resolve()),
                 "--output", str(results_path(checkpoint).resolve()),
                 *[str(x) for k, v in flags.items() if v is not None for x in (k, v)]]

@@ -7,6 +7,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -361,6 +362,15 @@ def test_background_evals_run_one_at_a_time_keep_their_checkpoints_and_report_fa
     assert str(folder / "step_00000200.eval.log") in err
     assert not background.is_pending(good)
     assert rotate_checkpoints(tmp_path / "run", keep=1, spare=background.is_pending) == [good]
+
+
+def test_background_evals_run_off_the_training_gpu_unless_told_which_device(tmp_path, monkeypatch):
+    """eval.device auto launches evaluation.py on the CPU: the training GPU's memory is planned for the run alone."""
+    launched = []
+    monkeypatch.setattr(evals.subprocess, "Popen", lambda cmd, **kw: launched.append(cmd) or SimpleNamespace(pid=1))
+    for device in ("auto", "cuda:1"):
+        evals.BackgroundEvals(EvalArgs(tasks=["hellaswag"], device=device), 100).start(tmp_path / "step_1.pt", 1)
+    assert [cmd[cmd.index("--device") + 1] for cmd in launched] == ["cpu", "cuda:1"]
 
 
 def test_evals_during_training_refuse_to_start_without_the_harness(monkeypatch):

@@ -96,8 +96,10 @@ def format_train_line(r: dict, extra: dict = {}) -> str:
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     parts.append(f"eta {duration(r['eta_s'])}")
-    if r.get("mem_gb") is not None:
-        parts.append(f"mem {r['mem_gb']:.1f}GB")
+    if r.get("mem_reserved_gib") is not None:   # a GPU's peaks since the last line
+        parts.append(f"mem {r['mem_gib']:.1f} allocated, {r['mem_reserved_gib']:.1f} reserved GiB")
+    elif r.get("mem_gib") is not None:           # the CPU's peak resident memory
+        parts.append(f"mem {r['mem_gib']:.1f} GiB")
     return " | ".join(parts + [f"{key} {value:.3f}" for key, value in extra.items()])
 
 

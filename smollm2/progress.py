@@ -5,13 +5,15 @@ ETA. The functions take train.py's Run as `run` (its step, config, runtime and m
 """
 
 import math
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from smollm2.metrics import duration, flops_per_token, format_train_line, peak_flops
-from smollm2.runtime import memory_gb
 
 QUIET_S = 60.0   # with no terminal (no progress bar), a line at least this often, however long the logging interval
 
@@ -59,12 +61,24 @@ def log_progress(run, progress: Progress, grad_norm: float, lr: float, stats: di
               "tok_per_s": tok_s,
               "mfu": tok_s * flops_per_token(cfg.model.model_config, cfg.tokens.sequence_length) / (peak * rt.world)
               if peak else None,
-              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), "mem_gb": memory_gb(rt.device),
+              "eta_s": (steps - run.step) / rate if rate > 0 else float("inf"), **memory_since_last_line(rt.device),
               **stats}
     print(format_train_line(record, extra=stats), flush=True)
     run.log.write(record)
     progress.t_log, progress.t_said, progress.steps_since_log = now, now, 0
     progress.loss_sum, progress.loss_count = 0.0, 0
+
+
+def memory_since_last_line(device: torch.device) -> dict:
+    """The peaks since the previous log line, in GiB: on a GPU what tensors took (allocated) and what the caching
+    allocator held (reserved: what the device really lost, fragmentation included), their peaks reset after reading
+    so each line speaks for its own steps; on the CPU the process's peak resident memory, which never resets."""
+    if device.type != "cuda":
+        return {"mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30}   # Linux: kB
+    peaks = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+             "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+    torch.cuda.reset_peak_memory_stats(device)
+    return peaks
 
 
 def still_running(run, progress: Progress) -> None:

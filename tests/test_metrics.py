@@ -5,6 +5,7 @@ log line, the plot and the app."""
 import json
 import random
 import statistics
+from types import SimpleNamespace
 
 from smollm2 import metrics
 from smollm2.metrics import format_val_line, plot_losses, short_names, val_curves
@@ -52,3 +53,29 @@ def test_the_loss_plot_draws_raw_and_smoothed_train_loss_and_validation(tmp_path
     smooth = figure.axes[0].get_lines()[1].get_ydata()
     assert mean_jump(list(smooth)) < 0.1   # the raw line jumps by 1 at every step
     assert metrics.plot_losses(log, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_log_line_gives_the_gpu_peaks_allocated_and_reserved_of_its_own_interval(monkeypatch, capsys):
+    """On a GPU (torch.cuda recorded here) each line reads both peaks, then resets them once, so the next line's
+    figures are its own steps'."""
+    import torch
+
+    from smollm2 import progress
+    from smollm2.config import Config
+    calls, peaks = [], iter([(3 * 2 ** 30, 4 * 2 ** 30), (1 * 2 ** 30, 2 * 2 ** 30)])
+    current = {}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: current["peaks"][0])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: current["peaks"][1])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    records = []
+    run = SimpleNamespace(cfg=Config(), rt=SimpleNamespace(device=torch.device("cuda"), world=1), step=10,
+                          tokens_per_step=1024, tokens_seen=0, train_data=SimpleNamespace(name="stable"),
+                          log=SimpleNamespace(write=records.append))
+    for _ in range(2):
+        current["peaks"] = next(peaks)
+        progress.log_progress(run, progress.Progress(0, steps_since_log=1), 1.0, 1e-3, {})
+        assert calls.count("reset") == len(records)
+    lines = capsys.readouterr().out.splitlines()
+    assert "mem 3.0 allocated, 4.0 reserved GiB" in lines[0] and "mem 1.0 allocated, 2.0 reserved GiB" in lines[1]
+    assert [(r["mem_gib"], r["mem_reserved_gib"]) for r in records] == [(3.0, 4.0), (1.0, 2.0)]

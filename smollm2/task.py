@@ -17,6 +17,16 @@ from smollm2.runtime import Runtime
 from smollm2.tokenizer import eos_token_id, load_tokenizer
 
 
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A micro-batch's same-shaped tensors on `device` in one host-to-device copy, stacked (x and y: one (2, B, T)).
+    On CUDA from pinned memory: that copy is asynchronous, so the host goes on to read the next micro-batch while the
+    GPU still computes this one; from pageable memory the copy would first wait for the GPU to finish its queue."""
+    stacked = torch.stack(batch)
+    if device.type == "cuda":
+        stacked = stacked.pin_memory()
+    return tuple(stacked.to(device, non_blocking=True).unbind(0))
+
+
 class Task(ABC):
     """The defaults are pretraining's; a task overrides what it does otherwise."""
     reports_perplexity = True   # the validation loss is a per-token cross-entropy
@@ -40,7 +50,7 @@ class Task(ABC):
     def loss(self, run, batch) -> tuple[torch.Tensor, dict]:
         """One micro-batch's loss to minimise (run is train.py's Run), and statistics to log beside it (tensors,
         averaged like the loss)."""
-        x, y = (t.to(run.rt.device, non_blocking=True) for t in batch)   # ids past the vocabulary: refused by data.py
+        x, y = to_device(batch, run.rt.device)   # ids past the vocabulary: refused by data.py
         return run.net(x, y)[1], {}
 
     def prompt(self, tokenizer, text: str) -> list[int]:

@@ -220,3 +220,26 @@ def test_bad_config_and_restarting_a_finished_run_are_one_line_errors(tmp_path, 
     proc = run_train(bad, check=False)                     # same run dir, no --resume: refuse, touch nothing
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_each_micro_batch_reaches_a_cuda_device_in_one_copy_from_pinned_memory(tmp_path, code_corpus, monkeypatch):
+    """The loop hands every micro-batch to the task's to_device once; on CUDA (torch's copies recorded here) that is
+    one pin_memory and one non-blocking copy of the pinned tensor holding x and y together."""
+    from smollm2 import task
+    handed = []
+    real = task.to_device
+    monkeypatch.setattr(task, "to_device", lambda batch, device: handed.append(len(batch)) or real(batch, device))
+    config = make_config(tmp_path, code_corpus, **{"tokens.train_steps": 2, "tokens.batch_accumulation_per_replica": 3,
+                                                   "tokens.limit_val_batches": 0, "checkpoints.checkpoint_interval": 100,
+                                                   "checkpoints.save_final_state": False})
+    train.train(load_config(str(config)))
+    assert handed == [2] * 6
+    pinned, copies = [], []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.clone()) or pinned[-1])
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copies.append((t, a, k)) or t)
+    x, y = torch.arange(12).view(3, 4), torch.arange(12, 24).view(3, 4)
+    on_device = real((x, y), torch.device("cuda"))
+    assert len(pinned) == 1 and len(copies) == 1
+    source, args, kwargs = copies[0]
+    assert source is pinned[0] and args == (torch.device("cuda"),) and kwargs == {"non_blocking": True}
+    assert torch.equal(on_device[0], x) and torch.equal(on_device[1], y)

@@ -246,3 +246,13 @@ def test_the_old_selective_recompute_key_is_refused_with_the_new_one():
         config(**{"run.selective_recompute": False})
     with pytest.raises(ConfigError, match="run.recompute"):
         config(**{"run.recompute": "some"})
+
+
+def test_the_gpu_check_runs_on_the_cpu_and_our_loss_equals_transformers():
+    """bench/bench_gpu.py --dry --only loss: the script cannot rot unseen, and its loss row holds (fp32, same T
+    predictions: equal to float precision)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--dry", "--only", "loss"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("loss "))
+    assert float(re.search(r"fp32: .*?\|diff\| ([0-9.e+-]+)", row).group(1)) < 1e-5, row

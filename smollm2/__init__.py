@@ -27,7 +27,8 @@ Training
     distributed.py       DDP or FSDP2 by optimizer.zero_stage, the config's global batch kept, sharded checkpoints
     progress.py          what the loop remembers between steps (skipped updates, spikes, clocks) and the lines it prints
     metrics.py           log lines, tokens/s and MFU (the GPU table), metrics.jsonl, TensorBoard and W&B, loss.png
-    planner.py           `train.py --plan`: memory per GPU, whether a run fits, the largest micro-batch, time and cost
+    planner.py           `train.py --plan`: memory per GPU, whether a run fits, the largest micro-batch, time and cost;
+                         the recompute mode run.recompute auto takes
 
 Checkpoints and storage
     checkpoint.py        checkpoints written atomically, read without running pickled code, listed, rotated and

@@ -8,7 +8,6 @@ import contextlib
 import io
 import os
 import random
-import resource
 import signal
 from dataclasses import dataclass
 from typing import Optional
@@ -144,9 +143,3 @@ def any_across_ranks(flag: bool, rt: Runtime) -> bool:
     x = torch.tensor(float(flag), device=rt.device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return bool(x.item())
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux reports kB

@@ -195,7 +195,27 @@ def test_the_layout_calibration_picks_the_layout_with_the_faster_step(monkeypatc
     assert sampling.calibrate_layout(weights, 1) == "column"
 
 
-@pytest.mark.parametrize("layout, quantize", [("row", None), ("packed", None), ("row", "int8")])
+def test_the_compiled_decode_step_is_built_once_for_every_prompt_length_batch_size_and_cache_length():
+    """Prompts of three lengths, in batches of one and three, filling caches of two lengths: one decode graph (the
+    cache is allocated at a few lengths and written at the positions given; batch and length are dynamic), and
+    every batch gets the eager tokens."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    why_not = sampling.compile_unavailable(torch.device("cpu"))
+    if why_not:
+        pytest.skip(why_not)
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    requests = [[[5, 17, 33]], [[5, 17, 33, 2, 9] * 10, [77, 3], [300] * 7], [[8, 4]]]
+    assert {sampling.bucket(max(map(len, r)) + 20, sampling.MIN_CACHE, 128) for r in requests} == {64, 128}
+    torch._dynamo.reset()
+    counters.clear()
+    for prompts in requests:
+        assert generate(model, prompts, params, compile=True) == generate(model, prompts, params)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("layout, quantize", [("packed", None), ("row", "int8")])
 def test_compiled_decode_step_equals_eager(layout, quantize):
     """The compiled decode step gives the eager one's tokens, with fp32 weights (a packed layout compiles the plain
     weight's product) and with int8 ones (inductor fuses the casts around the int8 kernel and calls the kernel)."""

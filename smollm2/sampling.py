@@ -148,26 +148,33 @@ def decode_layout(model: SmolLM2, batch: int) -> str:
         return "row"
     key = (batch, torch.get_num_threads(), tuple((s, len(ws)) for s, ws in shapes.items()))
     if key not in _chosen_layouts:
-        _chosen_layouts[key] = calibrate_layout({s: (ws[0], len(ws)) for s, ws in shapes.items()}, batch)
+        _chosen_layouts[key] = calibrate_layout(shapes, batch)
     return _chosen_layouts[key]
 
 
+STREAMED_BYTES = 64 * 2**20   # more than a CPU's last-level cache holds: weights this large stream from memory
+
+
 @torch.no_grad()
-def calibrate_layout(weights: dict, batch: int, repeats: int = 5) -> str:
-    """Time one decode step's matrix products in each layout: weights maps (N, K) -> (one weight of that shape,
-    how many the model has). Each product's time is the best of `repeats`, the layouts alternating, so a busy machine
-    slows all alike; a few hundred milliseconds at the 135M shape."""
-    best = {(shape, layout): float("inf") for shape in weights for layout in LAYOUTS}
-    for shape, (w, _) in weights.items():
-        x = torch.randn(batch, shape[1], dtype=w.dtype)
-        copies = {layout: laid(w, layout) for layout in LAYOUTS}
-        for _ in range(repeats):
+def calibrate_layout(weights: dict, batch: int, rounds: int = 7) -> str:
+    """Time one decode step's matrix products in each layout: weights maps (N, K) -> the model's weights of that
+    shape. As in decoding, each product reads a weight from memory, not from a cache that the previous product warmed:
+    a shape is timed over as many of its weights (copies laid out in each layout) as fill STREAMED_BYTES, scaled to
+    all of them. The layouts alternate within each of `rounds` rounds, so a busy machine slows all alike, and a
+    layout's step is its median round, so one lucky or unlucky round decides nothing."""
+    steps = {layout: [0.0] * rounds for layout in LAYOUTS}
+    for shape, ws in weights.items():
+        n = max(1, min(len(ws), STREAMED_BYTES // (ws[0].numel() * ws[0].element_size())))
+        x = torch.randn(batch, shape[1], dtype=ws[0].dtype)
+        copies = {layout: [laid(w, layout) for w in ws[:n]] for layout in LAYOUTS}
+        for r in range(rounds):
             for layout in LAYOUTS:
                 t0 = time.perf_counter()
-                product(x, copies[layout], layout)
-                best[shape, layout] = min(best[shape, layout], time.perf_counter() - t0)
-    step = {layout: sum(best[shape, layout] * n for shape, (_, n) in weights.items()) for layout in LAYOUTS}
-    return min(LAYOUTS, key=step.get)
+                for w in copies[layout]:
+                    product(x, w, layout)
+                steps[layout][r] += (time.perf_counter() - t0) * len(ws) / n
+    median = {layout: sorted(times)[rounds // 2] for layout, times in steps.items()}
+    return min(LAYOUTS, key=median.get)
 
 
 @torch.no_grad()

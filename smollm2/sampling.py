@@ -65,10 +65,14 @@ def warp_logits(logits: torch.Tensor, p: SamplingParams, seen: Optional[torch.Te
         kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p is not None and p.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        # after top-k only its k tokens are left: order those, not all 49k logits (a full sort per token took as
+        # long as the decode step itself)
+        n = logits.size(-1) if p.top_k is None else min(p.top_k, logits.size(-1))
+        sorted_logits, order = logits.topk(n, dim=-1)     # descending
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= p.top_p        # the mass before this token already reached p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, ~drop)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
 
 

@@ -296,6 +296,23 @@ def test_top_k_and_top_p_leave_only_the_allowed_tokens():
         assert set(drawn.tolist()) <= kept
 
 
+def test_top_p_after_top_k_orders_only_the_k_tokens_left(monkeypatch):
+    """Ordering every one of 49k logits per token took as long as the decode step: after top-k, top-p orders k."""
+    ordered = []   # how many values each sort or top-k call orders
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def call(t, *args, **kwargs):
+            ordered.append(t.shape[-1] if name == "sort" else (args[0] if args else kwargs["k"]))
+            return real(t, *args, **kwargs)
+        return call
+    for name in ("sort", "topk"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    warp_logits(torch.randn(2, 49152), SamplingParams(temperature=0.8, top_k=50, top_p=0.95))
+    assert ordered and max(ordered) <= 50
+
+
 def test_invalid_sampling_values_are_refused():
     for bad in (dict(top_p=0.0), dict(top_k=0), dict(temperature=-1.0), dict(max_new_tokens=0),
                 dict(repetition_penalty=0.0), dict(temperature=math.nan), dict(temperature=math.inf),

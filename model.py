@@ -15,7 +15,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -101,7 +101,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for decoding: a prefill writes the prompt, then each step writes one slot."""
+    """Keys and values allocated once: tokens are written at the slots given and attention reads every slot (those
+    not yet written masked), so a decode step's shapes never change and a compiled step is built once."""
 
     def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -109,12 +110,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at slots pos..pos+T-1; return every slot filled so far."""
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at slots (T,); return the whole cache (B, n_kv, S, hd)."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -133,14 +133,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, cache_pos: Optional[int] = None, mask: Optional[torch.Tensor] = None):
+    def forward(self, x, cos, sin, cache_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         # view as (B, T, H, hd), then put heads before time: RoPE and SDPA both expect (B, H, T, hd)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, n_kv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.kv_cache is not None and cache_pos is not None:
+        if self.kv_cache is not None and cache_pos is not None:   # cache_pos: the slots (T,) these tokens fill
             k, v = self.kv_cache.update(cache_pos, k, v)                              # (B, n_kv, S, hd)
         gqa = self.n_kv != self.n_heads
         if mask is None:   # plain causal: SDPA picks its fastest (flash / memory-efficient) kernel
@@ -297,45 +297,50 @@ class SmolLM2(nn.Module):
 
     # ---- KV cache
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
+        """A cache of max_len slots per row; one of that shape already there is kept (a session allocates once)."""
         p = self.model.norm.weight   # the compute dtype, also when the matrices are stored quantized
+        dtype, device = dtype or p.dtype, device or p.device
         for layer in self.model.layers:
-            attn = layer.self_attn
-            attn.kv_cache = KVCache(batch, attn.n_kv, max_len, attn.head_dim, dtype or p.dtype, device or p.device)
+            attn, old = layer.self_attn, layer.self_attn.kv_cache
+            if old is None or (old.k.shape, old.k.dtype, old.k.device) != (
+                    (batch, attn.n_kv, max_len, attn.head_dim), dtype, torch.device(device)):
+                attn.kv_cache = KVCache(batch, attn.n_kv, max_len, attn.head_dim, dtype, device)
 
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                cache_pos: Optional[int] = None, valid: Optional[torch.Tensor] = None,
+                cache_pos: Optional[Union[int, torch.Tensor]] = None, valid: Optional[torch.Tensor] = None,
                 segments: Optional[torch.Tensor] = None, last_only: bool = False, ignore_index: int = -100,
                 per_row: bool = False):
         """input_ids (B, T) -> (logits (B, T, V), None), or with targets (B, T): (None, the mean cross-entropy over
         targets != ignore_index), computed chunk by chunk so that the full logits never exist.
 
-        cache_pos: where these tokens go in the KV cache (after `setup_cache`); None means no cache.
-        valid: (B, S) bool over every slot so far, False at left padding; positions then count valid tokens only.
+        cache_pos: the KV cache slots (T,) of these tokens (after `setup_cache`), or the first one; None: no cache.
+        valid: (B, S) bool over every cache slot ((B, T) without a cache), False at left padding; positions then
+            count valid tokens only.
         segments: (B, T) ids of the sequences packed into each row (e.g. conversations); each one is computed as if
             alone: its positions start at 0 and its tokens attend only to earlier tokens of the same sequence.
         last_only: compute logits for the last position only (what a decoder needs to pick the next token).
         per_row: the loss is each row's summed cross-entropy (B,), -log p(targets of that row), instead of the mean.
         """
         B, T = input_ids.shape
-        start = cache_pos or 0
-        slots = torch.arange(start, start + T, device=input_ids.device)                 # (T,)
-        if valid is not None:
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]   # (B, T)
-        else:
-            positions = slots
+        cache = self.model.layers[0].self_attn.kv_cache if cache_pos is not None else None
+        if isinstance(cache_pos, int):
+            cache_pos = torch.arange(cache_pos, cache_pos + T, device=input_ids.device)
+        slots = cache_pos if cache is not None else torch.arange(T, device=input_ids.device)   # (T,)
+        positions = slots if valid is None else (valid.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)
         mask = None
         if segments is not None:   # packed training rows (no cache, no padding)
             positions, mask = packed_layout(segments)
-        elif valid is not None or (start > 0 and T > 1):   # a single new token may attend to every slot
-            keys = torch.arange(start + T, device=input_ids.device)                     # (S,)
-            mask = keys[None, :] <= slots[:, None]                                       # (T, S) causal
+        elif cache is not None or valid is not None:
+            # keys: every slot of the cache (the slots not yet written lie after the query, so causality hides them)
+            keys = torch.arange(cache.k.shape[2] if cache is not None else T, device=input_ids.device)   # (S,)
+            mask = keys[None, :] <= slots[:, None]                                                       # (T, S)
             if valid is not None:
                 # a padding slot may still see itself, so no softmax row is empty (an empty row gives NaN)
-                mask = mask & (valid[:, None, :start + T] | (keys[None, :] == slots[:, None]))  # (B, T, S)
+                mask = mask & (valid[:, None, :] | (keys[None, :] == slots[:, None]))          # (B, T, S)
                 mask = mask[:, None]                                                           # (B, 1, T, S)
         cos, sin = self.model.rotary_emb(positions)
 

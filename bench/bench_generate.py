@@ -9,7 +9,9 @@ never stops early). Decode tokens/s leaves the prefill out: each side is timed g
 the rate is batch x (N - 1) / (t_N - t_1). Runs alternate between the contenders and each time is the best of
 --repeats, so a busy machine slows all of them alike.
 
-The contenders: our fp32 model in each weight layout ("row-major" is the layout training leaves, "column-major" the
+The contenders: transformers, and transformers with torchao's int8 weight-only quantization (`quantize_` with
+`Int8WeightOnlyConfig`, the peer a user of transformers reaches for on a CPU; `pip install -r bench/requirements.txt`,
+left out with the reason when torchao cannot be imported), our fp32 model in each weight layout ("row-major" is the layout training leaves, "column-major" the
 re-laid one, "packed" oneDNN's blocked copy; `*` marks the one smollm2/sampling.py's decode_layout measures fastest
 for the batch, which generate.py and the app use), our int8 model (smollm2/quantize.py), and, where inductor can build
 CPU code, both of ours with the decode step compiled (the compile time is printed, not counted). "tokens" compares
@@ -62,9 +64,28 @@ def transformers_twin(model: SmolLM2) -> LlamaForCausalLM:
     return hf
 
 
-def contenders(fp32: SmolLM2, ours: dict, batch: int, compiled: bool) -> dict:
+def torchao_twin(model: SmolLM2):
+    """transformers' model with torchao's int8 weight-only Linear weights, or the reason it cannot be built here."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        return f"no transformers + torchao contender ({e}; pip install -r bench/requirements.txt)"
+    hf = transformers_twin(model)
+    quantize_(hf, Int8WeightOnlyConfig())
+    return hf
+
+
+def hf_runner(hf: LlamaForCausalLM):
+    @torch.inference_mode()
+    def run(prompt, n):
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+        return out[:, prompt.shape[1]:].tolist()
+    return run
+
+
+def contenders(fp32: SmolLM2, ours: dict, batch: int, compiled: bool, torchao) -> dict:
     """name -> fn(prompt (B, T), new_tokens) -> new token ids, for this batch size."""
-    hf = transformers_twin(fp32)
     chosen = {"row": "fp32 row-major", "column": "fp32 column-major", "packed": "fp32 packed"}[
         decode_layout(fp32, batch)]
 
@@ -72,13 +93,9 @@ def contenders(fp32: SmolLM2, ours: dict, batch: int, compiled: bool) -> dict:
         return lambda prompt, n: generate(model, prompt.tolist(), SamplingParams(max_new_tokens=n, temperature=0),
                                           compile=compile)
 
-    @torch.inference_mode()
-    def run_hf(prompt, n):
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
-                          pad_token_id=0)
-        return out[:, prompt.shape[1]:].tolist()
-
-    fns = {"transformers": run_hf}
+    fns = {"transformers": hf_runner(transformers_twin(fp32))}
+    if not isinstance(torchao, str):
+        fns["transformers + torchao"] = hf_runner(torchao)
     fns.update({name + (" *" if name == chosen else ""): run_ours(model) for name, model in ours.items()})
     if compiled:
         fns["fp32 compiled *"] = run_ours(ours[chosen], compile=True)
@@ -131,23 +148,25 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     fp32, ours = our_models(args.config)
+    torchao = torchao_twin(fp32)
     why_not = None if args.no_compile else compile_unavailable(torch.device("cpu"))
     compiled = not args.no_compile and why_not is None
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; {PROMPT_TOKENS}-token prompt, "
           f"{args.new_tokens} new tokens, greedy, best of {args.repeats}"
-          + (f"; no compiled contenders: {why_not}" if why_not else ""))
-    print(f"{'batch':>5}  {'contender':<21} {'decode tok/s':>12} {'end-to-end':>10}  {'vs transformers':>15}  "
+          + (f"; no compiled contenders: {why_not}" if why_not else "")
+          + (f"; {torchao}" if isinstance(torchao, str) else ""))
+    print(f"{'batch':>5}  {'contender':<22} {'decode tok/s':>12} {'end-to-end':>10}  {'vs transformers':>15}  "
           f"{'vs ours fp32 *':>14}  tokens vs transformers")
     for batch in args.batches:
         prompt = torch.randint(1, fp32.config.vocab_size, (batch, PROMPT_TOKENS),
                                generator=torch.Generator().manual_seed(batch))
-        fns = contenders(fp32, ours, batch, compiled)
+        fns = contenders(fp32, ours, batch, compiled, torchao)
         warm_up(fns, prompt)
         results = measure(fns, prompt, args.new_tokens, args.repeats)
         ref_rate, _, ref_tokens = results["transformers"]
         ours_rate = next(rate for name, (rate, _, _) in results.items() if name.startswith("fp32") and "*" in name)
         for name, (rate, e2e, tokens) in results.items():
-            print(f"{batch:>5}  {name:<21} {rate:>12.1f} {e2e:>10.1f}  {rate / ref_rate:>14.2f}x  "
+            print(f"{batch:>5}  {name:<22} {rate:>12.1f} {e2e:>10.1f}  {rate / ref_rate:>14.2f}x  "
                   f"{rate / ours_rate:>13.2f}x  {agreement(tokens, ref_tokens)}", flush=True)
     return 0
 

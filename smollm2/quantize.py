@@ -24,7 +24,10 @@ CPUs its vectorized path reads and writes bf16 (fp32 activations take a scalar l
 matmul rounds its input and its output to bf16, a relative error of at most 2^-9 each and smaller than what rounding
 the weights to int8 costs, and its result returns to the compute dtype at once; the scales are bf16 values, so the
 kernel reads them exactly. The kernel needs K to be a multiple of 16: a layer that is not (none in the SmolLM2
-shapes) dequantizes its weight for an ordinary matmul instead, as does a GPU whose PyTorch build lacks the op.
+shapes) dequantizes its weight for an ordinary matmul instead.
+
+On a GPU the scheme is refused: the op's CUDA kernel computes one output element per thread without tensor cores,
+and measured slower than the bf16 matmul it replaces, so int8 there would cost speed and quality both.
 bench/bench_quantize.py measures what the whole scheme costs in perplexity and greedy agreement.
 
 Quantization is a transform at load time (`loading.load_model(..., quantize="int8")`): checkpoints, parameter
@@ -38,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import SmolLM2
+from smollm2.errors import InputError
 
 QUANTIZE_CHOICES = ("int8",)
 KERNEL_K_MULTIPLE = 16   # the CPU kernel reads K in blocks of 16 and assumes rows aligned to them
@@ -69,14 +73,14 @@ class Int8Weight(nn.Module):
     def __init__(self, q: nn.Parameter, scales: torch.Tensor, compute_dtype: torch.dtype):
         super().__init__()
         self.weight = q                            # a Parameter, so num_parameters() still counts it
-        self.register_buffer("scales", scales)     # in the dtype the kernel reads (kernel_dtype)
+        self.register_buffer("scales", scales)     # bf16: the activation dtype the CPU kernel runs fastest with
         self.compute_dtype = compute_dtype
 
     @classmethod
     def of(cls, w: torch.Tensor):
         """The int8 form of a float matrix w (N, K), on w's device, standing in for w's dtype."""
         q, s = quantize_rows(w)
-        return cls(nn.Parameter(q.to(w.device), requires_grad=False), s.to(w.device, kernel_dtype(w.device, w.dtype)),
+        return cls(nn.Parameter(q.to(w.device), requires_grad=False), s.to(w.device, torch.bfloat16),
                    w.dtype)
 
     def train(self, mode: bool = True):
@@ -88,22 +92,12 @@ class Int8Weight(nn.Module):
         raise refuse("be saved as a checkpoint (save the unquantized model instead)")
 
 
-def kernel_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
-    """The activation dtype the int8 kernel runs fastest with: bf16 on the CPU, the compute dtype elsewhere."""
-    return torch.bfloat16 if device.type == "cpu" else compute_dtype
-
-
-def _has_kernel(device: torch.device) -> bool:
-    return device.type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key(
-        "aten::_weight_int8pack_mm", "CUDA" if device.type == "cuda" else device.type.upper())
-
-
 class Int8Linear(Int8Weight):
     """y = x @ W.T computed as (x @ q.T) * s by PyTorch's weight-only int8 kernel. x (..., K) -> y (..., N)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = x.shape[-1]
-        if K % KERNEL_K_MULTIPLE or not _has_kernel(x.device):
+        if K % KERNEL_K_MULTIPLE:
             return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         # activations in the kernel's dtype, the scales' (Int8Weight.of); the kernel reads rows densely packed
         x2 = x.reshape(-1, K).to(self.scales.dtype, memory_format=torch.contiguous_format)         # (M, K)
@@ -136,6 +130,9 @@ def quantize_model(model: SmolLM2, scheme: Optional[str]) -> SmolLM2:
         raise ValueError(f"quantize: unknown scheme {scheme!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
     if is_quantized(model):
         raise ValueError("quantize: this model is quantized already")
+    if (device := model.lm_head.weight.device).type != "cpu":
+        raise InputError(f"--quantize int8 runs on the CPU only: on {device.type} PyTorch's int8 kernel (one thread per "
+                         f"output, no tensor cores) is slower than bf16; drop --quantize and use --dtype bf16 there")
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     embed = model.model.embed_tokens = Int8Embedding.of(model.model.embed_tokens.weight)
     # a tied head is a Linear over the embedding's own int8 matrix and scales: one copy in memory

@@ -65,10 +65,14 @@ def warp_logits(logits: torch.Tensor, p: SamplingParams, seen: Optional[torch.Te
         kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p is not None and p.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        # after top-k only its k tokens are left: order those, not all 49k logits (a full sort per token took as
+        # long as the decode step itself)
+        n = logits.size(-1) if p.top_k is None else min(p.top_k, logits.size(-1))
+        sorted_logits, order = logits.topk(n, dim=-1)     # descending
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= p.top_p        # the mass before this token already reached p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, ~drop)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
 
 
@@ -148,26 +152,33 @@ def decode_layout(model: SmolLM2, batch: int) -> str:
         return "row"
     key = (batch, torch.get_num_threads(), tuple((s, len(ws)) for s, ws in shapes.items()))
     if key not in _chosen_layouts:
-        _chosen_layouts[key] = calibrate_layout({s: (ws[0], len(ws)) for s, ws in shapes.items()}, batch)
+        _chosen_layouts[key] = calibrate_layout(shapes, batch)
     return _chosen_layouts[key]
 
 
+STREAMED_BYTES = 64 * 2**20   # more than a CPU's last-level cache holds: weights this large stream from memory
+
+
 @torch.no_grad()
-def calibrate_layout(weights: dict, batch: int, repeats: int = 5) -> str:
-    """Time one decode step's matrix products in each layout: weights maps (N, K) -> (one weight of that shape,
-    how many the model has). Each product's time is the best of `repeats`, the layouts alternating, so a busy machine
-    slows all alike; a few hundred milliseconds at the 135M shape."""
-    best = {(shape, layout): float("inf") for shape in weights for layout in LAYOUTS}
-    for shape, (w, _) in weights.items():
-        x = torch.randn(batch, shape[1], dtype=w.dtype)
-        copies = {layout: laid(w, layout) for layout in LAYOUTS}
-        for _ in range(repeats):
+def calibrate_layout(weights: dict, batch: int, rounds: int = 7) -> str:
+    """Time one decode step's matrix products in each layout: weights maps (N, K) -> the model's weights of that
+    shape. As in decoding, each product reads a weight from memory, not from a cache that the previous product warmed:
+    a shape is timed over as many of its weights (copies laid out in each layout) as fill STREAMED_BYTES, scaled to
+    all of them. The layouts alternate within each of `rounds` rounds, so a busy machine slows all alike, and a
+    layout's step is its median round, so one lucky or unlucky round decides nothing."""
+    steps = {layout: [0.0] * rounds for layout in LAYOUTS}
+    for shape, ws in weights.items():
+        n = max(1, min(len(ws), STREAMED_BYTES // (ws[0].numel() * ws[0].element_size())))
+        x = torch.randn(batch, shape[1], dtype=ws[0].dtype)
+        copies = {layout: [laid(w, layout) for w in ws[:n]] for layout in LAYOUTS}
+        for r in range(rounds):
             for layout in LAYOUTS:
                 t0 = time.perf_counter()
-                product(x, copies[layout], layout)
-                best[shape, layout] = min(best[shape, layout], time.perf_counter() - t0)
-    step = {layout: sum(best[shape, layout] * n for shape, (_, n) in weights.items()) for layout in LAYOUTS}
-    return min(LAYOUTS, key=step.get)
+                for w in copies[layout]:
+                    product(x, w, layout)
+                steps[layout][r] += (time.perf_counter() - t0) * len(ws) / n
+    median = {layout: sorted(times)[rounds // 2] for layout, times in steps.items()}
+    return min(LAYOUTS, key=median.get)
 
 
 @torch.no_grad()
@@ -198,9 +209,27 @@ def use_decode_layout(model: SmolLM2, batch: int) -> SmolLM2:
     return lay_out(model, decode_layout(model, batch))
 
 
-def decode_step(model: SmolLM2, tok: torch.Tensor, pos: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """One new token per row (B,) written at cache slot `pos` -> next-token logits (B, 1, V)."""
-    return model(tok[:, None], cache_pos=pos, valid=valid)[0]
+MIN_CACHE = 64        # the shortest KV cache; longer ones double, so a few lengths serve every request
+MIN_PREFILL = 16      # the shortest compiled prefill; longer ones double (CUDA)
+STOP_CHECK_EVERY = 8  # on a GPU, the steps between two looks at the rows' EOS (each look waits for the device)
+
+
+def bucket(needed: int, smallest: int, limit: int) -> int:
+    """The smallest power-of-two multiple of `smallest` that holds `needed`, but at most `limit`."""
+    n = smallest
+    while n < needed:
+        n *= 2
+    return min(n, limit)
+
+
+def decode_step(model: SmolLM2, tok: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One new token per row (B,) written at cache slot `slot` (1,) -> next-token logits (B, 1, V)."""
+    return model(tok[:, None], cache_pos=slot, valid=valid)[0]
+
+
+def prefill(model: SmolLM2, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The prompts (B, T) written at cache slots (T,) -> the last position's logits (B, 1, V)."""
+    return model(ids, cache_pos=slots, valid=valid, last_only=True)[0]
 
 
 def compile_unavailable(device: torch.device) -> Optional[str]:
@@ -218,10 +247,48 @@ def compile_unavailable(device: torch.device) -> Optional[str]:
 
 
 @functools.cache
-def compiled_decode_step() -> Callable:
-    # dynamic=True: the attended cache grows by one slot per step, so shapes change every call; marking them dynamic
-    # up front gives one graph instead of a recompilation at the second step
-    return torch.compile(decode_step, dynamic=True)
+def compiled(fn: Callable, device_type: str) -> Callable:
+    """fn(model, tokens (B, T), slots (T,), valid (B, S)) through torch.compile, built once per process: the batch B
+    and the cache length S are marked dynamic (the cache's by _mark_dynamic), so one graph serves every prompt and
+    position, not one per size. On CUDA the step is also captured as a CUDA graph ("reduce-overhead"), which replays
+    its hundreds of kernels with one launch (one capture per size)."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+    built = torch.compile(fn, fullgraph=True, mode="reduce-overhead" if device_type == "cuda" else None)
+    # size-oblivious: a batch of one is one more size of the same graph (dynamo would otherwise specialise 1); and
+    # dynamo takes a module's buffers as fixed-size by default, but the KV cache's marks must count (the weights,
+    # never marked, stay fixed-size)
+    built = fx_config.patch(backed_size_oblivious=True)(built)
+    built = torch._dynamo.config.patch(force_parameter_static_shapes=False,
+                                       force_nn_module_property_static_shapes=False)(built)
+
+    def run(model: SmolLM2, tokens: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.mark_dynamic(tokens, 0)
+        torch._dynamo.mark_dynamic(valid, 0)
+        torch._dynamo.mark_dynamic(valid, 1)
+        return built(model, tokens, slots, valid)
+    return run
+
+
+def _mark_dynamic(model: SmolLM2) -> None:
+    """Mark the KV cache's batch and length dynamic for `compiled` (once per cache: a mark stays on its tensor)."""
+    import torch._dynamo
+    for layer in model.model.layers:
+        for t in (layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v):
+            torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(t, 2)
+
+
+def _padded_prompts(prompts: list[list[int]], T: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to T tokens (B, T), and valid (B, S): True at every real token and every later slot."""
+    ids = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), S, dtype=torch.bool, device=device)
+    for i, toks in enumerate(prompts):
+        ids[i] = toks[0]   # padding repeats a real token, so a repetition penalty sees nothing foreign
+        ids[i, T - len(toks):] = torch.tensor(toks, device=device)
+        valid[i, T - len(toks):] = True
+    valid[:, T:] = True
+    return ids, valid
 
 
 @torch.inference_mode()
@@ -233,53 +300,38 @@ def generate(model: SmolLM2, prompts: list[list[int]], params: SamplingParams, e
     Prompts of different lengths are left-padded; the padding is masked out and positions count real tokens only,
     so each row comes out exactly as if it had been generated alone. A row ends at `eos_id` (kept in its output).
     `on_tokens(tokens (B,))` is called after every step (for streaming); returning True stops generation.
-    `compile` runs the decode step through torch.compile (the prefill stays eager); see compile_unavailable.
+    `compile` runs the decode step through torch.compile, built once for every prompt (see `compiled`); on CUDA the
+    prefill too, its prompts padded to a few lengths. An eval-mode model keeps its KV cache for the next call.
     """
     if not prompts or any(len(t) == 0 for t in prompts):
         raise ValueError("every prompt needs at least one token")
-    if (longest := max(len(t) for t in prompts)) >= model.config.max_position_embeddings:
-        raise ValueError(f"a prompt of {longest} tokens leaves no room in the context of "
-                         f"{model.config.max_position_embeddings}; keep its newest tokens")
+    context = model.config.max_position_embeddings
+    if (longest := max(len(t) for t in prompts)) >= context:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the context of {context}; keep its newest "
+                         f"tokens")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed}")
     device = model.lm_head.weight.device
-    B, T = len(prompts), max(len(t) for t in prompts)
-    max_len = min(T + params.max_new_tokens, model.config.max_position_embeddings)
-    steps = max_len - T
-    ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
-    for i, toks in enumerate(prompts):
-        ids[i] = toks[0]   # padding repeats a real token, so a repetition penalty sees nothing foreign
-        ids[i, T - len(toks):] = torch.tensor(toks, device=device)
-        valid[i, T - len(toks):] = True
-    valid[:, T:] = True
-    padded = bool((~valid[:, :T]).any())
+    compile_prefill = compile and device.type == "cuda"   # a CPU build of each length costs more than it saves
+    T = bucket(longest, MIN_PREFILL, context) if compile_prefill else longest
+    T = T if T + params.max_new_tokens <= context else longest   # padding never costs a token of the context
+    steps = min(params.max_new_tokens, context - T)
+    S = bucket(T + steps, MIN_CACHE, context)
+    ids, valid = _padded_prompts(prompts, T, S, device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    step_fn = compiled_decode_step() if compile else decode_step
+    step_fn = compiled(decode_step, device.type) if compile else decode_step
+    prefill_fn = compiled(prefill, device.type) if compile_prefill else prefill
 
     was_training = model.training
     model.eval()
-    model.setup_cache(B, max_len)
+    model.setup_cache(len(prompts), S)
+    if compile:
+        _mark_dynamic(model)
     try:
-        out = []
-        seen = ids
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        logits, _ = model(ids, cache_pos=0, valid=valid if padded else None, last_only=True)
-        for step in range(steps):
-            tok = sample(logits[:, -1], params, generator, seen)
-            if eos_id is not None:
-                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
-                done = done | (tok == eos_id)
-            out.append(tok)
-            if on_tokens is not None and on_tokens(tok):
-                break
-            if bool(done.all()) or step == steps - 1:
-                break
-            if params.repetition_penalty != 1.0:
-                seen = torch.cat([seen, tok[:, None]], dim=1)
-            logits = step_fn(model, tok, T + step, valid if padded else None)
+        out = _decode(model, ids, valid, params, steps, eos_id, generator, on_tokens, step_fn, prefill_fn)
     finally:
-        model.clear_cache()
+        if was_training:   # a training model keeps no decode state between its samples
+            model.clear_cache()
         model.train(was_training)
     if not out:
         return [[] for _ in prompts]
@@ -287,6 +339,34 @@ def generate(model: SmolLM2, prompts: list[list[int]], params: SamplingParams, e
     if eos_id is not None:   # cut each row after its first EOS
         new = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in new]
     return new
+
+
+def _decode(model, ids, valid, params, steps, eos_id, generator, on_tokens, step_fn, prefill_fn) -> list:
+    """The prefill, then one token per step: generate's loop, returning each step's tokens (B,)."""
+    B, T = ids.shape
+    cuda = ids.device.type == "cuda"
+    out, seen = [], ids
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    slot = torch.tensor([T], device=ids.device)   # (1,): a tensor, so the compiled step never sees a new constant
+    logits = prefill_fn(model, ids, torch.arange(T, device=ids.device), valid)
+    for step in range(steps):
+        tok = sample(logits[:, -1], params, generator, seen)
+        if eos_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            done = done | (tok == eos_id)
+        out.append(tok)
+        if on_tokens is not None and on_tokens(tok):
+            break
+        # bool() waits for the device: on a GPU only every few steps (the extra tokens are EOS, cut by generate)
+        if step == steps - 1 or ((not cuda or step % STOP_CHECK_EVERY == 0) and bool(done.all())):
+            break
+        if params.repetition_penalty != 1.0:
+            seen = torch.cat([seen, tok[:, None]], dim=1)
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are consumed: reuse them
+        logits = step_fn(model, tok, slot, valid)
+        slot += 1
+    return out
 
 
 class TextStream:

@@ -183,19 +183,70 @@ def test_the_layout_calibration_picks_the_layout_with_the_faster_step(monkeypatc
         time.sleep(slow.get((*w.shape, layout), 0.0))
         return product(x, w, layout)
     monkeypatch.setattr(sampling, "product", timed_product)
-    weights = {(32, 16): (torch.randn(32, 16), 10), (64, 16): (torch.randn(64, 16), 1)}
+    weights = {(32, 16): [torch.randn(32, 16)] * 10, (64, 16): [torch.randn(64, 16)]}
     for fast in sampling.LAYOUTS:
         slow.clear()
         slow.update({(*shape, layout): 0.002 for shape in weights for layout in sampling.LAYOUTS if layout != fast})
-        assert sampling.calibrate_layout(weights, 1) == fast
+        assert sampling.calibrate_layout(weights, 1, rounds=3) == fast
     # the step counts each shape as often as the model holds it: 10 products 1 ms slower outweigh one 4 ms slower
     slow.clear()
     slow.update({(*shape, layout): 0.01 for shape in weights for layout in sampling.LAYOUTS})
     slow.update({(32, 16, "row"): 0.001, (64, 16, "row"): 0.0, (32, 16, "column"): 0.0, (64, 16, "column"): 0.004})
-    assert sampling.calibrate_layout(weights, 1) == "column"
+    assert sampling.calibrate_layout(weights, 1, rounds=3) == "column"
 
 
-@pytest.mark.parametrize("layout, quantize", [("row", None), ("packed", None), ("row", "int8")])
+def test_one_lucky_round_does_not_pick_the_layout(monkeypatch):
+    """Rows are 3x slower than the other layouts but once, in the first round, as fast as the fastest: the
+    calibration goes by the typical step, not the luckiest (the best of a few timings picked a layout that cost 45%)."""
+    product, calls = sampling.product, {}
+
+    def timed_product(x, w, layout):
+        calls[layout] = calls.get(layout, 0) + 1
+        lucky = layout == "row" and calls[layout] <= 2   # the first round's two products
+        time.sleep(0.0 if lucky else 0.003 if layout == "row" else 0.001)
+        return product(x, w, layout)
+    monkeypatch.setattr(sampling, "product", timed_product)
+    assert sampling.calibrate_layout({(32, 16): [torch.randn(32, 16)] * 2}, 1, rounds=5) != "row"
+
+
+def test_the_calibration_times_each_product_on_a_weight_the_last_one_did_not_warm():
+    """In a decode step each weight streams from memory once; timing one weight again and again measures a cache.
+    So a shape is timed over distinct copies, as many as the model holds up to STREAMED_BYTES."""
+    seen = {}
+
+    def record(x, w, layout):
+        seen.setdefault(layout, []).append(w)
+        return x
+    weights = {(64, 64): [torch.randn(64, 64) for _ in range(5)], (32, 64): [torch.randn(32, 64) for _ in range(2)]}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sampling, "product", record)
+        mp.setattr(sampling, "STREAMED_BYTES", 3 * 64 * 64 * 4)   # 3 of the 5 (64, 64) weights, both (32, 64) ones
+        sampling.calibrate_layout(weights, 1, rounds=1)
+    distinct = {layout: len({id(w) for w in ws}) for layout, ws in seen.items()}
+    assert distinct == {layout: 3 + 2 for layout in sampling.LAYOUTS}
+
+
+def test_the_compiled_decode_step_is_built_once_for_every_prompt_length_batch_size_and_cache_length():
+    """Prompts of three lengths, in batches of one and three, filling caches of two lengths: one decode graph (the
+    cache is allocated at a few lengths and written at the positions given; batch and length are dynamic), and
+    every batch gets the eager tokens."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    why_not = sampling.compile_unavailable(torch.device("cpu"))
+    if why_not:
+        pytest.skip(why_not)
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    requests = [[[5, 17, 33]], [[5, 17, 33, 2, 9] * 10, [77, 3], [300] * 7], [[8, 4]]]
+    assert {sampling.bucket(max(map(len, r)) + 20, sampling.MIN_CACHE, 128) for r in requests} == {64, 128}
+    torch._dynamo.reset()
+    counters.clear()
+    for prompts in requests:
+        assert generate(model, prompts, params, compile=True) == generate(model, prompts, params)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("layout, quantize", [("packed", None), ("row", "int8")])
 def test_compiled_decode_step_equals_eager(layout, quantize):
     """The compiled decode step gives the eager one's tokens, with fp32 weights (a packed layout compiles the plain
     weight's product) and with int8 ones (inductor fuses the casts around the int8 kernel and calls the kernel)."""
@@ -243,6 +294,23 @@ def test_top_k_and_top_p_leave_only_the_allowed_tokens():
         assert kept == expected_survivors(logits[0].tolist(), temperature, top_k, top_p), (case, params)
         drawn = sampling.sample(logits.expand(64, V), params, torch.Generator().manual_seed(case))
         assert set(drawn.tolist()) <= kept
+
+
+def test_top_p_after_top_k_orders_only_the_k_tokens_left(monkeypatch):
+    """Ordering every one of 49k logits per token took as long as the decode step: after top-k, top-p orders k."""
+    ordered = []   # how many values each sort or top-k call orders
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def call(t, *args, **kwargs):
+            ordered.append(t.shape[-1] if name == "sort" else (args[0] if args else kwargs["k"]))
+            return real(t, *args, **kwargs)
+        return call
+    for name in ("sort", "topk"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    warp_logits(torch.randn(2, 49152), SamplingParams(temperature=0.8, top_k=50, top_p=0.95))
+    assert ordered and max(ordered) <= 50
 
 
 def test_invalid_sampling_values_are_refused():

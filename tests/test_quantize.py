@@ -12,6 +12,7 @@ from helpers import byte_bpe, tiny_config
 import generate as G
 from model import SmolLM2
 from smollm2.config_load import load_config
+from smollm2.errors import InputError
 from smollm2.loading import load_model
 from smollm2.quantize import Int8Embedding, Int8Linear, QuantizedModelError, quantize_model, quantize_rows
 from smollm2.sampling import SamplingParams, generate
@@ -142,6 +143,14 @@ def test_int8_greedy_decoding_agrees_with_fp32_on_a_trained_model(trained):
 
 
 # ---------------------------------------------------------------- decoding only
+
+
+def test_int8_is_refused_off_the_cpu_in_one_line_naming_why_and_the_fix():
+    # a meta-device model stands in for a GPU one: whatever is not the CPU has no int8 kernel faster than bf16
+    model = SmolLM2(tiny_config()).to("meta")
+    with pytest.raises(InputError, match=r"--quantize int8 runs on the CPU only: on meta .* slower than bf16; drop "
+                                         r"--quantize and use --dtype bf16 there"):
+        quantize_model(model, "int8")
 
 
 def test_a_quantized_model_refuses_to_train_or_be_saved_with_one_clear_message():

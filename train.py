@@ -43,7 +43,7 @@ from smollm2.evals import BackgroundEvals
 from smollm2.metrics import MetricsLog, format_val_line, human, peak_flops, plot_losses, progress_bar
 from smollm2.optimizer import build_optimizer, lr_at
 from smollm2.progress import Progress, log_progress, still_running, track_loss
-from smollm2.runtime import Runtime, StopSignals, gather, mean_across_ranks, rng_state, set_rng_state, setup_runtime
+from smollm2.runtime import Runtime, StopSignals, gather, mean_across_ranks, restore_rng, rng_state, setup_runtime
 from smollm2.sampling import SamplingParams, generate
 from smollm2.task import Task
 
@@ -154,7 +154,7 @@ def restore(run: Run, path: Path, ckpt: dict) -> None:
     run.step, run.tokens_seen, run.val_loss = state.get("step", 0), state.get("tokens_seen", 0), state.get("val_loss")
     if "data" in ckpt:   # a global position: a run may resume on a different number of processes
         run.train_data.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][run.rt.rank % len(ckpt["rng"])])
+        restore_rng(ckpt["rng"], run.rt.rank, run.cfg.general.seed)
 
 
 def start_line(run: Run, ckpt_path: Optional[Path]) -> str:

@@ -72,10 +72,12 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 
 def rng_state() -> dict:
+    """This process's RNG states; on a GPU only its own device's (torchrun ranks see every GPU of the machine, and a
+    run may resume on fewer of them)."""
     state = {"python": random.getstate(), "numpy": list(np.random.get_state()), "torch": torch.get_rng_state()}
     state["numpy"][1] = torch.from_numpy(state["numpy"][1].copy())   # plain tensors load under weights_only
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -86,7 +88,23 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(tuple(np_state))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):   # older checkpoints hold every visible GPU's state: take this device's
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
+
+
+def restore_rng(states: list, rank: int, seed: int) -> None:
+    """Rank r continues from the RNG state rank r saved. A rank the checkpoint has no state for (the run resumes on
+    more processes than saved it) is seeded from (seed, rank) instead, so a resume is still repeatable."""
+    if rank < len(states):
+        set_rng_state(states[rank])
+        return
+    print(f"rank {rank}: the checkpoint holds RNG states of {len(states)} rank(s) only; this rank's RNGs are seeded "
+          f"from general.seed {seed} + rank {rank}", flush=True)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)   # and every GPU's generator
 
 
 def gather(obj, rt: Runtime) -> list:

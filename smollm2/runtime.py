@@ -40,10 +40,16 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
 
+def gpu_has_bf16() -> bool:
+    """bf16 in hardware (Ampere and later). torch's plain is_bf16_supported() also counts the emulated bf16 of a T4 or
+    V100, several times slower than their fp16 with a GradScaler."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(requested: str, model_dtype: str, device: torch.device) -> str:
     """`auto`: the config's model.dtype on a GPU (bf16 falls back to fp16 + GradScaler where unsupported), fp32
     elsewhere. An explicit choice is honoured, also on the CPU (bf16/fp16 autocast runs there, slowly)."""
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    bf16_ok = device.type != "cuda" or gpu_has_bf16()
     if requested == "bf16" and not bf16_ok:
         raise ConfigError("run.precision: this GPU has no bf16 support; use run.precision=fp16 (or auto)")
     if requested != "auto":

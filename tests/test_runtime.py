@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from smollm2.errors import ConfigError
+from smollm2.errors import ConfigError, InputError
+from smollm2.loading import pick_dtype
 from smollm2.runtime import Runtime, resolve_precision, restore_rng, rng_state
 
 
@@ -16,6 +17,17 @@ def test_auto_precision_is_fp32_on_cpu_and_the_config_dtype_on_a_gpu(monkeypatch
     assert resolve_precision("auto", "bfloat16", torch.device("cuda")) == "fp16"
     with pytest.raises(ConfigError, match="run.precision: this GPU has no bf16 support"):
         resolve_precision("bf16", "bfloat16", torch.device("cuda"))
+
+
+def test_a_gpu_with_emulated_bf16_only_trains_and_generates_in_fp16(monkeypatch):
+    """A T4 or V100: torch counts its bf16 emulation as support unless asked for native support."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", "bfloat16", torch.device("cuda")) == "fp16"     # fp16 runs with a GradScaler
+    with pytest.raises(ConfigError, match="run.precision: this GPU has no bf16 support"):
+        resolve_precision("bf16", "bfloat16", torch.device("cuda"))
+    assert pick_dtype(torch.device("cuda"), "auto") == torch.float16                  # generation, evaluation, app
+    with pytest.raises(InputError, match="--dtype bf16: this GPU has no bf16 support"):
+        pick_dtype(torch.device("cuda"), "bf16")
 
 
 def test_an_explicit_precision_is_honoured_on_cpu_and_autocast_follows_it():

@@ -277,7 +277,8 @@ def write_samples(run: Run) -> None:
     s = run.cfg.sampling
     room = max(1, run.cfg.model.model_config.max_position_embeddings - s.max_new_tokens)
     prompts = [run.task.prompt(run.tokenizer, p)[-room:] for p in s.prompts]   # a long prompt keeps its newest tokens
-    with run.rt.autocast():
+    # eager: the layers compiled for training (run.compile under FSDP) would recompile for every cached decode shape
+    with run.rt.autocast(), torch.compiler.set_stance("force_eager"):
         outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=run.task.stop_id(run.tokenizer),
                         seed=run.cfg.general.seed)
     if run.rt.main:

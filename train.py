@@ -41,7 +41,7 @@ from smollm2.config_load import config_to_dict
 from smollm2.errors import ConfigError, StoppedAtOnce, TrainingError
 from smollm2.evals import BackgroundEvals
 from smollm2.metrics import MetricsLog, format_val_line, human, peak_flops, plot_losses, progress_bar
-from smollm2.optimizer import build_optimizer, lr_at
+from smollm2.optimizer import build_optimizer, fused_adam, lr_at
 from smollm2.progress import Progress, log_progress, still_running, track_loss
 from smollm2.runtime import Runtime, StopSignals, gather, mean_across_ranks, restore_rng, rng_state, setup_runtime
 from smollm2.sampling import SamplingParams, generate
@@ -119,9 +119,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
     if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
         load_state_into(model, ckpt["model"], str(ckpt_path))
     net = distributed.wrap(model, cfg, rt)
-    # fused AdamW on GPUs; sharded parameters use the foreach kernels, which every DTensor op supports
-    fused = rt.device.type == "cuda" and cfg.optimizer.optimizer_factory.torch_adam_is_fused
-    optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt),
+    optimizer = build_optimizer(model, cfg.optimizer, fused_adam(rt.device, cfg.optimizer.optimizer_factory),
                                 cfg.run.weight_decay_exclude_1d)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, task, uploader,

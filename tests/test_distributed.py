@@ -21,6 +21,7 @@ from smollm2.config_load import config_from_dict
 from smollm2.errors import CheckpointError, ConfigError
 from smollm2.loading import load_model
 from smollm2.metrics import read_metrics
+from smollm2.optimizer import build_optimizer, fused_adam
 from smollm2.runtime import Runtime
 
 SMALL = {"tokens.batch_accumulation_per_replica": 2, "tokens.train_steps": 4, "checkpoints.checkpoint_interval": 2}
@@ -229,3 +230,21 @@ def test_compile_runs_every_decoder_layer_in_a_compiled_graph_with_the_eager_los
     assert got[0] == pytest.approx(want[0], rel=1e-5)
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adamw_on_a_gpu_also_updates_sharded_parameters_as_on_one_process(one_rank_group, monkeypatch):
+    """DTensor runs the fused AdamW ops (CPU fused kernels here): the sharded step equals the unsharded one."""
+    cfg = config_from_dict({"model": {"model_config": asdict(tiny_config())}, "tokens": {"sequence_length": 128},
+                            "optimizer": {"zero_stage": 1}})
+    fused = fused_adam(torch.device("cuda"), cfg.optimizer.optimizer_factory)
+    kwargs, adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: kwargs.append(k) or adamw(*a, **k))
+    plain, sharded = tiny_model().train(), tiny_model().train()
+    distributed.wrap(sharded, cfg, Runtime(torch.device("cpu"), "fp32", rank=0, world=2))
+    for model in (plain, sharded):
+        optimizer = build_optimizer(model, cfg.optimizer, fused)
+        loss_and_grads(model, model)
+        optimizer.step()
+    assert [k["fused"] for k in kwargs] == [True, True]
+    for p, s in zip(plain.parameters(), sharded.parameters()):
+        torch.testing.assert_close(s.full_tensor(), p, rtol=1e-5, atol=1e-7)

@@ -269,19 +269,22 @@ def validate(run: Run) -> float:
 
 def write_samples(run: Run) -> None:
     """Continue the config's prompts with the one generation path (sampling.generate). Rank 0 alone when it holds
-    the whole model; every rank together when FSDP shards it (each forward gathers the weights from all ranks)."""
-    if not (run.rt.main or distributed.sharded(run.cfg, run.rt)):
+    the whole model; every rank together when FSDP shards it (each forward gathers the weights from all ranks). The
+    sharded ranks then all take max_new_tokens steps, cut at EOS afterwards: a rank stopping at an EOS its peers did
+    not sample (their numerics may differ) would leave them waiting in the next forward's all-gather."""
+    sharded = distributed.sharded(run.cfg, run.rt)
+    if not (run.rt.main or sharded):
         return
-    s = run.cfg.sampling
+    s, eos = run.cfg.sampling, run.task.stop_id(run.tokenizer)
     room = max(1, run.cfg.model.model_config.max_position_embeddings - s.max_new_tokens)
     prompts = [run.task.prompt(run.tokenizer, p)[-room:] for p in s.prompts]   # a long prompt keeps its newest tokens
     # eager: the layers compiled for training (run.compile under FSDP) would recompile for every cached decode shape
     with run.rt.autocast(), torch.compiler.set_stance("force_eager"):
-        outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=run.task.stop_id(run.tokenizer),
+        outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=None if sharded else eos,
                         seed=run.cfg.general.seed)
     if run.rt.main:
         for prompt, out in zip(s.prompts, outs):
-            text = run.tokenizer.decode(out)
+            text = run.tokenizer.decode(out[:out.index(eos) + 1] if eos in out else out)
             print(f"sample @ {run.step} | {prompt!r} -> {text!r}", flush=True)
             run.log.write({"kind": "sample", "step": run.step, "prompt": prompt, "text": text})
 

@@ -6,8 +6,10 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -248,3 +250,40 @@ def test_fused_adamw_on_a_gpu_also_updates_sharded_parameters_as_on_one_process(
     assert [k["fused"] for k in kwargs] == [True, True]
     for p, s in zip(plain.parameters(), sharded.parameters()):
         torch.testing.assert_close(s.full_tensor(), p, rtol=1e-5, atol=1e-7)
+
+
+def _write_samples_on_rank(rank: int, store: str, out: str) -> None:
+    """One of two FSDP ranks writing train.py's samples; rank 1 samples EOS at once, as a rank whose numerics differ
+    from its peer's may."""
+    import smollm2.sampling
+    import train
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    cfg = config_from_dict({"model": {"model_config": asdict(tiny_config())}, "tokens": {"sequence_length": 128},
+                            "optimizer": {"zero_stage": 3}, "sampling": {"interval": 1, "max_new_tokens": 6}})
+    rt = Runtime(torch.device("cpu"), "fp32", rank=rank, world=2)
+    model = tiny_model().train()
+    distributed.wrap(model, cfg, rt)
+    if rank == 1:
+        smollm2.sampling.sample = lambda logits, *a: torch.zeros(logits.shape[0], dtype=torch.long)   # EOS (id 0)
+    lines = []
+    run = SimpleNamespace(cfg=cfg, rt=rt, model=model, step=1, tokenizer=SimpleNamespace(decode=str),
+                          task=SimpleNamespace(prompt=lambda tokenizer, text: [1, 2, 3], stop_id=lambda tokenizer: 0),
+                          log=SimpleNamespace(write=lines.append))
+    train.write_samples(run)
+    Path(out, f"rank{rank}").write_text(repr(lines))
+    dist.destroy_process_group()
+
+
+def test_fsdp_ranks_write_samples_together_when_one_samples_eos_first(tmp_path):
+    ctx = torch.multiprocessing.start_processes(_write_samples_on_rank, (str(tmp_path / "store"), str(tmp_path)),
+                                                nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 60
+    try:
+        while not ctx.join(timeout=1) and time.monotonic() < deadline:
+            pass
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    assert (tmp_path / "rank0").exists() and (tmp_path / "rank1").exists(), "a rank hung in a collective"
+    assert "'kind': 'sample'" in (tmp_path / "rank0").read_text()

@@ -273,6 +273,7 @@ class SmolLM2(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False   # recompute whole layers, keeping only their inputs (recompute_layer)
         self.selective_recompute = True       # recompute only what lies between matmuls (run.selective_recompute)
+        self.layers_recompute_themselves = False   # each layer wrapped in its own checkpoint (compiled under FSDP)
         self.init_weights(init_std)
 
     @torch.no_grad()
@@ -349,7 +350,7 @@ class SmolLM2(nn.Module):
         recompute = recompute and (self.gradient_checkpointing or self.selective_recompute)
         with _uncached_autocast(x.device.type) if recompute else nullcontext():
             for layer in self.model.layers:
-                if recompute:
+                if recompute and not self.layers_recompute_themselves:
                     x = checkpoint(layer, x, cos, sin, cache_pos, mask, use_reentrant=False, **self._recompute_policy())
                 else:
                     x = layer(x, cos, sin, cache_pos, mask)

@@ -41,9 +41,9 @@ from smollm2.config_load import config_to_dict
 from smollm2.errors import ConfigError, StoppedAtOnce, TrainingError
 from smollm2.evals import BackgroundEvals
 from smollm2.metrics import MetricsLog, format_val_line, human, peak_flops, plot_losses, progress_bar
-from smollm2.optimizer import build_optimizer, lr_at
+from smollm2.optimizer import build_optimizer, fused_adam, lr_at
 from smollm2.progress import Progress, log_progress, still_running, track_loss
-from smollm2.runtime import Runtime, StopSignals, gather, mean_across_ranks, rng_state, set_rng_state, setup_runtime
+from smollm2.runtime import Runtime, StopSignals, gather, mean_across_ranks, restore_rng, rng_state, setup_runtime
 from smollm2.sampling import SamplingParams, generate
 from smollm2.task import Task
 
@@ -120,9 +120,7 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
     if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
         load_state_into(model, ckpt["model"], str(ckpt_path))
     net = distributed.wrap(model, cfg, rt)
-    # fused AdamW on GPUs; sharded parameters use the foreach kernels, which every DTensor op supports
-    fused = rt.device.type == "cuda" and cfg.optimizer.optimizer_factory.torch_adam_is_fused
-    optimizer = build_optimizer(model, cfg.optimizer, fused and not distributed.sharded(cfg, rt),
+    optimizer = build_optimizer(model, cfg.optimizer, fused_adam(rt.device, cfg.optimizer.optimizer_factory),
                                 cfg.run.weight_decay_exclude_1d)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     run = Run(cfg, rt, run_dir, model, net, optimizer, scaler, tokenizer, train_data, k, k_note, task, recompute,
@@ -155,7 +153,7 @@ def restore(run: Run, path: Path, ckpt: dict) -> None:
     run.step, run.tokens_seen, run.val_loss = state.get("step", 0), state.get("tokens_seen", 0), state.get("val_loss")
     if "data" in ckpt:   # a global position: a run may resume on a different number of processes
         run.train_data.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][run.rt.rank % len(ckpt["rng"])])
+        restore_rng(ckpt["rng"], run.rt.rank, run.cfg.general.seed)
 
 
 def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
@@ -274,18 +272,22 @@ def validate(run: Run) -> float:
 
 def write_samples(run: Run) -> None:
     """Continue the config's prompts with the one generation path (sampling.generate). Rank 0 alone when it holds
-    the whole model; every rank together when FSDP shards it (each forward gathers the weights from all ranks)."""
-    if not (run.rt.main or distributed.sharded(run.cfg, run.rt)):
+    the whole model; every rank together when FSDP shards it (each forward gathers the weights from all ranks). The
+    sharded ranks then all take max_new_tokens steps, cut at EOS afterwards: a rank stopping at an EOS its peers did
+    not sample (their numerics may differ) would leave them waiting in the next forward's all-gather."""
+    sharded = distributed.sharded(run.cfg, run.rt)
+    if not (run.rt.main or sharded):
         return
-    s = run.cfg.sampling
+    s, eos = run.cfg.sampling, run.task.stop_id(run.tokenizer)
     room = max(1, run.cfg.model.model_config.max_position_embeddings - s.max_new_tokens)
     prompts = [run.task.prompt(run.tokenizer, p)[-room:] for p in s.prompts]   # a long prompt keeps its newest tokens
-    with run.rt.autocast():
-        outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=run.task.stop_id(run.tokenizer),
+    # eager: the layers compiled for training (run.compile under FSDP) would recompile for every cached decode shape
+    with run.rt.autocast(), torch.compiler.set_stance("force_eager"):
+        outs = generate(run.model, prompts, sample_params(run.cfg), eos_id=None if sharded else eos,
                         seed=run.cfg.general.seed)
     if run.rt.main:
         for prompt, out in zip(s.prompts, outs):
-            text = run.tokenizer.decode(out)
+            text = run.tokenizer.decode(out[:out.index(eos) + 1] if eos in out else out)
             print(f"sample @ {run.step} | {prompt!r} -> {text!r}", flush=True)
             run.log.write({"kind": "sample", "step": run.step, "prompt": prompt, "text": text})
 

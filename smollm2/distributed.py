@@ -70,14 +70,33 @@ def wrap(model: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.nn.Module:
         compute = AUTOCAST_DTYPES.get(rt.precision)
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
         keep_gathered = cfg.optimizer.zero_stage < 3
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=policy, reshard_after_forward=not keep_gathered)
+        layers = compiled_layers(model) if cfg.run.compile else model.model.layers
+        for i, layer in enumerate(layers):
+            model.model.layers[i] = fully_shard(layer, mp_policy=policy, reshard_after_forward=not keep_gathered)
         fully_shard(model, mp_policy=policy, reshard_after_forward=not keep_gathered)   # embedding, norm, head
+        return model
     net = torch.compile(model) if cfg.run.compile else model
     if rt.world > 1 and not sharded(cfg, rt):
         net = DDP(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                   bucket_cap_mb=cfg.model.ddp_bucket_cap_mb)
     return net
+
+
+def compiled_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each decoder layer in its own recompute checkpoint (when the model recomputes), compiled, as torchtitan does
+    before `fully_shard`: compiled whole, a sharded model breaks its graph at the checkpointed layer loop and runs every
+    layer eagerly. The model's own loop then checkpoints no more. One graph serves every layer (same code, same
+    shapes); the embedding, final norm and loss run eagerly."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    recompute = model.gradient_checkpointing or model.selective_recompute
+    model.layers_recompute_themselves = recompute
+    layers = []
+    for layer in model.model.layers:
+        if recompute:
+            layer = checkpoint_wrapper(layer, **model._recompute_policy())   # state_dict keys keep their plain names
+        layer.compile()
+        layers.append(layer)
+    return layers
 
 
 def gradient_sync(net: torch.nn.Module, last_micro_batch: bool):

@@ -21,6 +21,7 @@ from smollm2.config import Config
 from smollm2.config_load import config_from_dict
 from smollm2.errors import CheckpointError, ConfigError, InputError, RemoteError
 from smollm2.quantize import quantize_model
+from smollm2.runtime import gpu_has_bf16
 
 
 def log(message: str) -> None:
@@ -52,8 +53,8 @@ def pick_dtype(device: torch.device, name: str) -> torch.dtype:
             raise InputError(f"--dtype {name} is for GPUs; on {device.type} generation runs in fp32")
         return torch.float32
     if name == "auto":
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name == "bf16" and not torch.cuda.is_bf16_supported():
+        name = "bf16" if gpu_has_bf16() else "fp16"
+    if name == "bf16" and not gpu_has_bf16():
         raise InputError("--dtype bf16: this GPU has no bf16 support (compute capability < 8.0); use --dtype fp16")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 

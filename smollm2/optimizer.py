@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from smollm2.config import LRSchedulerArgs, OptimizerArgs
+from smollm2.config import LRSchedulerArgs, OptimizerArgs, OptimizerFactory
 
 
 def lr_at(step: int, s: LRSchedulerArgs, train_steps: int) -> float:
@@ -48,6 +48,12 @@ def lr_at(step: int, s: LRSchedulerArgs, train_steps: int) -> float:
             return low + (lr - low) * (1 + math.cos(math.pi * k / length)) / 2
         return low + (lr - low) * (1 - math.sqrt(k / length))   # "1-sqrt"
     return low
+
+
+def fused_adam(device: torch.device, f: OptimizerFactory) -> bool:
+    """AdamW's fused kernel (one launch for all parameters) on GPUs when `torch_adam_is_fused`; FSDP's sharded
+    parameters too: DTensor runs the fused AdamW ops shard by shard."""
+    return device.type == "cuda" and f.torch_adam_is_fused
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimizerArgs, fused: bool,

@@ -39,10 +39,16 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
 
+def gpu_has_bf16() -> bool:
+    """bf16 in hardware (Ampere and later). torch's plain is_bf16_supported() also counts the emulated bf16 of a T4 or
+    V100, several times slower than their fp16 with a GradScaler."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(requested: str, model_dtype: str, device: torch.device) -> str:
     """`auto`: the config's model.dtype on a GPU (bf16 falls back to fp16 + GradScaler where unsupported), fp32
     elsewhere. An explicit choice is honoured, also on the CPU (bf16/fp16 autocast runs there, slowly)."""
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    bf16_ok = device.type != "cuda" or gpu_has_bf16()
     if requested == "bf16" and not bf16_ok:
         raise ConfigError("run.precision: this GPU has no bf16 support; use run.precision=fp16 (or auto)")
     if requested != "auto":
@@ -71,10 +77,12 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 
 def rng_state() -> dict:
+    """This process's RNG states; on a GPU only its own device's (torchrun ranks see every GPU of the machine, and a
+    run may resume on fewer of them)."""
     state = {"python": random.getstate(), "numpy": list(np.random.get_state()), "torch": torch.get_rng_state()}
     state["numpy"][1] = torch.from_numpy(state["numpy"][1].copy())   # plain tensors load under weights_only
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -85,7 +93,23 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(tuple(np_state))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):   # older checkpoints hold every visible GPU's state: take this device's
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
+
+
+def restore_rng(states: list, rank: int, seed: int) -> None:
+    """Rank r continues from the RNG state rank r saved. A rank the checkpoint has no state for (the run resumes on
+    more processes than saved it) is seeded from (seed, rank) instead, so a resume is still repeatable."""
+    if rank < len(states):
+        set_rng_state(states[rank])
+        return
+    print(f"rank {rank}: the checkpoint holds RNG states of {len(states)} rank(s) only; this rank's RNGs are seeded "
+          f"from general.seed {seed} + rank {rank}", flush=True)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)   # and every GPU's generator
 
 
 def gather(obj, rt: Runtime) -> list:

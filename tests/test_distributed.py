@@ -6,11 +6,16 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ROOT, losses, make_config, run_at_once, run_train, signalled_at, torchrun, train_command
+import torch.distributed as dist
+from helpers import (ROOT, losses, make_config, run_at_once, run_train, signalled_at, tiny_config, tiny_model, torchrun,
+                     train_command)
 
 from smollm2 import distributed
 from smollm2.checkpoint import is_sharded, list_checkpoints
@@ -18,6 +23,8 @@ from smollm2.config_load import config_from_dict
 from smollm2.errors import CheckpointError, ConfigError
 from smollm2.loading import load_model
 from smollm2.metrics import read_metrics
+from smollm2.optimizer import build_optimizer, fused_adam
+from smollm2.runtime import Runtime
 
 SMALL = {"tokens.batch_accumulation_per_replica": 2, "tokens.train_steps": 4, "checkpoints.checkpoint_interval": 2}
 
@@ -174,3 +181,109 @@ def test_the_global_batch_of_parallelism_dp_is_kept_on_fewer_processes():
     assert distributed.accumulation(cfg, world=4, explicit=True) == (1, "")   # the command line's choice wins
     with pytest.raises(ConfigError, match="cannot be split evenly over 3 processes"):
         distributed.accumulation(cfg, world=3, explicit=False)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone: FSDP2 shards over one rank, in the test's own process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def layer_graph_calls(monkeypatch) -> list:
+    """Patches torch.compile with a backend that runs each captured graph as it is and records, per graph, how many
+    decoder layers it computes (q_proj weights among its inputs) and its calls. -> [[layers, calls], ...]."""
+    graphs, compile_ = [], torch.compile
+
+    def backend(gm, example_inputs):
+        record = [sum(n.op == "placeholder" and "q_proj" in n.name for n in gm.graph.nodes), 0]
+        graphs.append(record)
+
+        def run(*args):
+            record[1] += 1
+            return gm.forward(*args)
+        return run
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": backend}))
+    return graphs
+
+
+def loss_and_grads(net, model) -> tuple[float, list]:
+    x = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, loss = net(x, x)
+    loss.backward()
+    return loss.item(), [getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_compile_runs_every_decoder_layer_in_a_compiled_graph_with_the_eager_loss(one_rank_group, monkeypatch,
+                                                                                  zero_stage):
+    """Under FSDP (zero_stage 1) each layer is checkpointed, compiled, then sharded; on one process the whole model
+    is compiled. Selective recompute is on, as in training."""
+    cfg = config_from_dict({"model": {"model_config": asdict(tiny_config())},
+                            "tokens": {"sequence_length": 128}, "run": {"compile": True},
+                            "optimizer": {"zero_stage": zero_stage}})
+    rt = Runtime(torch.device("cpu"), "fp32", rank=0, world=2 if zero_stage else 1)   # world 2: wrap() shards
+    want = loss_and_grads(*[tiny_model().train()] * 2)
+    graphs = layer_graph_calls(monkeypatch)
+    model = tiny_model().train()
+    got = loss_and_grads(distributed.wrap(model, cfg, rt), model)
+    assert sum(layers * calls for layers, calls in graphs) == model.config.num_hidden_layers, graphs
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adamw_on_a_gpu_also_updates_sharded_parameters_as_on_one_process(one_rank_group, monkeypatch):
+    """DTensor runs the fused AdamW ops (CPU fused kernels here): the sharded step equals the unsharded one."""
+    cfg = config_from_dict({"model": {"model_config": asdict(tiny_config())}, "tokens": {"sequence_length": 128},
+                            "optimizer": {"zero_stage": 1}})
+    fused = fused_adam(torch.device("cuda"), cfg.optimizer.optimizer_factory)
+    kwargs, adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: kwargs.append(k) or adamw(*a, **k))
+    plain, sharded = tiny_model().train(), tiny_model().train()
+    distributed.wrap(sharded, cfg, Runtime(torch.device("cpu"), "fp32", rank=0, world=2))
+    for model in (plain, sharded):
+        optimizer = build_optimizer(model, cfg.optimizer, fused)
+        loss_and_grads(model, model)
+        optimizer.step()
+    assert [k["fused"] for k in kwargs] == [True, True]
+    for p, s in zip(plain.parameters(), sharded.parameters()):
+        torch.testing.assert_close(s.full_tensor(), p, rtol=1e-5, atol=1e-7)
+
+
+def _write_samples_on_rank(rank: int, store: str, out: str) -> None:
+    """One of two FSDP ranks writing train.py's samples; rank 1 samples EOS at once, as a rank whose numerics differ
+    from its peer's may."""
+    import smollm2.sampling
+    import train
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    cfg = config_from_dict({"model": {"model_config": asdict(tiny_config())}, "tokens": {"sequence_length": 128},
+                            "optimizer": {"zero_stage": 3}, "sampling": {"interval": 1, "max_new_tokens": 6}})
+    rt = Runtime(torch.device("cpu"), "fp32", rank=rank, world=2)
+    model = tiny_model().train()
+    distributed.wrap(model, cfg, rt)
+    if rank == 1:
+        smollm2.sampling.sample = lambda logits, *a: torch.zeros(logits.shape[0], dtype=torch.long)   # EOS (id 0)
+    lines = []
+    run = SimpleNamespace(cfg=cfg, rt=rt, model=model, step=1, tokenizer=SimpleNamespace(decode=str),
+                          task=SimpleNamespace(prompt=lambda tokenizer, text: [1, 2, 3], stop_id=lambda tokenizer: 0),
+                          log=SimpleNamespace(write=lines.append))
+    train.write_samples(run)
+    Path(out, f"rank{rank}").write_text(repr(lines))
+    dist.destroy_process_group()
+
+
+def test_fsdp_ranks_write_samples_together_when_one_samples_eos_first(tmp_path):
+    ctx = torch.multiprocessing.start_processes(_write_samples_on_rank, (str(tmp_path / "store"), str(tmp_path)),
+                                                nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 60
+    try:
+        while not ctx.join(timeout=1) and time.monotonic() < deadline:
+            pass
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    assert (tmp_path / "rank0").exists() and (tmp_path / "rank1").exists(), "a rank hung in a collective"
+    assert "'kind': 'sample'" in (tmp_path / "rank0").read_text()

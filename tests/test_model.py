@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+import model as model_module
 from model import ModelConfig, RMSNorm, SmolLM2
 from smollm2.config_load import load_config
 from smollm2.sampling import SamplingParams, generate
@@ -149,6 +150,36 @@ def test_future_tokens_do_not_change_past_logits(masked):
     la, lb = model(a, valid=valid)[0], model(b, valid=valid)[0]
     torch.testing.assert_close(la[:, :16], lb[:, :16], atol=1e-6, rtol=0)
     assert not torch.allclose(la[:, 16:], lb[:, 16:]), "the changed tokens themselves must see the change"
+
+
+@torch.no_grad()
+def test_masked_training_attention_off_the_cpu_never_asks_sdpa_for_a_mask_with_shared_heads(monkeypatch):
+    """CUDA's SDPA serves a mask together with enable_gqa only by its math kernel, which holds (B*nh, T, T) fp32
+    scores. A packed forward on a non-CPU device (meta: shapes only) must hand SDPA repeated k/v instead."""
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa, k.shape[1] == q.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    with torch.device("meta"):
+        model = SmolLM2(TINY)
+        segments = torch.arange(16).div(5, rounding_mode="floor").expand(2, -1)   # four sequences per row
+        model(torch.zeros(2, 16, dtype=torch.long), segments=segments)
+    assert calls == [(True, False, True)] * TINY.num_hidden_layers   # a mask, no enable_gqa, every head's k/v
+    assert model_module.attention_kernels("cuda")["masked"].startswith("memory-efficient")
+
+
+@torch.no_grad()
+def test_packed_rows_with_repeated_kv_give_the_logits_each_sequence_gives_alone(monkeypatch):
+    """The k/v-repeating path (what CUDA runs) computes each packed sequence exactly as if it ran alone."""
+    monkeypatch.setattr(model_module, "MASKED_GQA_DEVICES", ())
+    model, x = tiny_model(), random_tokens((1, 24), seed=6)
+    seg = torch.tensor([[0] * 10 + [1] * 14])
+    packed, _ = model(x, segments=seg)
+    for s, (a, b) in enumerate([(0, 10), (10, 24)]):
+        torch.testing.assert_close(packed[:, a:b], model(x[:, a:b])[0], atol=2e-5, rtol=1e-4, msg=f"sequence {s}")
 
 
 @torch.no_grad()

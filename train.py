@@ -167,6 +167,7 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
              f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {run.accumulation} accumulation x {rt.world} "
              f"= {run.tokens_per_step:,} tokens/step"]
     parts += [note] if note else []
+    parts += ["document masking: a token sees only its own document"] if cfg.run.document_masking else []
     parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # docs/training.md: threads
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
               f"data {run.task.describe_data(cfg, run.step + 1)}", peak_flops(rt.device)[1]]

@@ -209,6 +209,10 @@ class RunArgs:
     weight_decay_exclude_1d: bool = False   # true: no weight decay on 1-D parameters (norm gains); nanotron decays all
     # keep only the matmul and attention outputs for the backward (with parallelism.recompute_layer false)
     selective_recompute: bool = True
+    # pretraining: a token attends only to earlier tokens of its own document in a packed block (documents end at
+    # EOS); SmolLM2's own runs let it see the whole block. No switch restarts positions per document: RoPE's scores
+    # depend only on the distance between tokens, so a document masked off scores exactly as if it ran alone.
+    document_masking: bool = False
     tensorboard: bool = False
     wandb: bool = False
 

@@ -117,6 +117,19 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+# Devices whose SDPA has a kernel taking an explicit mask together with shared k/v heads (enable_gqa) without a
+# (B*nh, T, T) score matrix: torch's CPU flash kernel. On CUDA flash refuses a mask and memory-efficient refuses
+# enable_gqa, so only the math kernel takes both, with fp32 scores (~1.1 GiB a layer at 8 x 2048): there k and v
+# are repeated to every query head, and the memory-efficient kernel runs.
+MASKED_GQA_DEVICES = ("cpu",)
+
+
+def attention_kernels(device_type: str) -> dict[str, str]:
+    """The SDPA kernel that causal rows and masked rows (packed sequences, document masking) run on a device."""
+    masked = "flash, shared k/v heads" if device_type in MASKED_GQA_DEVICES else "memory-efficient, k/v repeated"
+    return {"causal": "flash", "masked": masked}
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped queries (GQA).
 
@@ -146,6 +159,9 @@ class Attention(nn.Module):
         if mask is None:   # plain causal: SDPA picks its fastest (flash / memory-efficient) kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:              # boolean mask, True = may attend
+            if gqa and self.kv_cache is None and q.device.type not in MASKED_GQA_DEVICES:   # training rows
+                k = k.repeat_interleave(self.n_heads // self.n_kv, 1)                       # (B, nh, T, hd)
+                v, gqa = v.repeat_interleave(self.n_heads // self.n_kv, 1), False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)             # (B, T, C)
         return self.o_proj(y)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import yaml
 
 import data
-from model import SmolLM2
+from model import SmolLM2, attention_kernels
 from smollm2 import cli, distributed, planner, remote, stages
 from smollm2.checkpoint import (checkpoint_name, is_sharded, latest_checkpoint, load_state_into, rotate_checkpoints,
                                 save_atomic, training_checkpoint)
@@ -168,6 +168,8 @@ def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
              f"= {run.tokens_per_step:,} tokens/step"]
     parts += [note] if note else []
     parts += ["recompute: {} ({})".format(*run.recompute)]
+    masked = attention_kernels(rt.device.type)["masked"]
+    parts += [f"document masking: a token sees only its own document ({masked})"] if cfg.run.document_masking else []
     parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # docs/training.md: threads
     parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
               f"data {run.task.describe_data(cfg, run.step + 1)}", peak_flops(rt.device)[1]]

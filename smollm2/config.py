@@ -210,6 +210,10 @@ class RunArgs:
     # what each layer keeps for its backward: none (everything), selective (matmul and attention outputs), full (its
     # input: parallelism.recompute_layer true means full); auto: the first of these the planner fits on the device
     recompute: str = "auto"
+    # pretraining: a token attends only to earlier tokens of its own document in a packed block (documents end at
+    # EOS); SmolLM2's own runs let it see the whole block. No switch restarts positions per document: RoPE's scores
+    # depend only on the distance between tokens, so a document masked off scores exactly as if it ran alone.
+    document_masking: bool = False
     tensorboard: bool = False
     wandb: bool = False
 

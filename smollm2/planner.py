@@ -22,7 +22,9 @@ the rest is arithmetic on the config. Per GPU, for P parameters on N processes:
   and gradient, never more.
 - the KV cache of the training samples, taken after a step, when activations and gradients are gone.
 The activation counts match peaks measured on the CPU within a few percent (tests/test_planner.py). Flash attention
-(on GPUs, and torch's CPU kernel for causal attention) keeps no T x T score matrix, so none is counted.
+(on GPUs, and torch's CPU kernel for causal attention) keeps no T x T score matrix, so none is counted. Masked rows
+(run.document_masking) run CUDA's memory-efficient kernel (model.attention_kernels): no scores either, but k and v
+repeated to every query head, and the mask as an additive (B, 1, T, T) bias in the compute dtype, per layer.
 """
 
 import argparse
@@ -63,10 +65,11 @@ def count_parameters(m: ModelConfig) -> Params:
                   model.lm_head.weight.numel(), sum(matmul(model).values()))
 
 
-def layer_bytes(m: ModelConfig, compute: int, residual: int) -> int:
+def layer_bytes(m: ModelConfig, compute: int, residual: int, mask_keys: int = 0) -> int:
     """Bytes one decoder layer keeps for its backward, per token. `compute`: the matmuls' dtype size (2 under bf16
     autocast or with bf16 weights, 4 in fp32); `residual`: the residual stream's (4 under autocast, whose weights and
-    embedding stay fp32; 2 when the weights themselves are bf16, as FSDP2 gathers them)."""
+    embedding stay fp32; 2 when the weights themselves are bf16, as FSDP2 gathers them); `mask_keys`: the keys of
+    each query's mask row (the sequence length) when attention is masked, else 0."""
     C, I, kv = m.hidden_size, m.intermediate_size, m.num_key_value_heads * m.head_dim
 
     def norm(consumers: int) -> int:
@@ -75,19 +78,22 @@ def layer_bytes(m: ModelConfig, compute: int, residual: int) -> int:
         kept_output = residual * C if compute == residual else consumers * compute * C
         return 4 * C + residual * C + kept_output
 
-    attention = compute * (2 * C + 2 * kv) + 4 * m.num_attention_heads   # rotated q, k; v; output; fp32 logsumexp
+    # masked: SDPA keeps k and v repeated to every query head, and the token's row of the (B, 1, T, T) bias
+    k_v = 2 * kv if not mask_keys else 2 * m.num_attention_heads * m.head_dim + mask_keys
+    attention = compute * (2 * C + k_v) + 4 * m.num_attention_heads   # rotated q, k; v; output; fp32 logsumexp
     mlp = 4 * compute * I                                                  # gate, silu(gate), up, their product
     return norm(3) + attention + norm(2) + mlp
 
 
-def kept_bytes(m: ModelConfig, compute: int, residual: int, recompute: str) -> int:
-    """Bytes one decoder layer keeps for its backward, per token, under a `recompute` mode (RECOMPUTE)."""
+def kept_bytes(m: ModelConfig, compute: int, residual: int, recompute: str, mask_keys: int = 0) -> int:
+    """Bytes one decoder layer keeps for its backward, per token, under a `recompute` mode (RECOMPUTE). The repeated
+    k, v and the bias of masked attention are rebuilt from q, k, v and the mask unless nothing is recomputed."""
     C, I, kv = m.hidden_size, m.intermediate_size, m.num_key_value_heads * m.head_dim
     if recompute == "full":        # the layer's input
         return residual * C
     if recompute == "selective":   # its input; q, k, v; attention's output and fp32 logsumexp; o_proj; gate, up
         return residual * C + compute * (3 * C + 2 * kv + 2 * I) + 4 * m.num_attention_heads
-    return layer_bytes(m, compute, residual)
+    return layer_bytes(m, compute, residual, mask_keys)
 
 
 def loss_bytes(m: ModelConfig, tokens: int, residual: int) -> int:
@@ -97,25 +103,29 @@ def loss_bytes(m: ModelConfig, tokens: int, residual: int) -> int:
 
 
 def step_bytes(m: ModelConfig, tokens: int, compute: int, residual: int, recompute: str,
-               p: Params) -> tuple[dict[str, int], int]:
+               p: Params, mask_keys: int = 0) -> tuple[dict[str, int], int]:
     """What the forward and backward of `tokens` positions (micro-batch x sequence) add to what is held: by part,
     and at the peak. Under autocast (compute < residual) the forward ends holding a bf16 copy of every matmul
     weight, unless layers are recomputed (then one layer's and the head's at a time, uncached). The backward peaks
     either in the loss (its first step, with everything kept) or in the last layer's MLP, once the final norm's
     tensors are gone: there the product's gradient splits into gate's and up's while the layer's rebuilt
-    activations, all but the product down_proj has just used, are still held."""
-    C, I, kept = m.hidden_size, m.intermediate_size, kept_bytes(m, compute, residual, recompute)
+    activations, all but the product down_proj has just used, are still held. mask_keys: as layer_bytes; the
+    boolean mask itself is held once, for every layer."""
+    C, I, kept = m.hidden_size, m.intermediate_size, kept_bytes(m, compute, residual, recompute, mask_keys)
     rebuilt = recompute != "none"
     parts = {"activations kept": tokens * m.num_hidden_layers * kept}
+    if mask_keys:
+        parts["attention mask (bool)"] = tokens * mask_keys
     if compute < residual:   # recomputed layers cast per use, uncached (model._uncached_autocast)
         parts["autocast weight copies"] = 2 * (p.layer_cast + p.head if rebuilt else p.cast)
     parts["loss path (chunked)"] = loss_bytes(m, tokens, residual)
     # the last layer's MLP backward: what its recompute rebuilt, less the product down_proj's backward has freed;
     # the residual stream's gradient; the product's gradient, and gate's and up's made from it
-    rebuilds = layer_bytes(m, compute, residual) - kept if rebuilt else 0
+    rebuilds = layer_bytes(m, compute, residual, mask_keys) - kept if rebuilt else 0
     parts["one layer's backward"] = tokens * (rebuilds - compute * I + residual * C + 3 * compute * I)
     working = max(parts["loss path (chunked)"], parts["one layer's backward"])
-    return parts, parts["activations kept"] + parts.get("autocast weight copies", 0) + working
+    held = parts["activations kept"] + parts.get("autocast weight copies", 0) + parts.get("attention mask (bool)", 0)
+    return parts, held + working
 
 
 def samples_kv_bytes(cfg: Config) -> int:
@@ -142,7 +152,9 @@ def memory(cfg: Config, nproc: int, micro_batch: int, recompute: str, compute: i
         gathered = p.total if zero < 3 else 2 * p.layer + (p.total - m.num_hidden_layers * p.layer)
         held["FSDP2 gathered weights"] = compute * gathered + (compute + 4) * p.layer
     residual = compute if shards > 1 else 4   # FSDP2's bf16 weights make a bf16 residual stream
-    parts, step_peak = step_bytes(m, micro_batch * cfg.tokens.sequence_length, compute, residual, recompute, p)
+    T = cfg.tokens.sequence_length
+    parts, step_peak = step_bytes(m, micro_batch * T, compute, residual, recompute, p,
+                                  T if cfg.run.document_masking else 0)
     return {**held, **parts}, sum(held.values()) + step_peak
 
 

@@ -51,7 +51,10 @@ class Task(ABC):
         """One micro-batch's loss to minimise (run is train.py's Run), and statistics to log beside it (tensors,
         averaged like the loss)."""
         x, y = to_device(batch, run.rt.device)   # ids past the vocabulary: refused by data.py
-        return run.net(x, y)[1], {}
+        if not run.cfg.run.document_masking:
+            return run.net(x, y)[1], {}
+        segments = document_segments(x, eos_token_id(run.tokenizer))
+        return run.net(x, y, segments=segments)[1], {}
 
     def prompt(self, tokenizer, text: str) -> list[int]:
         """A sampling.prompts entry as the ids samples continue."""
@@ -59,3 +62,10 @@ class Task(ABC):
 
     def stop_id(self, tokenizer) -> int:
         return eos_token_id(tokenizer)
+
+
+def document_segments(x: torch.Tensor, eos: int) -> torch.Tensor:
+    """Block ids (B, T) -> the document of each token (B, T), counted from 0 in each row: a document ends with its
+    EOS, so the token after an EOS starts the next one."""
+    ends = (x == eos).long()
+    return ends.cumsum(-1) - ends

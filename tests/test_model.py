@@ -3,15 +3,19 @@ its KV cache changes nothing; and its numerics (fp32 RMSNorm, the causal mask, t
 training needs."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from model import ModelConfig, RMSNorm, SmolLM2
+import model as model_module
+from model import ModelConfig, RMSNorm, SmolLM2, apply_rotary
 from smollm2.config_load import load_config
 from smollm2.sampling import SamplingParams, generate
+from smollm2.task import document_segments
+from train import Pretraining
 from validate_params import hf_from_config, pair_from_config, parity_weights
 
 TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -149,6 +153,80 @@ def test_future_tokens_do_not_change_past_logits(masked):
     la, lb = model(a, valid=valid)[0], model(b, valid=valid)[0]
     torch.testing.assert_close(la[:, :16], lb[:, :16], atol=1e-6, rtol=0)
     assert not torch.allclose(la[:, 16:], lb[:, 16:]), "the changed tokens themselves must see the change"
+
+
+@torch.no_grad()
+def test_masked_training_attention_off_the_cpu_never_asks_sdpa_for_a_mask_with_shared_heads(monkeypatch):
+    """CUDA's SDPA serves a mask together with enable_gqa only by its math kernel, which holds (B*nh, T, T) fp32
+    scores. A packed forward on a non-CPU device (meta: shapes only) must hand SDPA repeated k/v instead."""
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa, k.shape[1] == q.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    with torch.device("meta"):
+        model = SmolLM2(TINY)
+        segments = torch.arange(16).div(5, rounding_mode="floor").expand(2, -1)   # four sequences per row
+        model(torch.zeros(2, 16, dtype=torch.long), segments=segments)
+    assert calls == [(True, False, True)] * TINY.num_hidden_layers   # a mask, no enable_gqa, every head's k/v
+    assert model_module.attention_kernels("cuda")["masked"].startswith("memory-efficient")
+
+
+@torch.no_grad()
+def test_packed_rows_with_repeated_kv_give_the_logits_each_sequence_gives_alone(monkeypatch):
+    """The k/v-repeating path (what CUDA runs) computes each packed sequence exactly as if it ran alone."""
+    monkeypatch.setattr(model_module, "MASKED_GQA_DEVICES", ())
+    model, x = tiny_model(), random_tokens((1, 24), seed=6)
+    seg = torch.tensor([[0] * 10 + [1] * 14])
+    packed, _ = model(x, segments=seg)
+    for s, (a, b) in enumerate([(0, 10), (10, 24)]):
+        torch.testing.assert_close(packed[:, a:b], model(x[:, a:b])[0], atol=2e-5, rtol=1e-4, msg=f"sequence {s}")
+
+
+def test_document_segments_end_each_document_at_its_eos():
+    eos = 7
+    x = torch.tensor([[3, eos, 5, 5, eos, eos, 2], [eos, 1, 1, 1, 1, 1, 1]])
+    assert document_segments(x, eos).tolist() == [[0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+
+
+def two_documents(seed: int = 8) -> torch.Tensor:
+    """A block (1, 20) of two documents: 0..7, ending at its EOS, and 8..19."""
+    x = random_tokens((1, 20), seed=seed)
+    x[x == TINY.eos_token_id], x[0, 7] = 1, TINY.eos_token_id
+    return x
+
+
+@torch.no_grad()
+def test_document_masked_pretraining_loss_is_each_documents_loss_alone():
+    """run.document_masking with reset_position_ids: the pretraining loss of a packed block is the mean of each
+    document's own token losses, each computed as if it ran alone."""
+    model, x, y = tiny_model(), two_documents(), random_tokens((1, 20), seed=9)
+    cfg = SimpleNamespace(run=SimpleNamespace(document_masking=True, reset_position_ids=True))
+    tokenizer = SimpleNamespace(token_to_id=lambda t: TINY.eos_token_id if t == "<|endoftext|>" else None)
+    run = SimpleNamespace(cfg=cfg, rt=SimpleNamespace(device=torch.device("cpu")), net=model, tokenizer=tokenizer)
+    loss, _ = Pretraining().loss(run, (x, y))
+    alone = sum(model(x[:, a:b], y[:, a:b], per_row=True)[1] for a, b in [(0, 8), (8, 20)])
+    torch.testing.assert_close(loss, alone[0] / 20, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_document_masking_hides_earlier_documents_and_needs_no_position_restart():
+    """A document sees none of the documents before it; and since RoPE's scores depend only on distances, positions
+    continuing through the block (not restarted) give it the same logits: no switch for restarts is needed."""
+    model, x = tiny_model(), two_documents()
+    other = x.clone()
+    other[0, :7] = random_tokens((1, 7), seed=10).clamp(min=1)   # another first document, the same EOS
+    seg = document_segments(x, TINY.eos_token_id)
+    la, lb = (model(t, segments=seg)[0] for t in (x, other))
+    torch.testing.assert_close(la[:, 8:], lb[:, 8:], atol=1e-6, rtol=0)
+    cos, sin = model.model.rotary_emb(torch.arange(8, 20)[None])          # positions 8..19, as if not restarted
+    q = torch.randn(1, 2, 12, TINY.head_dim)
+    k = torch.randn(1, 2, 12, TINY.head_dim)
+    restarted = model.model.rotary_emb(torch.arange(12)[None])
+    scores = lambda c, s: apply_rotary(q, c, s) @ apply_rotary(k, c, s).transpose(-1, -2)
+    torch.testing.assert_close(scores(cos, sin), scores(*restarted), atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()

@@ -36,6 +36,9 @@ SHAPES = {"layers-autocast": (dict(hidden_size=256, intermediate_size=1024, num_
                              num_hidden_layers=4, vocab_size=2048), 1, 1024, "bf16 weights"),
           "layers-fp32": (dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=1,
                                num_hidden_layers=4, vocab_size=256), 2, 512, "fp32")}
+# document-masked rows, run as CUDA runs them (model.MASKED_GQA_DEVICES emptied): k/v repeated, a (B, 1, T, T) bias
+MASKED = {"masked-fp32": (dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=1,
+                               num_hidden_layers=4, vocab_size=256), 1, 1024, "fp32")}
 # (compute, residual) dtype sizes of each precision, as planner.layer_bytes takes them
 DTYPES = {"fp32": (4, 4), "autocast": (2, 4), "bf16 weights": (2, 2)}
 
@@ -44,29 +47,32 @@ DTYPES = {"fp32": (4, 4), "autocast": (2, 4), "bf16 weights": (2, 2)}
 # added. glibc hands each freed block of 256 kB or more back to the OS, so the resident set follows live tensors.
 MEASURE = r"""
 import json, re, sys, torch
+import model as model_module
 from model import ModelConfig
 from model import SmolLM2
 
 def resident(key):
     return int(re.search(key + r':\s+(\d+) kB', open('/proc/self/status').read()).group(1)) * 1024
 
-def step(model, x, precision):
+def step(model, x, precision, masked):
+    segments = torch.arange(x.shape[1] - 1).div(100, rounding_mode='floor').expand(x.shape[0], -1) if masked else None
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'autocast'):
-        loss = model(x[:, :-1], x[:, 1:])[1]
+        loss = model(x[:, :-1], x[:, 1:], segments=segments)[1]
     loss.backward()
 
 out = []
-for kwargs, batch, seq, precision, mode in json.loads(sys.argv[1]):
+for kwargs, batch, seq, precision, mode, masked in json.loads(sys.argv[1]):
+    model_module.MASKED_GQA_DEVICES = () if masked else ('cpu',)
     torch.manual_seed(0)
     model = SmolLM2(ModelConfig(**kwargs, max_position_embeddings=seq)).train()
     if precision == 'bf16 weights':
         model = model.bfloat16()
     model.gradient_checkpointing, model.selective_recompute = mode == 'full', mode == 'selective'
     x = torch.randint(0, kwargs['vocab_size'], (batch, seq + 1))
-    step(model, x[:, :17], precision)
+    step(model, x[:, :17], precision, masked)
     open('/proc/self/clear_refs', 'w').write('5')   # high-water mark := the resident set now
     before = resident('VmRSS')
-    step(model, x, precision)
+    step(model, x, precision, masked)
     out.append(resident('VmHWM') - before)
     del model
 print(json.dumps(out))
@@ -76,8 +82,8 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def measured() -> dict[tuple[str, str], int]:
     """(shape name, recompute mode) -> the bytes one training step added, measured in one subprocess."""
-    keys = [(name, mode) for name in SHAPES for mode in planner.RECOMPUTE]
-    runs = [[*SHAPES[name], mode] for name, mode in keys]
+    keys = [(name, mode) for name in {**SHAPES, **MASKED} for mode in planner.RECOMPUTE]
+    runs = [[*{**SHAPES, **MASKED}[name], mode, name in MASKED] for name, mode in keys]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(runs)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
@@ -95,6 +101,19 @@ def test_activation_estimate_is_within_20_percent_of_the_measured_cpu_peak(measu
     got = measured[shape, recompute]
     assert got > 20e6, "too small a step to measure against the process's noise"
     assert abs(estimate - got) <= 0.2 * got, f"estimate {estimate / 1e6:.1f} MB, measured {got / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("recompute", planner.RECOMPUTE)
+def test_masked_attention_estimate_counts_repeated_kv_and_the_bias(measured, recompute):
+    """run.document_masking's attention keeps k, v repeated to every head and a (B, 1, T, T) bias per layer, about
+    15% of this shape's step: the estimate must count them to come within 10%."""
+    kwargs, batch, seq, precision = MASKED["masked-fp32"]
+    m = ModelConfig(**kwargs, max_position_embeddings=seq)
+    _, estimate = planner.step_bytes(m, batch * seq, 4, 4, recompute, planner.count_parameters(m), mask_keys=seq)
+    got = measured["masked-fp32", recompute]
+    assert abs(estimate - got) <= 0.1 * got, f"estimate {estimate / 1e6:.1f} MB, measured {got / 1e6:.1f} MB"
+    cfg = config(**{"run.document_masking": "true"})
+    assert planner.memory(cfg, 1, 8, recompute)[1] > planner.memory(config(), 1, 8, recompute)[1]
 
 
 def test_attention_keeps_no_score_matrix_on_the_cpu():

@@ -117,12 +117,15 @@ def test_a_sample_prompt_longer_than_the_context_keeps_its_newest_tokens(tmp_pat
     assert len(samples) == 1 and samples[0]["text"]
 
 
-def test_the_start_line_gives_the_cpu_threads_in_use_and_the_recompute_choice(tmp_path, code_corpus, capsys):
-    config = load_config(str(make_config(tmp_path, code_corpus, **{"tokens.train_steps": 1})))
-    run = train.train(config)
+def test_the_start_line_gives_the_cpu_threads_the_recompute_choice_and_document_masking(tmp_path, code_corpus,
+                                                                                     capsys):
+    config = load_config(str(make_config(tmp_path, code_corpus, **{"tokens.train_steps": 1,
+                                                                   "run.document_masking": True})))
+    run = train.train(config)   # a pretraining step through the document-masked loss
     start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model "))
     assert f"{torch.get_num_threads()} CPU threads" in start
     assert "recompute: selective (auto, no device memory figure off a GPU)" in start and run["step"] == 1
+    assert "document masking: a token sees only its own document (flash, shared k/v heads)" in start
 
 
 # ---------------------------------------------------------------- the disk

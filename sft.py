@@ -63,7 +63,10 @@ def start_from(cfg: Config, args: PosttrainArgs) -> tuple[SmolLM2, object, Optio
     cfg.model.model_config = model.config
     cfg.tokenizer = start.tokenizer
     cfg.tokenizer.tokenizer_name_or_path = tokenizer_name
-    validate(cfg)   # e.g. tokens.sequence_length against this model's context
+    validate(cfg)
+    if cfg.tokens.sequence_length > model.config.max_position_embeddings:
+        raise ConfigError(f"tokens.sequence_length ({cfg.tokens.sequence_length}) exceeds the context of {name} "
+                          f"({model.config.max_position_embeddings} tokens); lower tokens.sequence_length")
     tokenizer = load_tokenizer(cfg)
     used = tokenizer.get_vocab_size()
     return model, tokenizer, chat.fit_embeddings(model, tokenizer, chat.add_chat_tokens(tokenizer), used)

@@ -49,7 +49,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.model_config.hidden_act: only 'silu' (SwiGLU) is implemented, got '{m.hidden_act}'")
     if m.rope_scaling is not None:
         raise ConfigError("model.model_config.rope_scaling: only null (plain RoPE) is supported")
-    if cfg.tokens.sequence_length > m.max_position_embeddings:
+    # a fine-tuning config takes its model from the checkpoint: sft.start_from checks the context against that one
+    if cfg.sft is None and cfg.dpo is None and cfg.tokens.sequence_length > m.max_position_embeddings:
         raise ConfigError(f"tokens.sequence_length ({cfg.tokens.sequence_length}) exceeds "
                           f"model.model_config.max_position_embeddings ({m.max_position_embeddings})")
     for key in ("tp", "pp", "expert_parallel_size"):

@@ -401,8 +401,23 @@ def test_epochs_and_a_warmup_ratio_set_the_steps_from_the_rows(small_base, tmp_p
     assert f"{steps} steps, warmup {math.ceil(steps / 10)}" in out
 
 
+def test_the_135M_configs_carry_the_alignment_handbooks_smollm2_recipe():
+    sft_cfg, dpo_cfg = (load_config(str(ROOT / f"configs/config_{n}_smollm2_135M.yaml")) for n in ("sft", "dpo"))
+    for cfg, args, lr in ((sft_cfg, sft_cfg.sft, 1e-3), (dpo_cfg, dpo_cfg.dpo, 1e-6)):
+        lrs = cfg.optimizer.learning_rate_scheduler
+        assert (args.num_train_epochs, args.warmup_ratio, lrs.learning_rate) == (2, 0.1, lr)
+        assert (lrs.lr_decay_style, lrs.min_decay_lr, cfg.optimizer.weight_decay) == ("cosine", 0.0, 0.0)
+    assert sft_cfg.sft.dataset_name == "HuggingFaceTB/smol-smoltalk" and sft_cfg.tokens.sequence_length == 8192
+    d, t = dpo_cfg.dpo, dpo_cfg.tokens
+    assert (d.dataset_name, d.dataset_train_split, d.dataset_test_split) == (
+        "HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs")
+    assert (d.beta, d.max_length, d.max_prompt_length, t.micro_batch_size * t.batch_accumulation_per_replica) == (
+        0.5, 1024, 512, 128)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"sft.model_name_or_path": None}, "sft.model_name_or_path: the checkpoint to fine-tune is needed"),
+    ({"tokens.sequence_length": 4096}, "tokens.sequence_length (4096) exceeds the context of"),
     ({"sft.dataset_name": "chats.jsonl", "sft.dataset_test_split": "test"},
      "sft.dataset_test_split: a .jsonl file has no splits"),
     ({"sft.truncation_mode": "keep_end"}, "sft.truncation_mode: 'keep_start' or 'drop'"),

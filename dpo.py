@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from model import SmolLM2
-from sft import SFT, posttraining_command, start_from
+from sft import SFT, posttraining_command, start_from, tokenized
 from smollm2 import chat_data
 from smollm2.config import Config
-from smollm2.tokenizer import eos_token_id
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -58,6 +57,7 @@ class DPO(SFT):
     """SFT's start and chat format; the data are preference pairs and the loss is DPO's against a frozen reference."""
     section = "dpo"
     reports_perplexity = False   # the validation loss is DPO's, not a per-token cross-entropy
+    weighs_by_targets = False    # a mean over pairs, and every micro-batch holds as many
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -98,7 +98,7 @@ def score(cfg: Config, checkpoint: str) -> dict:
     reference, tokenizer, _ = start_from(copy.deepcopy(cfg), cfg.dpo)
     policy, _, _ = start_from(copy.deepcopy(cfg), dataclasses.replace(cfg.dpo, model_name_or_path=checkpoint))
     _, val = chat_data.held_out(cfg.dpo, cfg.general.seed)
-    rows, _ = chat_data.dpo_rows(val, tokenizer, cfg.tokens.sequence_length, eos_token_id(tokenizer))
+    rows, _ = tokenized(cfg, tokenizer, val)
     return {"checkpoint": checkpoint, **preference_stats(policy.eval(), reference.eval(), rows, cfg.dpo.beta)}
 
 

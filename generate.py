@@ -198,7 +198,7 @@ def converse(session: Session, system: Optional[str]) -> None:
     """A conversation on stdin and stdout: each line is a user message, and the reply, which ends at <|im_end|>,
     streams to stdout on its own line. The whole conversation so far is the next reply's prompt."""
     chat.end_id(session.tokenizer)   # a checkpoint that cannot chat says so before the first message
-    messages = [{"role": "system", "content": system}] if system else []
+    messages = [{"role": "system", "content": system}] if system is not None else []   # "": an empty system turn
     for line in stdin_lines("you> "):
         if not line.strip():
             continue
@@ -252,7 +252,7 @@ def parse_args(argv=None):
     ap.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
     ap.add_argument("--chat", action="store_true", help="hold a conversation: each stdin line is a user message, each "
                     "reply ends at <|im_end|> (a checkpoint fine-tuned by sft.py or dpo.py)")
-    ap.add_argument("--system", help="with --chat: the system message (default: SmolLM2's own)")
+    ap.add_argument("--system", help="with --chat: the system message (default: SmolLM2's own; \"\" for an empty one)")
     ap.add_argument("--max_new_tokens", type=int, help="default: 128, or half the context if that is shorter")
     ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default: 0.8)")
     ap.add_argument("--top_k", type=int, help="sample among the k most likely tokens only")

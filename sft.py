@@ -15,6 +15,7 @@ tokens), chat_data.py (rows) and chat_tasks.py (the built-in tasks of the tiny c
 
 import copy
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -62,7 +63,10 @@ def start_from(cfg: Config, args: PosttrainArgs) -> tuple[SmolLM2, object, Optio
     cfg.model.model_config = model.config
     cfg.tokenizer = start.tokenizer
     cfg.tokenizer.tokenizer_name_or_path = tokenizer_name
-    validate(cfg)   # e.g. tokens.sequence_length against this model's context
+    validate(cfg)
+    if cfg.tokens.sequence_length > model.config.max_position_embeddings:
+        raise ConfigError(f"tokens.sequence_length ({cfg.tokens.sequence_length}) exceeds the context of {name} "
+                          f"({model.config.max_position_embeddings} tokens); lower tokens.sequence_length")
     tokenizer = load_tokenizer(cfg)
     used = tokenizer.get_vocab_size()
     return model, tokenizer, chat.fit_embeddings(model, tokenizer, chat.add_chat_tokens(tokenizer), used)
@@ -72,13 +76,24 @@ def start_from(cfg: Config, args: PosttrainArgs) -> tuple[SmolLM2, object, Optio
 
 
 class Rows:
-    """Row i of the array, cycling (row n is row 0 again: the next epoch), in data.TokenLoader's `read` interface."""
+    """Row i of the array in data.TokenLoader's `read` interface, cycling: row i + n is row i of the next epoch. With
+    a seed, each epoch reads the rows in its own order, a permutation drawn from (seed, epoch): the position alone
+    says which row comes next, so a resumed run reads what the uninterrupted one would have."""
 
-    def __init__(self, rows: np.ndarray):
-        self.rows = rows
+    def __init__(self, rows: np.ndarray, seed: Optional[int] = None):
+        self.rows, self.seed, self._orders = rows, seed, {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self.seed is None:
+            return np.arange(len(self.rows))
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}   # the one a batch may straddle
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        return self._orders[epoch]
 
     def read(self, first: int, count: int) -> np.ndarray:
-        return self.rows[np.arange(first, first + count) % len(self.rows)]
+        epochs, at = np.divmod(np.arange(first, first + count), len(self.rows))
+        return self.rows[[self.order(int(e))[i] for e, i in zip(epochs, at)]]
 
 
 class RowLoader(data.TokenLoader):
@@ -99,6 +114,7 @@ class ChatData:
 
     def __init__(self, name: str, train: RowLoader, val: RowLoader):
         self.name, self.train, self.val = name, train, val
+        self.rows = len(train.blocks.rows)   # one epoch
 
     def begin_step(self, step: int) -> bool:
         return False   # one stage throughout
@@ -116,29 +132,47 @@ class ChatData:
         self.train.load_state_dict(state)
 
 
+def tokenized(cfg: Config, tokenizer, examples: list[dict]) -> tuple[np.ndarray, dict]:
+    """Examples -> (rows, counts) as the config's sft or dpo section has them tokenized, cut and packed."""
+    T, pad = cfg.tokens.sequence_length, eos_token_id(tokenizer)
+    if cfg.sft is not None:
+        return chat_data.sft_rows(examples, tokenizer, T, cfg.sft.packing, pad,
+                                  assistant_only=cfg.sft.assistant_only_loss,
+                                  truncate=cfg.sft.truncation_mode == "keep_start")
+    return chat_data.dpo_rows(examples, tokenizer, T, pad, max_length=cfg.dpo.max_length,
+                              max_prompt_length=cfg.dpo.max_prompt_length)
+
+
+def describe_rows(cfg: Config, counts: dict, rows: np.ndarray, held_out: int) -> str:
+    """The start's data line: examples, rows, how full, what share are targets, and what was cut or left out."""
+    args, T = cfg.sft or cfg.dpo, cfg.tokens.sequence_length
+    what = "conversations" if cfg.sft is not None else "preference pairs"
+    length = "a row" if cfg.sft is not None else f"dpo.max_length ({args.max_length or T + 1} tokens)"
+    cut = [f"{counts[k]} {label}" for k, label in (
+        ("truncated", f"cut to {length}, their start kept"),
+        ("prompt_truncated", f"prompts cut to their last {getattr(args, 'max_prompt_length', 0)} tokens "
+                             "(dpo.max_prompt_length)"),
+        ("too_long", f"left out: longer than {T} tokens"),
+        ("no_target", "left out: no reply token to learn")) if counts[k]]
+    return (f"data: {counts['examples']:,} {what} from {args.dataset_name} -> {len(rows):,} rows of {T} tokens "
+            f"({counts['tokens'] / (len(rows) * T * (rows.shape[1] // 2)):.0%} filled, "
+            f"{counts['targets'] / max(counts['tokens'], 1):.0%} of the tokens are targets); {held_out:,} held out"
+            + (f"; {', '.join(cut)}" if cut else ""))
+
+
 def loaders(cfg: Config, tokenizer, rank: int, world: int) -> ChatData:
-    """The training and validation rows of an SFT or DPO config."""
+    """The training rows (in a seeded order, new each epoch) and the validation rows of an SFT or DPO config."""
     args, T = cfg.sft or cfg.dpo, cfg.tokens.sequence_length
     train, val = chat_data.held_out(args, cfg.general.seed)
-    pad = eos_token_id(tokenizer)
-    if cfg.sft is not None:
-        (train_rows, counts), (val_rows, _) = (chat_data.sft_rows(e, tokenizer, T, cfg.sft.packing, pad)
-                                               for e in (train, val))
-    else:
-        (train_rows, counts), (val_rows, _) = (chat_data.dpo_rows(e, tokenizer, T, pad) for e in (train, val))
-    what = "conversations" if cfg.sft is not None else "preference pairs"
+    (train_rows, counts), (val_rows, _) = (tokenized(cfg, tokenizer, e) for e in (train, val))
     if len(train_rows) == 0 or len(val_rows) == 0:
+        what = "conversations" if cfg.sft is not None else "preference pairs"
         raise DataError(f"{args.dataset_name}: no {what} fit in rows of tokens.sequence_length={T} tokens "
                         f"({counts['too_long']} too long); raise tokens.sequence_length")
     if rank == 0:
-        skipped = [f"{counts[k]} {label}" for k, label in (("too_long", f"longer than {T} tokens"),
-                                                           ("no_target", "without an assistant reply")) if counts[k]]
-        print(f"data: {counts['examples']:,} {what} from {args.dataset_name} -> {len(train_rows):,} rows of {T} "
-              f"tokens ({counts['tokens'] / (len(train_rows) * T * (train_rows.shape[1] // 2)):.0%} filled, "
-              f"{counts['targets'] / max(counts['tokens'], 1):.0%} of the tokens are targets); "
-              f"{len(val):,} held out" + (f"; left out: {', '.join(skipped)}" if skipped else ""), flush=True)
+        print(describe_rows(cfg, counts, train_rows, len(val)), flush=True)
     vocab = cfg.model.model_config.vocab_size
-    return ChatData(args.dataset_name, RowLoader(Rows(train_rows), cfg.tokens, vocab, rank, world),
+    return ChatData(args.dataset_name, RowLoader(Rows(train_rows, cfg.general.seed), cfg.tokens, vocab, rank, world),
                     RowLoader(Rows(val_rows), cfg.tokens, vocab, rank, world))
 
 
@@ -148,6 +182,7 @@ def loaders(cfg: Config, tokenizer, rank: int, world: int) -> ChatData:
 class SFT(Task):
     """The model starts from a checkpoint; batches are packed conversations; the loss covers the assistant's tokens."""
     section = "sft"
+    weighs_by_targets = True   # the mean over every reply token of a step, as TRL and transformers take it
 
     def __init__(self, cfg: Config):
         self.args = section(cfg, self.section)
@@ -162,10 +197,24 @@ class SFT(Task):
         return self._tokenizer
 
     def data(self, cfg: Config, rt, tokenizer) -> ChatData:
-        return loaders(cfg, tokenizer, rt.rank, rt.world)
+        chat_rows = loaders(cfg, tokenizer, rt.rank, rt.world)
+        self.rows = chat_rows.rows
+        return chat_rows
 
     def describe_data(self, cfg: Config, step: int) -> str:
         return f"{self.args.dataset_name} ({self.section}.dataset_name)"
+
+    def fit_schedule(self, cfg: Config, rows_per_step: int) -> Optional[str]:
+        """TRL's num_train_epochs and warmup_ratio, as the tokens.train_steps and lr_warmup_steps they come to."""
+        args, lrs, said = self.args, cfg.optimizer.learning_rate_scheduler, []
+        if args.num_train_epochs is not None:
+            cfg.tokens.train_steps = max(1, math.ceil(args.num_train_epochs * self.rows / rows_per_step))
+            said.append(f"{self.section}.num_train_epochs {args.num_train_epochs:g} over {self.rows:,} rows at "
+                        f"{rows_per_step:,} a step: tokens.train_steps={cfg.tokens.train_steps}")
+        if args.warmup_ratio is not None:
+            lrs.lr_warmup_steps = math.ceil(args.warmup_ratio * cfg.tokens.train_steps)   # as transformers rounds
+            said.append(f"{self.section}.warmup_ratio {args.warmup_ratio:g}: lr_warmup_steps={lrs.lr_warmup_steps}")
+        return "schedule: " + "; ".join(said) if said else None
 
     def model(self, cfg: Config, rt, resuming: Optional[dict]) -> SmolLM2:
         if resuming is not None:   # the same start as the run had: a run directory may have gained checkpoints

@@ -3,11 +3,12 @@
 One process per GPU under `torchrun` (DDP or FSDP, see smollm2/distributed.py), or one plain process on a GPU or the
 CPU. Read top to bottom: `setup()` builds a run (data, model, optimizer, and what a checkpoint restores); `train()`
 loops over optimizer steps: `optimizer_step()` sets the LR, runs k micro-batches of forward and backward (each loss
-divided by k), unscales, clips, skips the update if anything is non-finite, and steps; then `log_progress()`,
-`validate()`, `write_samples()` and `save()` run on their intervals (a save at an `eval` step also starts the
-config's benchmarks on that checkpoint, in a process beside this one: smollm2/evals.py's BackgroundEvals). A
-checkpoint holds every part needed to continue exactly (model, optimizer, grad scaler, step, data position, RNG
-states, config), so a run killed at any moment resumes with the same losses it would have had.
+divided by k; SFT's weighed by its share of the step's target tokens), unscales, clips, skips the update if anything is
+non-finite, and steps; then `log_progress()`, `validate()`, `write_samples()` and `save()` run on their intervals (a
+save at an `eval` step also starts the config's benchmarks on that checkpoint, in a process beside this one:
+smollm2/evals.py's BackgroundEvals). A checkpoint holds every part needed to continue exactly (model, optimizer, grad
+scaler, step, data position, RNG states, config), so a run killed at any moment resumes with the same losses it would
+have had.
 
 What the run starts from, reads and minimises is its task (smollm2/task.py): `Pretraining` here (a fresh model, the
 data stages, the next-token loss); sft.py's SFT and dpo.py's DPO are other tasks on the same loop, checkpoints,
@@ -110,6 +111,9 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
 
     tokenizer = task.tokenizer(cfg)
     train_data = task.data(cfg, rt, tokenizer)
+    schedule = task.fit_schedule(cfg, cfg.tokens.micro_batch_size * k * rt.world)   # e.g. sft.num_train_epochs
+    if schedule and rt.main:
+        print(schedule, flush=True)
 
     ckpt_path = remote.find_resume(resume or cfg.checkpoints.resume_checkpoint_path, run_dir, cfg.s3)
     ckpt = training_checkpoint(ckpt_path) if ckpt_path else None
@@ -191,11 +195,13 @@ def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float, d
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     sums: dict[str, torch.Tensor] = {}
-    for micro in range(k):
-        batch = run.train_data.next_batch()
+    batches = [run.train_data.next_batch() for _ in range(k)]
+    weights = run.task.weights(run.rt, batches)   # None: each micro-batch's loss weighs the same
+    for micro, batch in enumerate(batches):
         with distributed.gradient_sync(run.net, last_micro_batch=micro == k - 1):
             with rt.autocast():
                 loss, stats = run.task.loss(run, batch)
+            loss = loss if weights is None else loss * weights[micro]
             # the gradients of k micro-batches add up; dividing each loss by k makes that sum a mean
             run.scaler.scale(loss / k).backward()
         add_up(sums, {"loss": loss, **stats})
@@ -254,10 +260,12 @@ def validate(run: Run) -> float:
     for name, weight, loader in run.train_data.validation():
         loader.reset()
         sums: dict[str, torch.Tensor] = {}
-        for _ in range(batches):
+        held_out = [loader.next_batch() for _ in range(batches)]
+        shares = run.task.weights(run.rt, held_out)   # SFT's: the mean over every held-out target token
+        for i, batch in enumerate(held_out):
             with run.rt.autocast():
-                loss, batch_stats = run.task.loss(run, loader.next_batch())
-            add_up(sums, {"loss": loss, **batch_stats})
+                loss, batch_stats = run.task.loss(run, batch)
+            add_up(sums, {"loss": loss if shares is None else loss * shares[i], **batch_stats})
         stats = mean_of(sums, batches, run.rt)   # the task's statistics (DPO's) come from its one source
         losses[name], weights[name] = stats.pop("loss"), weight
     run.net.train()

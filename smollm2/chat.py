@@ -6,11 +6,12 @@ SmolLM2-Instruct writes a conversation in ChatML, every turn framed by two speci
     <|im_start|>user\\nWhat is 2 + 3?<|im_end|>\\n
     <|im_start|>assistant\\n5<|im_end|>\\n
 
-with that default system turn when a conversation brings none. `render()` writes this text; `CHAT_TEMPLATE` is the same
-rule as the Jinja string that transformers' `apply_chat_template` and llama.cpp's converter read from an exported
-tokenizer (tests/test_chat.py renders both and compares). Training tokenizes the rendered text once and marks the
-assistant's tokens (each reply and the <|im_end|> that closes it: the model must learn to stop) as the only targets;
-generation renders the conversation up to the assistant's opening line and stops at <|im_end|>.
+with that default system turn when a conversation brings none (a system message, even an empty one, replaces it).
+`render()` writes this text; `CHAT_TEMPLATE` is the same rule as the Jinja string that transformers'
+`apply_chat_template` and llama.cpp's converter read from an exported tokenizer (tests/test_chat.py renders both and
+compares). Training tokenizes the rendered text, cut where each reply begins and ends, and marks the assistant's
+tokens (each reply and the <|im_end|> that closes it: the model must learn to stop) as the only targets; generation
+renders the conversation up to the assistant's opening line and stops at <|im_end|>.
 """
 
 from typing import Iterator, Optional
@@ -80,21 +81,24 @@ def encode(tokenizer: Tokenizer, messages: list[dict], last_reply_only: bool = F
     """Token ids of the rendered conversation and, per token, whether it is the assistant's (a training target);
     last_reply_only keeps only the final reply's tokens (DPO scores one reply).
 
-    The whole text is tokenized at once, as generation will see it, and a token belongs to the assistant when its
-    characters lie inside a reply (or its <|im_end|>): the tokens' offsets into the text decide, not a second
-    tokenization of the pieces that could split them differently."""
+    The text is cut where each reply begins and ends, and each stretch is tokenized on its own, so a token never
+    straddles the boundary: the reply's tokens are those the model writes after the prompt that generation tokenizes
+    up to `<|im_start|>assistant\\n`. (Tokenized whole, a reply opening with newlines would merge them with the one
+    ending that line, and masking by characters would then drop them from the targets.)"""
     end_id(tokenizer)   # refuses a tokenizer that would spell the markers out as ordinary text
-    text, spans, at = "", [], 0
+    stretches: list[tuple[str, bool]] = []   # alternating: the template's text, a reply
     for piece, mine in _pieces(messages, add_generation_prompt=False):
-        if mine:
-            spans.append((at, at + len(piece)))
-        text += piece
-        at += len(piece)
-    if last_reply_only:
-        spans = spans[-1:]
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    mask = [any(lo <= start and end <= hi for lo, hi in spans) for start, end in enc.offsets]
-    return enc.ids, mask
+        if stretches and stretches[-1][1] == mine:
+            stretches[-1] = (stretches[-1][0] + piece, mine)
+        else:
+            stretches.append((piece, mine))
+    replies = [i for i, (_, mine) in enumerate(stretches) if mine]
+    targets = set(replies[-1:] if last_reply_only else replies)
+    ids, mask = [], []
+    for i, enc in enumerate(tokenizer.encode_batch([text for text, _ in stretches], add_special_tokens=False)):
+        ids += enc.ids
+        mask += [i in targets] * len(enc.ids)
+    return ids, mask
 
 
 def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:

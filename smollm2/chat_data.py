@@ -11,7 +11,9 @@ conversations are laid one after another in rows of sequence_length tokens, each
 model.py turns into positions restarting at 0 and attention kept inside the conversation; the positions left at a
 row's end, too few for the next conversation, are padding without a target. Without packing each conversation has a
 row of its own, padded at the end. DPO rows: the prompt with the chosen reply and with the rejected one, targets on the
-reply only, each padded to a row. An example longer than a row is left out (and counted in the log).
+reply only, each padded to a row. A conversation longer than a row keeps its first tokens (sft.truncation_mode
+keep_start) or is left out (drop); a pair is cut as TRL cuts it (dpo.max_prompt_length, dpo.max_length). The log
+counts each.
 
 sft.py serves the rows through data.TokenLoader's rank split, in the interface of data.StagedLoader: rank r of W
 reads micro-batches r, r+W, ...; its position goes into checkpoints.
@@ -123,10 +125,17 @@ def _inputs_and_targets(ids: list[int], mask: list[bool]) -> tuple[np.ndarray, n
     return ids_a[:-1], y
 
 
-def sft_rows(examples: list[dict], tokenizer, length: int, packing: bool, pad_id: int) -> tuple[np.ndarray, dict]:
+def _counts() -> dict:
+    return {"examples": 0, "too_long": 0, "truncated": 0, "prompt_truncated": 0, "no_target": 0, "tokens": 0,
+            "targets": 0}
+
+
+def sft_rows(examples: list[dict], tokenizer, length: int, packing: bool, pad_id: int, *, assistant_only: bool = True,
+             truncate: bool = True) -> tuple[np.ndarray, dict]:
     """Conversations -> rows (n, 3, length) of inputs, targets and segment ids (or (n, 2, length) without packing),
-    and counts for the log."""
-    rows, counts = [], {"examples": 0, "too_long": 0, "no_target": 0, "tokens": 0, "targets": 0}
+    and counts for the log. assistant_only: targets on the assistant's tokens alone (else on every token);
+    truncate: a conversation over a row keeps its first tokens (else it is left out)."""
+    rows, counts = [], _counts()
     row, used = None, length
 
     def new_row():
@@ -136,11 +145,14 @@ def sft_rows(examples: list[dict], tokenizer, length: int, packing: bool, pad_id
         return r
 
     for n, example in enumerate(examples):
-        messages = chat.check_messages(example.get("messages"), f"example {n}: messages")
-        x, y = _inputs_and_targets(*chat.encode(tokenizer, messages))
-        if len(x) > length:
-            counts["too_long"] += 1
-            continue
+        ids, mask = chat.encode(tokenizer, chat.check_messages(example.get("messages"), f"example {n}: messages"))
+        if len(ids) > length + 1:
+            if not truncate:
+                counts["too_long"] += 1
+                continue
+            counts["truncated"] += 1
+            ids, mask = ids[:length + 1], mask[:length + 1]
+        x, y = _inputs_and_targets(ids, mask if assistant_only else [True] * len(ids))
         if not (y != IGNORE).any():
             counts["no_target"] += 1
             continue
@@ -158,15 +170,34 @@ def sft_rows(examples: list[dict], tokenizer, length: int, packing: bool, pad_id
     return np.stack(rows) if rows else np.zeros((0, 3 if packing else 2, length), np.int32), counts
 
 
-def dpo_rows(examples: list[dict], tokenizer, length: int, pad_id: int) -> tuple[np.ndarray, dict]:
-    """Preference pairs -> rows (n, 4, length): chosen inputs, chosen targets, rejected inputs, rejected targets."""
-    rows, counts = [], {"examples": 0, "too_long": 0, "no_target": 0, "tokens": 0, "targets": 0}
+def pair_tokens(tokenizer, example: dict, where: str, max_length: int, max_prompt_length: Optional[int],
+                counts: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A preference pair -> (inputs, targets) of the prompt with the chosen reply and with the rejected one, cut in
+    TRL's order: the prompt to its last max_prompt_length tokens first, then prompt and reply to their first
+    max_length tokens (the reply loses its end)."""
+    prompt, chosen, rejected = pair_of(example, where)
+    parts = [chat.encode(tokenizer, prompt + [{"role": "assistant", "content": reply}], last_reply_only=True)
+             for reply in (chosen, rejected)]
+    start = parts[0][1].index(True)   # the prompt's tokens: the same before either reply
+    if max_prompt_length is not None and start > max_prompt_length:
+        counts["prompt_truncated"] += 1
+        parts = [(ids[start - max_prompt_length:], mask[start - max_prompt_length:]) for ids, mask in parts]
+    if max(len(ids) for ids, _ in parts) > max_length:
+        counts["truncated"] += 1
+        parts = [(ids[:max_length], mask[:max_length]) for ids, mask in parts]
+    return [_inputs_and_targets(ids, mask) for ids, mask in parts]
+
+
+def dpo_rows(examples: list[dict], tokenizer, length: int, pad_id: int, *, max_length: Optional[int] = None,
+             max_prompt_length: Optional[int] = None) -> tuple[np.ndarray, dict]:
+    """Preference pairs -> rows (n, 4, length): chosen inputs, chosen targets, rejected inputs, rejected targets.
+    max_length (prompt and reply; at most length + 1, the default) and max_prompt_length: see pair_tokens."""
+    rows, counts = [], _counts()
     for n, example in enumerate(examples):
-        prompt, chosen, rejected = pair_of(example, f"example {n}")
-        parts = [_inputs_and_targets(*chat.encode(tokenizer, prompt + [{"role": "assistant", "content": reply}],
-                                                  last_reply_only=True)) for reply in (chosen, rejected)]
-        if max(len(x) for x, _ in parts) > length:
-            counts["too_long"] += 1
+        parts = pair_tokens(tokenizer, example, f"example {n}", min(max_length or length + 1, length + 1),
+                            max_prompt_length, counts)
+        if not all((y != IGNORE).any() for _, y in parts):   # the prompt alone fills max_length
+            counts["no_target"] += 1
             continue
         row = np.full((4, length), pad_id, dtype=np.int32)
         row[1::2] = IGNORE

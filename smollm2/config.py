@@ -262,12 +262,16 @@ class PosttrainArgs:
     dataset_test_split: Optional[str] = None   # a held-out split; without one, the first val_examples are held out
     val_examples: int = 200
     max_examples: Optional[int] = None         # the most training examples read (a Hub dataset is streamed)
+    num_train_epochs: Optional[float] = None   # passes over the training rows: sets tokens.train_steps; null: keep it
+    warmup_ratio: Optional[float] = None       # warmup as a fraction of the steps: sets lr_warmup_steps; null: keep it
 
 
 @dataclass
 class SFTArgs(PosttrainArgs):
     """Supervised fine-tuning (sft.py) on conversations: {"messages": [{"role": ..., "content": ...}, ...]}."""
     packing: bool = True                       # several conversations per row, each attending only to itself
+    assistant_only_loss: bool = True           # the loss on the assistant's tokens only; false: on every token
+    truncation_mode: str = "keep_start"        # a conversation over a row: keep_start (its first tokens) | drop it
 
 
 @dataclass
@@ -275,6 +279,8 @@ class DPOArgs(PosttrainArgs):
     """Direct preference optimisation (dpo.py) on pairs: {"prompt", "chosen", "rejected"}, texts or messages. The
     starting checkpoint (an SFT one) is also the frozen reference."""
     beta: float = 0.1                          # how far the policy may move from the reference: the KL weight
+    max_length: Optional[int] = None           # prompt + reply, in tokens; null: tokens.sequence_length
+    max_prompt_length: Optional[int] = None    # a longer prompt keeps its last tokens (TRL's order: prompt first)
 
 
 @dataclass

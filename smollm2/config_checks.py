@@ -8,7 +8,7 @@ does otherwise than a reader of the file might expect.
 
 import re
 
-from smollm2.config import LOG_LEVELS, Config
+from smollm2.config import LOG_LEVELS, Config, DPOArgs
 from smollm2.errors import ConfigError
 from smollm2.stages import stage_folder, stages_of
 
@@ -49,7 +49,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.model_config.hidden_act: only 'silu' (SwiGLU) is implemented, got '{m.hidden_act}'")
     if m.rope_scaling is not None:
         raise ConfigError("model.model_config.rope_scaling: only null (plain RoPE) is supported")
-    if cfg.tokens.sequence_length > m.max_position_embeddings:
+    # a fine-tuning config takes its model from the checkpoint: sft.start_from checks the context against that one
+    if cfg.sft is None and cfg.dpo is None and cfg.tokens.sequence_length > m.max_position_embeddings:
         raise ConfigError(f"tokens.sequence_length ({cfg.tokens.sequence_length}) exceeds "
                           f"model.model_config.max_position_embeddings ({m.max_position_embeddings})")
     for key in ("tp", "pp", "expert_parallel_size"):
@@ -248,8 +249,30 @@ def _validate_posttrain(cfg: Config) -> None:
             raise ConfigError(f"{name}.val_examples: must be >= 1, got {args.val_examples}")
         if args.max_examples is not None and args.max_examples < 1:
             raise ConfigError(f"{name}.max_examples: must be >= 1 or null, got {args.max_examples}")
+        if args.dataset_name.endswith(".jsonl") and args.dataset_test_split:
+            raise ConfigError(f"{name}.dataset_test_split: a .jsonl file has no splits, so the held-out examples "
+                              f"would be its first lines, trained on too; remove dataset_test_split (the first "
+                              f"{name}.val_examples of the shuffled examples are then held out)")
+        if args.num_train_epochs is not None and not args.num_train_epochs > 0:
+            raise ConfigError(f"{name}.num_train_epochs: must be > 0 or null, got {args.num_train_epochs}")
+        if args.warmup_ratio is not None and not 0 <= args.warmup_ratio < 1:
+            raise ConfigError(f"{name}.warmup_ratio: must be in [0, 1) or null, got {args.warmup_ratio}")
         if args.dataset_name.startswith("builtin:") and args.max_examples is None:
             raise ConfigError(f"{name}.max_examples: {args.dataset_name} is an endless stream of new examples; "
                               "set how many to train on, e.g. 20000")
-    if cfg.dpo is not None and not cfg.dpo.beta > 0:
-        raise ConfigError(f"dpo.beta: must be > 0, got {cfg.dpo.beta}")
+    if cfg.sft is not None and cfg.sft.truncation_mode not in ("keep_start", "drop"):
+        raise ConfigError(f"sft.truncation_mode: 'keep_start' or 'drop', got '{cfg.sft.truncation_mode}'")
+    if cfg.dpo is not None:
+        _validate_dpo(cfg.dpo, cfg.tokens.sequence_length)
+
+
+def _validate_dpo(dpo: DPOArgs, sequence_length: int) -> None:
+    if not dpo.beta > 0:
+        raise ConfigError(f"dpo.beta: must be > 0, got {dpo.beta}")
+    length = dpo.max_length or sequence_length
+    if dpo.max_length is not None and not 2 <= dpo.max_length <= sequence_length:
+        raise ConfigError(f"dpo.max_length: from 2 to tokens.sequence_length ({sequence_length}), the row that "
+                          f"holds a prompt and its reply; got {dpo.max_length}")
+    if dpo.max_prompt_length is not None and not 1 <= dpo.max_prompt_length < length:
+        raise ConfigError(f"dpo.max_prompt_length: from 1 to below dpo.max_length ({length}), which leaves the "
+                          f"reply room; got {dpo.max_prompt_length}")

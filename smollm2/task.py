@@ -1,15 +1,17 @@
 """What a training run starts from, reads and minimises: the task train.py's loop runs.
 
-The loop (train.py) asks its task six things: the tokenizer, the batches, the model before training, one
-micro-batch's loss, and how to turn a sampling prompt into ids and where a sample ends. train.py's Pretraining
-answers with a fresh model, the data stages and the next-token loss; sft.py's SFT and dpo.py's DPO answer otherwise,
-and run through the same loop, checkpoints, resume and distribution.
+The loop (train.py) asks its task eight things: the tokenizer, the batches, the step count they make (where a config
+counts epochs), the model before training, one micro-batch's loss and its weight in the step, and how to turn a
+sampling prompt into ids and where a sample ends. train.py's Pretraining answers with a fresh model, the data stages
+and the next-token loss; sft.py's SFT and dpo.py's DPO answer otherwise, and run through the same loop, checkpoints,
+resume and distribution.
 """
 
 from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from model import SmolLM2
 from smollm2.config import Config
@@ -30,6 +32,7 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[to
 class Task(ABC):
     """The defaults are pretraining's; a task overrides what it does otherwise."""
     reports_perplexity = True   # the validation loss is a per-token cross-entropy
+    weighs_by_targets = False   # see weights()
 
     def tokenizer(self, cfg: Config):
         return load_tokenizer(cfg)   # under torchrun, a file lock lets one rank train it at first use
@@ -37,6 +40,11 @@ class Task(ABC):
     @abstractmethod
     def data(self, cfg: Config, rt: Runtime, tokenizer):
         """The training batches, in data.StagedLoader's interface (next_batch, begin_step, validation, state)."""
+
+    def fit_schedule(self, cfg: Config, rows_per_step: int) -> Optional[str]:
+        """Set cfg's step count or warmup from the data, once read (sft.num_train_epochs, warmup_ratio), and say so
+        for the log; rows_per_step: the rows one optimizer step reads on all ranks together."""
+        return None
 
     @abstractmethod
     def describe_data(self, cfg: Config, step: int) -> str:
@@ -55,6 +63,20 @@ class Task(ABC):
             return run.net(x, y)[1], {}
         segments = document_segments(x, eos_token_id(run.tokenizer))
         return run.net(x, y, segments=segments)[1], {}
+
+    def weights(self, rt: Runtime, batches: list) -> Optional[list[float]]:
+        """For a task whose loss is a mean over a micro-batch's target tokens, whose number varies (SFT's replies):
+        each micro-batch's share of the target tokens that these micro-batches hold on every rank, times their number.
+        The mean of the losses so weighted (over the micro-batches, and over ranks, as DDP and FSDP average
+        gradients) is the mean over every target token, as if they were one batch. None where every micro-batch
+        weighs the same: pretraining's (every position a target), DPO's (a mean over pairs, as many in each)."""
+        if not self.weighs_by_targets:
+            return None
+        counts = [int((batch[1] != -100).sum()) for batch in batches]   # batch[1]: the targets, -100 where none
+        total = torch.tensor(sum(counts), dtype=torch.int64, device=rt.device)
+        if rt.world > 1:
+            dist.all_reduce(total)
+        return [c * len(batches) * rt.world / max(int(total), 1) for c in counts]
 
     def prompt(self, tokenizer, text: str) -> list[int]:
         """A sampling.prompts entry as the ids samples continue."""

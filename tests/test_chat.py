@@ -94,6 +94,15 @@ def test_only_the_assistants_tokens_are_targets(smollm2_format):
     assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "Du thé." + chat.IM_END
 
 
+def test_a_reply_opening_with_newlines_keeps_every_token_a_target_and_the_prompt_generation_sees():
+    tok = byte_bpe(["a\n\n\nb\n\n"] * 20, 300, ("<|endoftext|>", *chat.CHAT_TOKENS))   # "\n\n" is one token
+    messages = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "\n\nHi there.\n"}]
+    ids, mask = chat.encode(tok, messages)
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "\n\nHi there.\n<|im_end|>"
+    start = mask.index(True)   # the targets follow exactly the ids a reply is generated from
+    assert ids[:start] == chat.prompt_ids(tok, messages[:1]) and all(mask[start:-1])
+
+
 def test_packed_conversations_give_the_logits_each_gives_alone(smollm2_format):
     tok = Tokenizer.from_file(str(smollm2_format / "tokenizer.json"))
     conversations = [{"messages": c} for c in CONVERSATIONS[1:]] * 2
@@ -207,6 +216,21 @@ def test_generate_chat_holds_a_conversation_and_each_reply_ends_at_im_end(chat_r
     reply = generate(smol.eval(), [chat.prompt_ids(tok, CHATS[0][:3])], SamplingParams(40, temperature=0.0),
                      eos_id=chat.end_id(tok))[0]
     assert reply[-1] == chat.end_id(tok) and len(reply) < 40 and tok.decode(reply) == "very well, thanks"
+
+
+def test_generate_chat_with_an_empty_system_message_sends_an_empty_system_turn(monkeypatch):
+    tok = byte_bpe(["hello"], 300, ("<|endoftext|>", *chat.CHAT_TOKENS))
+    prompts = []
+
+    class Session:   # what converse() asks of a loaded model: a tokenizer, and a reply to the conversation so far
+        tokenizer = tok
+
+        def reply(self, messages, printer):
+            prompts.append(chat.render(messages, add_generation_prompt=True))
+            return "hi"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
+    G.converse(Session(), "")
+    assert prompts == ["<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"]
 
 
 def test_generate_chat_refuses_a_checkpoint_whose_tokenizer_cannot_chat(tmp_path, monkeypatch, capsys):

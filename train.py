@@ -32,7 +32,7 @@ import torch.distributed as dist
 import yaml
 
 import data
-from model import SmolLM2, attention_kernels
+from model import SmolLM2
 from smollm2 import cli, distributed, planner, remote, stages
 from smollm2.checkpoint import (checkpoint_name, is_sharded, latest_checkpoint, load_state_into, rotate_checkpoints,
                                 save_atomic, training_checkpoint)
@@ -41,9 +41,9 @@ from smollm2.config_checks import notes
 from smollm2.config_load import config_to_dict
 from smollm2.errors import ConfigError, StoppedAtOnce, TrainingError
 from smollm2.evals import BackgroundEvals
-from smollm2.metrics import MetricsLog, format_val_line, human, peak_flops, plot_losses, progress_bar
+from smollm2.metrics import MetricsLog, format_val_line, plot_losses, progress_bar
 from smollm2.optimizer import build_optimizer, fused_adam, lr_at
-from smollm2.progress import Progress, log_progress, still_running, track_loss
+from smollm2.progress import Progress, log_progress, start_line, still_running, track_loss
 from smollm2.runtime import Runtime, StopSignals, gather, mean_across_ranks, restore_rng, rng_state, setup_runtime
 from smollm2.sampling import SamplingParams, generate
 from smollm2.task import Task
@@ -158,29 +158,6 @@ def restore(run: Run, path: Path, ckpt: dict) -> None:
     if "data" in ckpt:   # a global position: a run may resume on a different number of processes
         run.train_data.load_state_dict(ckpt["data"])
         restore_rng(ckpt["rng"], run.rt.rank, run.cfg.general.seed)
-
-
-def start_line(run: Run, ckpt_path: Optional[Path]) -> str:
-    """model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ... |
-    recompute: none (auto, fits: 14.2 of 20.2 GiB planned) | ..."""
-    cfg, rt = run.cfg, run.rt
-    t = cfg.tokens
-    note = run.accumulation_note
-    parts = [f"model {human(run.model.num_parameters())} params", f"{rt.world} x {rt.device.type}",
-             distributed.describe(cfg, rt), rt.precision,
-             f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {run.accumulation} accumulation x {rt.world} "
-             f"= {run.tokens_per_step:,} tokens/step"]
-    parts += [note] if note else []
-    parts += ["recompute: {} ({})".format(*run.recompute)]
-    masked = attention_kernels(rt.device.type)["masked"]
-    parts += [f"document masking: a token sees only its own document ({masked})"] if cfg.run.document_masking else []
-    parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # docs/training.md: threads
-    parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
-              f"data {run.task.describe_data(cfg, run.step + 1)}", peak_flops(rt.device)[1]]
-    every = cfg.logging.iteration_step_info_interval
-    parts += [f"loss: mean of the {every} steps since the previous line"] if every > 1 else []
-    parts += [f"resumed from {ckpt_path} at step {run.step}"] if ckpt_path else []
-    return " | ".join(parts)
 
 
 # ---------------------------------------------------------------- one optimizer step

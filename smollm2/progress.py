@@ -9,11 +9,14 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from smollm2.metrics import duration, flops_per_token, format_train_line, peak_flops
+from model import attention_kernels
+from smollm2 import distributed
+from smollm2.metrics import duration, flops_per_token, format_train_line, human, peak_flops
 
 QUIET_S = 60.0   # with no terminal (no progress bar), a line at least this often, however long the logging interval
 
@@ -90,3 +93,27 @@ def still_running(run, progress: Progress) -> None:
               f"the last line (logging.iteration_step_info_interval={run.cfg.logging.iteration_step_info_interval})",
               flush=True)
         progress.t_said = now
+
+
+def start_line(run, ckpt_path: Optional[Path]) -> str:
+    """The line a run opens with (`run`: train.py's Run), e.g.
+    model 134.5M params | 1 x cuda | 1 process | bf16 | batch 8 x 2048 tokens x 16 accumulation x 1 = ... |
+    recompute: none (auto, fits: 14.2 of 20.2 GiB planned) | ..."""
+    cfg, rt = run.cfg, run.rt
+    t = cfg.tokens
+    note = run.accumulation_note
+    parts = [f"model {human(run.model.num_parameters())} params", f"{rt.world} x {rt.device.type}",
+             distributed.describe(cfg, rt), rt.precision,
+             f"batch {t.micro_batch_size} x {t.sequence_length} tokens x {run.accumulation} accumulation x {rt.world} "
+             f"= {run.tokens_per_step:,} tokens/step"]
+    parts += [note] if note else []
+    parts += ["recompute: {} ({})".format(*run.recompute)]
+    masked = attention_kernels(rt.device.type)["masked"]
+    parts += [f"document masking: a token sees only its own document ({masked})"] if cfg.run.document_masking else []
+    parts += [f"{torch.get_num_threads()} CPU threads"] if rt.device.type == "cpu" else []   # docs/training.md: threads
+    parts += [f"{t.train_steps} steps, warmup {cfg.optimizer.learning_rate_scheduler.lr_warmup_steps}",
+              f"data {run.task.describe_data(cfg, run.step + 1)}", peak_flops(rt.device)[1]]
+    every = cfg.logging.iteration_step_info_interval
+    parts += [f"loss: mean of the {every} steps since the previous line"] if every > 1 else []
+    parts += [f"resumed from {ckpt_path} at step {run.step}"] if ckpt_path else []
+    return " | ".join(parts)

@@ -1,11 +1,13 @@
 """Fixtures several test files share, each made once per session and only read by the tests: a small byte-level
 tokenizer, a code corpus with its tokenizer and shards ready for train.py, and a run directory of two random tiny
-models for generation. Plain helpers are in helpers.py."""
+models for generation, and for sft.py/dpo.py a fresh small chat base and an SFT run of a 4-layer model on the
+built-in tasks. Plain helpers are in helpers.py."""
 
 from pathlib import Path
 
 import pytest
-from helpers import build_config, byte_bpe, make_config, save_checkpoint, tiny_model, write_code_corpus, write_documents
+from helpers import (build_config, byte_bpe, make_base, make_config, run_script, save_checkpoint, tiny_model,
+                     write_code_corpus, write_config, write_documents)
 
 from smollm2.config_load import load_config
 from smollm2.prepare import prepare_stages
@@ -54,3 +56,28 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_file) -> Path:
     save_checkpoint(run, tiny_model(seed=1), 100, 4.5)
     save_checkpoint(run, tiny_model(seed=2), 200, 3.25)
     return run
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("small") / "base", hidden=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(config, starting checkpoint, run dir) of an 800-step SFT of a fresh 4-layer model on the built-in tasks. With
+    the rows shuffled anew each epoch the second skill (fact) comes late and its held-out score changes with the seed:
+    at 600 steps 0.31 (seed 1) and 0.67 (seed 2), at 800 steps 0.80 (seed 1) and 0.97 (seed 2), measured on a shared
+    2-core CPU. Seed 2 at 800 steps clears the bars; a sturdier setting is still to be found."""
+    tmp = tmp_path_factory.mktemp("sft")
+    base = make_base(tmp / "base", hidden=128, layers=4)
+    config = write_config(tmp, "sft", base, **{
+        "sft.max_examples": 8000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 800,
+        "tokens.val_check_interval": 200, "checkpoints.checkpoint_interval": 800, "tokens.limit_val_batches": 4,
+        "general.seed": 2,
+        "optimizer.learning_rate_scheduler.learning_rate": 5e-3, "optimizer.learning_rate_scheduler.min_decay_lr": 5e-4,
+        "sampling.interval": 800, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})
+    out = run_script("sft.py", "--config", config, threads=2).stdout
+    assert "chat: the tokenizer had no <|im_start|>, <|im_end|>: added as ids 512, 513" in out
+    assert "sample @ 800 | 'How many items are in this list?\\nowl,sun,tree' -> '3'" in out   # ended by <|im_end|>
+    return config, base, tmp / "run"

@@ -5,7 +5,6 @@ lacks the chat tokens, so every run also goes through adding them."""
 
 import itertools
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,108 +15,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from helpers import ROOT, byte_bpe, run_at_once, signalled_at, tiny_model, train_command
+from helpers import (ENV, ROOT, byte_bpe, run_at_once, run_script, scores, signalled_at, tiny_model, train_command,
+                     write_config)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dpo
 import sft
 import train
-from model import SmolLM2
 from smollm2 import chat, chat_data, chat_tasks
-from smollm2.checkpoint import list_checkpoints, load_checkpoint, save_atomic
-from smollm2.config_load import config_from_dict, config_to_dict, load_config
+from smollm2.checkpoint import list_checkpoints, load_checkpoint
+from smollm2.config_load import config_from_dict, load_config
 from smollm2.loading import load_model
 from smollm2.metrics import read_metrics
 from smollm2.progress import Progress
 from smollm2.runtime import Runtime
 
-# one thread: the smallest models gain little from a second, and on a busy machine OpenMP's waiting threads make a run
-# several times slower; the learning runs' wider model takes two (1.8x faster)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def make_base(run_dir: Path, hidden: int, layers: int) -> Path:
-    """A freshly initialised model saved as a pretraining run (checkpoint + tokenizer.json without chat tokens)."""
-    texts = [chat.render(chat_tasks.as_conversation(e)["messages"])
-             for e in itertools.islice(chat_tasks.examples(seed=99), 3000)]
-    tok = byte_bpe(texts, 512)
-    run_dir.mkdir(parents=True)
-    tok.save(str(run_dir / "tokenizer.json"))
-    cfg = config_from_dict({"model": {"model_config": {
-        "hidden_size": hidden, "intermediate_size": 2 * hidden + hidden // 2, "num_hidden_layers": layers,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256}},
-        "tokens": {"sequence_length": 256}, "tokenizer": {"tokenizer_name_or_path": str(run_dir / "tokenizer.json")}})
-    torch.manual_seed(0)
-    save_atomic({"model": SmolLM2(cfg.model.model_config).state_dict(), "config": config_to_dict(cfg),
-                 "train_state": {"step": 0}}, run_dir / "checkpoints" / "step_00000000.pt")
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def small_base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory.mktemp("small") / "base", hidden=64, layers=2)
-
-
-def write_config(folder: Path, section: str, start: Path, **overrides) -> Path:
-    """An sft/dpo config starting from `start` with the built-in tasks, writing its run to folder/run."""
-    cfg = {section: {"model_name_or_path": str(start), "max_examples": 1000, "val_examples": 64},
-           "tokens": {"sequence_length": 128, "micro_batch_size": 8, "train_steps": 12, "val_check_interval": 6,
-                      "limit_val_batches": 2},
-           "optimizer": {"learning_rate_scheduler": {"learning_rate": 3e-3, "lr_warmup_steps": 5,
-                                                     "lr_decay_style": "cosine", "min_decay_lr": 3e-4},
-                         "weight_decay": 0.01},
-           "checkpoints": {"checkpoints_path": str(folder / "run"), "checkpoint_interval": 6},
-           "logging": {"iteration_step_info_interval": 1}, "model": {"dtype": "float32"},
-           "run": {"keep_last_checkpoints": 10}, "sampling": {"interval": 0},
-           "general": {"seed": 1}}
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return folder / "config.yaml"
-
-
-def run_script(script: str, *args, check: bool = True, threads: int = 1) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": str(threads)}, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def scores(script: str, config: Path, *checkpoints, key: str) -> list[float]:
-    """`sft.py/dpo.py --score`: the figure after `key` on each checkpoint's line."""
-    out = run_script(script, "--config", config, "--score", *checkpoints).stdout.strip().splitlines()
-    assert len(out) == len(checkpoints), out
-    return [float(line.split(key, 1)[1].split()[0].rstrip(",")) for line in out]
 
 
 # ---------------------------------------------------------------- they learn
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(config, starting checkpoint, run dir) of an 800-step SFT of a fresh 4-layer model on the built-in tasks. With
-    the rows shuffled anew each epoch the second skill (fact) comes late and its held-out score changes with the seed:
-    at 600 steps 0.31 (seed 1) and 0.67 (seed 2), at 800 steps 0.80 (seed 1) and 0.97 (seed 2), measured on a shared
-    2-core CPU. Seed 2 at 800 steps clears the bars; a sturdier setting is still to be found."""
-    tmp = tmp_path_factory.mktemp("sft")
-    base = make_base(tmp / "base", hidden=128, layers=4)
-    config = write_config(tmp, "sft", base, **{
-        "sft.max_examples": 8000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 800,
-        "tokens.val_check_interval": 200, "checkpoints.checkpoint_interval": 800, "tokens.limit_val_batches": 4,
-        "general.seed": 2,
-        "optimizer.learning_rate_scheduler.learning_rate": 5e-3, "optimizer.learning_rate_scheduler.min_decay_lr": 5e-4,
-        "sampling.interval": 800, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})
-    out = run_script("sft.py", "--config", config, threads=2).stdout
-    assert "chat: the tokenizer had no <|im_start|>, <|im_end|>: added as ids 512, 513" in out
-    assert "sample @ 800 | 'How many items are in this list?\\nowl,sun,tree' -> '3'" in out   # ended by <|im_end|>
-    return config, base, tmp / "run"
 
 
 def test_sft_raises_held_out_exact_match_from_zero(sft_run):

@@ -80,8 +80,15 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.reset_inv_freq()
+
+    def reset_inv_freq(self):
+        """theta^(-2i/head_dim), also after `to_empty` (no checkpoint holds this buffer); computed on the CPU and
+        moved, so a model built on any device gets the same bits."""
+        i = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu")
+        self.inv_freq = (1.0 / (self.theta ** (i / self.head_dim))).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) or (B, T) -> cos, sin of shape (T, hd) or (B, T, hd), fp32."""
@@ -282,26 +289,49 @@ class SmolLM2(nn.Module):
 
     def __init__(self, cfg: ModelConfig, init_std: float = 0.02):
         super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config, self.init_std = cfg, init_std
+        device = torch.get_default_device()   # cpu, or the device of a `with torch.device(...)` around this call
+        # built on the meta device, the layers draw no random numbers of their own (nn.Linear's, overwritten
+        # anyway): init_weights' draws are the only ones, which FSDP's ranks can then replay (distributed.py)
+        with torch.device("meta"):
+            self.model = LlamaModel(cfg)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:   # one matrix reads tokens in and scores them out
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False   # recompute whole layers, keeping only their inputs (recompute_layer)
         self.selective_recompute = True       # recompute only what lies between matmuls (run.selective_recompute)
         self.layers_recompute_themselves = False   # each layer wrapped in its own checkpoint (compiled under FSDP)
-        self.init_weights(init_std)
+        if device.type != "meta":   # on the meta device it stays empty until sharded, then filled shard by shard
+            self.to_empty(device=device)
+            self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, std: float):
-        """Normal(0, std) everywhere, as nanotron's `init_method.std`; the projections that write into the residual
-        stream (o_proj, down_proj) get std/sqrt(2 * n_layers) so the stream's variance does not grow with depth."""
-        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+    def init_weights(self, generator: Optional[torch.Generator] = None):
+        """Every parameter, in named_parameters' order, filled by init_parameter from one random stream."""
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                p.fill_(1.0)
-            else:
-                nn.init.normal_(p, 0.0, out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
+            self.init_parameter(name, p, generator)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, t: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """Fill t, the whole tensor of parameter `name`: Normal(0, std) as nanotron's `init_method.std`, but the
+        projections that write into the residual stream (o_proj, down_proj) get std/sqrt(2 * n_layers) so the
+        stream's variance does not grow with depth; the norms' weights start at 1. (FSDP draws each whole tensor
+        in the same order and keeps its shard, so a sharded run starts from these very weights.)"""
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            t.fill_(1.0)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(t, 0.0, self.init_std / math.sqrt(2 * self.config.num_hidden_layers), generator=generator)
+        else:
+            nn.init.normal_(t, 0.0, self.init_std, generator=generator)
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """Storage on `device` for a model built on the meta device, left unfilled but for the rotary frequencies.
+        The tied head is tied again: to_empty gives each module's reference to a plain parameter its own tensor."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model.rotary_emb.reset_inv_freq()
+        return self
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())   # a tied matrix is one parameter, counted once

@@ -124,6 +124,8 @@ def setup(cfg: Config, resume: Optional[str], explicit_accumulation: bool,
     if ckpt is not None and not is_sharded(ckpt_path):   # whole weights go in before FSDP splits them
         load_state_into(model, ckpt["model"], str(ckpt_path))
     net = distributed.wrap(model, cfg, rt)
+    if model.lm_head.weight.is_meta:   # sharded now: each rank fills its own shards (a checkpoint's, next, if any)
+        distributed.materialize(model, rt.device, None if ckpt else cfg.general.seed)
     optimizer = build_optimizer(model, cfg.optimizer, fused_adam(rt.device, cfg.optimizer.optimizer_factory),
                                 cfg.run.weight_decay_exclude_1d)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")

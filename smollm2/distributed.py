@@ -11,6 +11,9 @@
          The least memory (about two layers' parameters gathered at a time), one more all-gather per step.
 Under bf16 FSDP gathers bf16 copies of the weights for compute and reduces gradients in fp32 (MixedPrecisionPolicy);
 the master weights and the optimizer stay fp32, as on one GPU. One process never shards: there is nothing to split.
+A model FSDP shards is built on the meta device, with no storage, and filled once sharded (materialize): each rank
+draws every parameter whole, as one process does, keeps its shard and drops the rest, so no rank ever holds the
+whole model, and a run on N ranks starts from the weights of one process with the same seed.
 
 The global batch is the config's: parallelism.dp x micro_batch_size x batch_accumulation_per_replica sequences, as in
 nanotron. Run on fewer (or more) processes than dp, the accumulation is raised (or lowered) to keep it, so the
@@ -97,6 +100,24 @@ def compiled_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         layer.compile()
         layers.append(layer)
     return layers
+
+
+def materialize(model: torch.nn.Module, device: torch.device, seed: Optional[int]) -> None:
+    """Storage for this rank's shards of a model built on the meta device and sharded by wrap(), and, given a seed,
+    the weights one process starts from under that seed: each parameter drawn whole on the CPU by SmolLM2's own
+    init_parameter, in its order, and only this rank's shard kept. No rank holds more than one whole parameter at a
+    time (a 1.7B model built whole costs each rank 7 GB). seed None: a checkpoint fills them next."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+    from torch.distributed.tensor import distribute_tensor
+    model.to_empty(device=device)   # SmolLM2's: the rotary frequencies computed again, the head tied again
+    if seed is None:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            whole = torch.empty(p.shape, dtype=p.dtype)   # on the CPU, whose random stream one process draws from
+            model.init_parameter(name.replace(_CHECKPOINT_PREFIX, ""), whole, generator)   # the plain name
+            p.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None))   # no collective
 
 
 def gradient_sync(net: torch.nn.Module, last_micro_batch: bool):

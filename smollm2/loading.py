@@ -122,11 +122,19 @@ def _from_hf_dir(path: Path) -> tuple[SmolLM2, Config, dict]:
     cfg = Config()
     cfg.model.model_config = mcfg
     cfg.tokens.sequence_length = min(cfg.tokens.sequence_length, mcfg.max_position_embeddings)
-    model = SmolLM2(mcfg)
+    model = unfilled(mcfg)
     load_state_into(model, read_hf_state_dict(path), str(path))
     tok = path / "tokenizer.json"
     return model, cfg, {"source": str(path), "step": None, "val_loss": None,
                         "tokenizer": str(tok) if tok.is_file() else None}
+
+
+def unfilled(mcfg) -> SmolLM2:
+    """A model whose weights a checkpoint fills next, given storage on the CPU but no random init (seconds at 1.7B);
+    load_state_into refuses a checkpoint that lacks any of its tensors, so none is left unfilled."""
+    with torch.device("meta"):
+        model = SmolLM2(mcfg)
+    return model.to_empty(device="cpu")
 
 
 def _from_training_checkpoint(file: Path) -> tuple[SmolLM2, Config, dict]:
@@ -136,7 +144,7 @@ def _from_training_checkpoint(file: Path) -> tuple[SmolLM2, Config, dict]:
         cfg = config_from_dict(ckpt["config"])
     except ConfigError as e:
         raise CheckpointError(f"{file}: its stored config is invalid: {e}") from None
-    model = SmolLM2(cfg.model.model_config)
+    model = unfilled(cfg.model.model_config)
     if is_sharded(file):
         read_sharded_model(file, model)
     else:

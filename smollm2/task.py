@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from model import SmolLM2
 from smollm2.config import Config
+from smollm2.distributed import sharded
 from smollm2.runtime import Runtime
 from smollm2.tokenizer import eos_token_id, load_tokenizer
 
@@ -51,8 +52,13 @@ class Task(ABC):
         """What feeds optimizer step `step`, for the start line."""
 
     def model(self, cfg: Config, rt: Runtime, resuming: Optional[dict]) -> SmolLM2:
-        """The model before training (a checkpoint being resumed, if any, then loads its weights into it)."""
-        torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank: FSDP shards them as they are
+        """The model before training (a checkpoint being resumed, if any, then loads its weights into it). One that
+        FSDP will shard is built on the meta device, with no storage: each rank fills its own shards once sharded
+        (distributed.materialize), unless a single-file checkpoint is to go in whole before."""
+        if sharded(cfg, rt) and not (resuming and "model" in resuming):
+            with torch.device("meta"):
+                return SmolLM2(cfg.model.model_config, cfg.model.init_method.std)
+        torch.manual_seed(cfg.general.seed)   # the same initial weights on every rank and as materialize() draws
         return SmolLM2(cfg.model.model_config, cfg.model.init_method.std).to(rt.device)
 
     def loss(self, run, batch) -> tuple[torch.Tensor, dict]:

@@ -119,14 +119,16 @@ def test_export_refuses_to_overwrite_without_force(exported, tmp_path, capsys):
 
 
 @torch.no_grad()
-def test_import_of_a_save_pretrained_directory_gives_hf_logits(tmp_path):
+def test_import_of_a_save_pretrained_directory_gives_hf_logits_and_loads_with_no_random_init(tmp_path):
     hf = hf_llama_dir(tmp_path / "hf")
     write_run_tokenizer(tmp_path / "hf" / "tokenizer.json")
     assert convert_hf.main(["import", "--hf_model", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     file = tmp_path / "run" / "checkpoints" / checkpoint_name(0)
     ckpt = load_checkpoint(file)
     assert set(ckpt) == {"model", "config", "train_state"} and ckpt["train_state"]["step"] == 0
+    rng = torch.get_rng_state()
     model, cfg, info = load_model(tmp_path / "run")       # what generate.py and a resume both go through
+    assert torch.equal(torch.get_rng_state(), rng)        # no random init drawn, only to be overwritten
     assert (model(tokens())[0] - hf(tokens()).logits).abs().max().item() <= 1e-6
     assert (cfg.model.model_config.rms_norm_eps, cfg.model.model_config.rope_theta) == (1e-6, 500.0)
     assert info["tokenizer"] == str(tmp_path / "run" / "tokenizer.json")

@@ -1,6 +1,7 @@
 """FSDP2 through torchrun (gloo, on the CPU) trains exactly as one process does; its sharded checkpoints resume on
 any number of processes, load anywhere a checkpoint loads, and never unpickle anything but their own index."""
 
+import json
 import os
 import pickle
 import signal
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from helpers import (ROOT, losses, make_config, run_at_once, run_train, signalled_at, tiny_config, tiny_model, torchrun,
                      train_command)
 
+from model import SmolLM2
 from smollm2 import distributed
 from smollm2.checkpoint import is_sharded, list_checkpoints
 from smollm2.config_load import config_from_dict
@@ -234,6 +236,22 @@ def test_compile_runs_every_decoder_layer_in_a_compiled_graph_with_the_eager_los
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def test_a_model_built_on_the_meta_device_gets_one_process_init_after_its_layers_are_compiled_and_sharded(
+        one_rank_group):
+    cfg = config_from_dict({"model": {"model_config": asdict(tiny_config())}, "tokens": {"sequence_length": 128},
+                            "run": {"compile": True}, "optimizer": {"zero_stage": 1}})
+    with torch.device("meta"):
+        model = SmolLM2(tiny_config(), init_std=0.3)
+    distributed.wrap(model, cfg, Runtime(torch.device("cpu"), "fp32", rank=0, world=2))   # checkpointed, compiled
+    distributed.materialize(model, torch.device("cpu"), seed=0)
+    one = tiny_model(seed=0)
+    assert len(list(model.parameters())) == len(list(one.parameters()))
+    for (name, p), want in zip(model.named_parameters(), one.parameters()):
+        torch.testing.assert_close(p.full_tensor(), want, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    assert model.lm_head.weight is model.model.embed_tokens.weight   # still one matrix
+    assert torch.equal(model.model.rotary_emb.inv_freq, one.model.rotary_emb.inv_freq)
+
+
 def test_fused_adamw_on_a_gpu_also_updates_sharded_parameters_as_on_one_process(one_rank_group, monkeypatch):
     """DTensor runs the fused AdamW ops (CPU fused kernels here): the sharded step equals the unsharded one."""
     cfg = config_from_dict({"model": {"model_config": asdict(tiny_config())}, "tokens": {"sequence_length": 128},
@@ -252,17 +270,24 @@ def test_fused_adamw_on_a_gpu_also_updates_sharded_parameters_as_on_one_process(
         torch.testing.assert_close(s.full_tensor(), p, rtol=1e-5, atol=1e-7)
 
 
-def _write_samples_on_rank(rank: int, store: str, out: str) -> None:
-    """One of two FSDP ranks writing train.py's samples; rank 1 samples EOS at once, as a rank whose numerics differ
-    from its peer's may."""
+def _on_two_fsdp_ranks(rank: int, store: str, out: str) -> None:
+    """One of two FSDP ranks: its model built as train.py builds it (Task.model, wrap, materialize), its weights
+    gathered into out/weights.pt, then train.py's samples written, rank 1 sampling EOS at once, as a rank whose
+    numerics differ from its peer's may."""
     import smollm2.sampling
     import train
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    cfg = config_from_dict({"model": {"model_config": asdict(tiny_config())}, "tokens": {"sequence_length": 128},
-                            "optimizer": {"zero_stage": 3}, "sampling": {"interval": 1, "max_new_tokens": 6}})
+    cfg = two_rank_config()
     rt = Runtime(torch.device("cpu"), "fp32", rank=rank, world=2)
-    model = tiny_model().train()
+    model = train.pretraining(cfg).model(cfg, rt, None).train()
+    built = {"devices": sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})}
     distributed.wrap(model, cfg, rt)
+    distributed.materialize(model, rt.device, cfg.general.seed)
+    built["local"] = sum(p.to_local().numel() for p in model.parameters())
+    whole = {name: p.full_tensor() for name, p in model.named_parameters()}   # every rank takes part
+    if rank == 0:
+        torch.save({**whole, "inv_freq": model.model.rotary_emb.inv_freq}, Path(out, "weights.pt"))
+    Path(out, f"built{rank}.json").write_text(json.dumps(built))
     if rank == 1:
         smollm2.sampling.sample = lambda logits, *a: torch.zeros(logits.shape[0], dtype=torch.long)   # EOS (id 0)
     lines = []
@@ -274,8 +299,18 @@ def _write_samples_on_rank(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_fsdp_ranks_write_samples_together_when_one_samples_eos_first(tmp_path):
-    ctx = torch.multiprocessing.start_processes(_write_samples_on_rank, (str(tmp_path / "store"), str(tmp_path)),
+def two_rank_config():
+    """ZeRO-3 over a tiny model whose vocabulary (321 rows) does not split evenly over two ranks."""
+    return config_from_dict({"model": {"model_config": asdict(tiny_config(vocab_size=321))},
+                             "tokens": {"sequence_length": 128}, "optimizer": {"zero_stage": 3},
+                             "sampling": {"interval": 1, "max_new_tokens": 6}})
+
+
+@pytest.fixture(scope="module")
+def two_fsdp_ranks(tmp_path_factory) -> Path:
+    """The folder _on_two_fsdp_ranks wrote into, both ranks run at once in their own processes."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    ctx = torch.multiprocessing.start_processes(_on_two_fsdp_ranks, (str(folder / "store"), str(folder)),
                                                 nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 60
     try:
@@ -285,5 +320,24 @@ def test_fsdp_ranks_write_samples_together_when_one_samples_eos_first(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    assert (tmp_path / "rank0").exists() and (tmp_path / "rank1").exists(), "a rank hung in a collective"
-    assert "'kind': 'sample'" in (tmp_path / "rank0").read_text()
+    return folder
+
+
+def test_fsdp_ranks_start_from_one_process_weights_and_never_build_the_model_whole(two_fsdp_ranks):
+    cfg = two_rank_config()
+    torch.manual_seed(cfg.general.seed)
+    one = SmolLM2(cfg.model.model_config, cfg.model.init_method.std)   # what a single process trains from
+    got = torch.load(two_fsdp_ranks / "weights.pt")
+    assert list(got) == [name for name, _ in one.named_parameters()] + ["inv_freq"]
+    for name, p in one.named_parameters():
+        torch.testing.assert_close(got[name], p, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(got["inv_freq"], one.model.rotary_emb.inv_freq)
+    total = one.num_parameters()
+    built = [json.loads((two_fsdp_ranks / f"built{rank}.json").read_text()) for rank in (0, 1)]
+    assert [b["devices"] for b in built] == [["meta"], ["meta"]]   # no storage before sharding
+    assert sum(b["local"] for b in built) == total and all(b["local"] < 0.51 * total for b in built)
+
+
+def test_fsdp_ranks_write_samples_together_when_one_samples_eos_first(two_fsdp_ranks):
+    assert (two_fsdp_ranks / "rank0").exists() and (two_fsdp_ranks / "rank1").exists(), "a rank hung in a collective"
+    assert "'kind': 'sample'" in (two_fsdp_ranks / "rank0").read_text()

@@ -3,6 +3,7 @@ equal rewards gives no gradient; the reference never moves; a SIGKILL'd run resu
 documented; and from the SFT run (conftest.sft_run) a few CPU seconds of GRPO raise held-out accuracy."""
 
 import copy
+import json
 import math
 import signal
 
@@ -12,10 +13,10 @@ from helpers import ROOT, run_at_once, run_script, signalled_at, tiny_model, tra
 
 import grpo
 import train
-from smollm2 import verifiers
+from smollm2 import chat_data, verifiers
 from smollm2.checkpoint import list_checkpoints, load_checkpoint
 from smollm2.config_load import load_config
-from smollm2.errors import ConfigError
+from smollm2.errors import ConfigError, DataError
 from smollm2.grpo_loss import group_advantages, policy_loss, token_logprobs
 from smollm2.metrics import read_metrics
 
@@ -199,3 +200,26 @@ def test_the_reference_never_changes_while_the_policy_learns(sft_run, tmp_path):
     assert all(torch.equal(task.reference.state_dict()[k], start[k]) for k in start)
     assert any(not torch.equal(task.policy.state_dict()[k], start[k]) for k in start)
 
+
+
+def test_gsm8k_style_rows_from_a_jsonl_file_become_prompts_and_long_ones_are_counted_out(small_base, tmp_path):
+    rows = [{"question": f"Ann has {n} apples and buys {n} more. How many now?",
+             "answer": f"She has {n} + {n} = {2 * n} apples.\n#### {2 * n}"} for n in range(9)]
+    rows.append({"question": "word " * 200, "answer": "#### 1"})                    # leaves no room for a completion
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(str(grpo_config(tmp_path, small_base, **{"grpo.dataset_name": str(tmp_path / "math.jsonl"),
+                                                               "grpo.max_examples": None, "grpo.val_examples": 2,
+                                                               "grpo.reward_funcs": ["numeric"]})))
+    tok = grpo.GRPO(cfg).tokenizer(cfg)   # the start's, with the chat tokens added
+    train_rows, val_rows = chat_data.held_out(cfg.grpo, cfg.general.seed)
+    assert len(val_rows) == 2 and not {r["question"] for r in val_rows} & {r["question"] for r in train_rows}
+    prompts = grpo.read_prompts(train_rows + val_rows, tok, 80 - 8, "math.jsonl")
+    assert len(prompts.ids) == 9 and prompts.too_long == 1
+    for ids, answer, example in zip(prompts.ids, prompts.answers, prompts.examples):
+        text = tok.decode(ids, skip_special_tokens=False)
+        assert example["question"] in text and text.endswith("<|im_start|>assistant\n")   # the reply's turn opened
+        right = str(int(answer.split("####")[1]))
+        assert verifiers.numeric(f"The total is {right}.", answer, example) == 1.0
+        assert verifiers.numeric(f"The total is {int(right) + 1}.", answer, example) == 0.0
+    with pytest.raises(DataError, match=r"math.jsonl\[0\]: expected an 'answer'"):
+        grpo.read_prompts([{"question": "no answer"}], tok, 72, "math.jsonl")

@@ -218,6 +218,7 @@ class GRPO(SFT):
         self.fns = verifiers.resolve(self.args.reward_funcs)
         self.policy: Optional[SmolLM2] = None
         self.reference: Optional[SmolLM2] = None
+        self.gathered_once = False   # FSDP: whether the policy had a forward outside inference mode
 
     def data(self, cfg: Config, rt, tokenizer) -> Rollouts:
         self.cfg, self.rt, args = cfg, rt, self.args
@@ -253,11 +254,18 @@ class GRPO(SFT):
         sampled = seed is not None
         params = SamplingParams(max_new_tokens=args.max_completion_length, temperature=args.temperature if sampled
                                 else 0.0, top_p=args.top_p if args.top_p < 1 else None)
-        G = args.num_generations if sampled else 1
+        G, sharded = args.num_generations if sampled else 1, distributed.sharded(self.cfg, rt)
         # eager: layers compiled for training would recompile for every cached decode shape
         with rt.autocast(), torch.compiler.set_stance("force_eager"):
-            batch = complete(self.policy, self._tokenizer, prompts, idx, G, params, self.fns, seed,
-                             distributed.sharded(self.cfg, rt))
+            if sharded and not self.gathered_once:
+                # FSDP makes each layer's whole weights at its first forward and keeps those tensors; made inside
+                # generate's inference mode they could never join a backward, so the first forward runs out of it
+                self.policy(torch.tensor([prompts.ids[idx[0]][:1]], device=rt.device))
+                self.gathered_once = True
+            batch = complete(self.policy, self._tokenizer, prompts, idx, G, params, self.fns, seed, sharded)
+            # an eval-mode model keeps its KV cache (validation): its buffers, made in inference mode, must not
+            # reach the training forward, where DDP broadcasts every buffer
+            self.policy.clear_cache()
             if sampled:
                 batch["advantages"] = group_advantages(batch["rewards"], G, args.scale_rewards)
                 if args.num_iterations > 1:

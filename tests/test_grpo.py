@@ -189,6 +189,21 @@ def test_resume_after_sigkill_inside_a_batchs_mu_steps_reproduces_the_uninterrup
     assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
 
 
+def test_grpo_under_fsdp_on_two_ranks_equals_one_process(sft_run, tmp_path):
+    # the same global batch: prompt batch n and its sampling seed are the same whichever rank or micro-batch reads it
+    _, _, sft_dir = sft_run
+    settings = {"tokens.train_steps": 3, "tokens.batch_accumulation_per_replica": 2, "tokens.limit_val_batches": 0,
+                "checkpoints.checkpoint_interval": 3}
+    single = grpo_config(tmp_path / "one", sft_dir, **settings)
+    fsdp = grpo_config(tmp_path / "two", sft_dir, **settings, **{"optimizer.zero_stage": 3})
+    _, proc = run_at_once(train_command(single, script="grpo.py"), train_command(fsdp, ranks=2, script="grpo.py"))
+    assert "FSDP2 over 2 processes (ZeRO-3" in proc.stdout and "x 1 accumulation x 2" in proc.stdout
+    one, two = records(tmp_path / "one" / "run"), records(tmp_path / "two" / "run")
+    assert len(one) == len(two) == 3 and one[-1]["kl"] > 0                       # the policy left the reference
+    for a, b in zip(one, two):
+        for key in ("loss", "reward", "reward_std", "equal_groups", "completion_length", "kl", "entropy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+
 def test_the_reference_never_changes_while_the_policy_learns(sft_run, tmp_path):
     _, _, sft_dir = sft_run
     cfg = load_config(str(grpo_config(tmp_path, sft_dir, **{"tokens.train_steps": 3, "tokens.limit_val_batches": 0,
@@ -223,3 +238,4 @@ def test_gsm8k_style_rows_from_a_jsonl_file_become_prompts_and_long_ones_are_cou
         assert verifiers.numeric(f"The total is {int(right) + 1}.", answer, example) == 0.0
     with pytest.raises(DataError, match=r"math.jsonl\[0\]: expected an 'answer'"):
         grpo.read_prompts([{"question": "no answer"}], tok, 72, "math.jsonl")
+

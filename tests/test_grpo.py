@@ -1,6 +1,6 @@
 """grpo.py as a user runs it: its advantages, clipped loss and KL equal the formulas written out on floats; a group of
-equal rewards gives no gradient; the reference never moves; a SIGKILL'd run resumes exactly; the verifiers score as
-documented; and from the SFT run (conftest.sft_run) a few CPU seconds of GRPO raise held-out accuracy."""
+equal rewards gives no gradient; the reference never moves; a SIGKILL'd run resumes exactly and two FSDP ranks equal
+one process (from conftest's SFT run); the verifiers score as documented, and GSM8K-style rows are read."""
 
 import copy
 import json

@@ -170,7 +170,8 @@ def export_hf(checkpoint_path: str, out: str, force: bool = False) -> Path:
                   if getattr(mcfg, k) is not None}
     tokenizer = _tokenizer_file(info["tokenizer"])
     tok_cfg = _tokenizer_config(tokenizer, mcfg) if tokenizer is not None else {}
-    if (cfg.sft or cfg.dpo) is not None and "chat_template" in tok_cfg:   # a chat model's reply ends at <|im_end|>
+    chat_model = (cfg.sft or cfg.dpo or cfg.grpo) is not None
+    if chat_model and "chat_template" in tok_cfg:   # a chat model's reply ends at <|im_end|>
         from tokenizers import Tokenizer
         end = Tokenizer.from_file(str(tokenizer)).token_to_id(chat.IM_END)
         generation["eos_token_id"] = [e for e in (mcfg.eos_token_id, end) if e is not None]

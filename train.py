@@ -419,7 +419,7 @@ def finish(run: Run, stopped: bool = False) -> None:
 
 
 def pretraining(cfg: Config) -> Pretraining:
-    for name in ("sft", "dpo"):
+    for name in ("sft", "dpo", "grpo"):
         if getattr(cfg, name) is not None:
             raise ConfigError(f"{name}: this config fine-tunes a checkpoint; run it with {name}.py, not train.py")
     return Pretraining()

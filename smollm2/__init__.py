@@ -1,12 +1,13 @@
 """The map of the package: everything the root's story and commands build on, one module per concern.
 
 The root holds the story (model.py, data.py, train.py, generate.py) and the commands a user types (sft.py, dpo.py,
-evaluation.py, convert_hf.py, validate_params.py, app.py). They import from here; nothing here imports a root script
-but model.py. Each root file's docstring names the modules it builds on; this map says where everything else lives.
+grpo.py, evaluation.py, convert_hf.py, validate_params.py, app.py). They import from here; nothing here imports a root
+script but model.py. Each root file's docstring names the modules it builds on; this map says where everything else
+lives.
 
 Config
     config.py            the schema: nanotron's YAML sections, and ours (run, sampling, data_prep, s3, eval, sft,
-                         dpo), as typed dataclasses; NO_EFFECT, the official keys accepted without effect
+                         dpo, grpo), as typed dataclasses; NO_EFFECT, the official keys accepted without effect
     config_load.py       YAML and key=value overrides in, a Config out: unknown keys refused by name, types converted
     config_checks.py     values that would crash a run or quietly change it refused by key path; notes() on the rest
 
@@ -21,7 +22,8 @@ Data
     datatrove_folder.py  folders tokenized by datatrove (nanotron's format), read as tokens
 
 Training
-    task.py              what a run starts from, reads and minimises: the interface Pretraining, SFT and DPO fill in
+    task.py              what a run starts from, reads and minimises: the interface Pretraining, SFT, DPO and GRPO
+                         fill in
     runtime.py           device, autocast precision, the torchrun process group, RNG states, stop signals
     optimizer.py         AdamW, and lr_at(step): nanotron's warmup / stable / decay schedule as a pure function
     distributed.py       DDP or FSDP2 by optimizer.zero_stage, the config's global batch kept, sharded checkpoints
@@ -45,6 +47,8 @@ Post-training
     chat.py              SmolLM2's chat template, assistant-token masks, adding the chat tokens to a checkpoint
     chat_data.py         conversations and preference pairs: read, held out, tokenized and packed as rows
     chat_tasks.py        the built-in chat tasks, each with one checkable answer (SFT conversations, DPO pairs)
+    verifiers.py         GRPO's rewards: exact, numeric and partial-credit checkers, registered by name
+    grpo_loss.py         GRPO's maths: group-normalised advantages, the clipped policy-gradient loss, the k3 KL
 
 Evaluation
     evals.py             lm-evaluation-harness runs and their scores; BackgroundEvals, benchmarks beside a training run
@@ -59,5 +63,5 @@ The app
 
 Errors and the command line
     errors.py            UserError and its subclasses, @command (one line, exit status 2), TrainingError, StoppedAtOnce
-    cli.py               the command line train.py, sft.py and dpo.py share, and what a run's end says
+    cli.py               the command line train.py, sft.py, dpo.py and grpo.py share, and what a run's end says
 """

@@ -4,8 +4,9 @@ The official SmolLM2 pretraining configs are nanotron files; every section below
 `model.model_config` is model.py's ModelConfig, under Hugging Face `LlamaConfig`'s names), so such a file loads
 unmodified. What this repository adds lives in its own sections: `run` (local training switches), `sampling` (text
 samples during training), `data_prep` (raw text -> token shards), `s3` (remote checkpoints), `eval` (benchmarks on
-checkpoints during training), and `sft` / `dpo` (post-training, under TRL's key names). config_load.py reads YAML into
-these classes, every key and type checked; config_checks.py refuses impossible values by their key path.
+checkpoints during training), and `sft` / `dpo` / `grpo` (post-training, under TRL's key names). config_load.py
+reads YAML into these classes, every key and type checked; config_checks.py refuses impossible values by their key
+path.
 """
 
 from dataclasses import dataclass, field
@@ -254,7 +255,8 @@ class S3Args:
 
 @dataclass
 class PosttrainArgs:
-    """What sft.py and dpo.py start from and learn from; the key names are TRL's and the alignment handbook's."""
+    """What sft.py, dpo.py and grpo.py start from and learn from; the key names are TRL's and the alignment
+    handbook's."""
     model_name_or_path: Optional[str] = None   # a checkpoint file, run directory, Hugging Face model directory or s3://
     dataset_name: str = "builtin:chat-tasks"   # a .jsonl file, a Hub dataset, or the built-in tasks (chat_tasks.py)
     dataset_config: Optional[str] = None
@@ -281,6 +283,24 @@ class DPOArgs(PosttrainArgs):
     beta: float = 0.1                          # how far the policy may move from the reference: the KL weight
     max_length: Optional[int] = None           # prompt + reply, in tokens; null: tokens.sequence_length
     max_prompt_length: Optional[int] = None    # a longer prompt keeps its last tokens (TRL's order: prompt first)
+
+
+@dataclass
+class GRPOArgs(PosttrainArgs):
+    """Group relative policy optimisation (grpo.py) on prompts whose answers a verifier checks: {"prompt", "answer"}
+    (or a conversation ending with the answer). Keys and meanings are TRL's GRPOConfig's; the starting checkpoint
+    (an SFT one) is also the frozen reference."""
+    num_generations: int = 8                   # G: completions sampled per prompt, normalised against each other
+    max_completion_length: int = 256           # tokens a completion may take (its end token included)
+    temperature: float = 1.0                   # sampling temperature of the completions
+    top_p: float = 1.0                         # nucleus sampling of the completions; 1: off
+    beta: float = 0.04                         # weight of the KL penalty to the reference (k3 estimator); 0: none
+    epsilon: float = 0.2                       # the importance ratio is clipped to [1 - epsilon, 1 + epsilon]
+    num_iterations: int = 1                    # mu: optimizer steps on each batch of completions
+    loss_type: str = "grpo"                    # grpo: a mean per completion, then over them | dr_grpo: a sum over
+    #                                            tokens divided by completions x max_completion_length (no length bias)
+    scale_rewards: bool = True                 # advantages divided by their group's std; false: Dr. GRPO's, no std bias
+    reward_funcs: list[str] = field(default_factory=lambda: ["exact_match"])   # verifiers.py names or module:function
 
 
 @dataclass
@@ -322,3 +342,4 @@ class Config:
     eval: EvalArgs = field(default_factory=EvalArgs)
     sft: Optional[SFTArgs] = None
     dpo: Optional[DPOArgs] = None
+    grpo: Optional[GRPOArgs] = None

@@ -8,7 +8,7 @@ does otherwise than a reader of the file might expect.
 
 import re
 
-from smollm2.config import LOG_LEVELS, Config, DPOArgs
+from smollm2.config import LOG_LEVELS, Config, DPOArgs, GRPOArgs
 from smollm2.errors import ConfigError
 from smollm2.stages import stage_folder, stages_of
 
@@ -50,7 +50,8 @@ def validate(cfg: Config) -> Config:
     if m.rope_scaling is not None:
         raise ConfigError("model.model_config.rope_scaling: only null (plain RoPE) is supported")
     # a fine-tuning config takes its model from the checkpoint: sft.start_from checks the context against that one
-    if cfg.sft is None and cfg.dpo is None and cfg.tokens.sequence_length > m.max_position_embeddings:
+    finetuning = cfg.sft is not None or cfg.dpo is not None or cfg.grpo is not None
+    if not finetuning and cfg.tokens.sequence_length > m.max_position_embeddings:
         raise ConfigError(f"tokens.sequence_length ({cfg.tokens.sequence_length}) exceeds "
                           f"model.model_config.max_position_embeddings ({m.max_position_embeddings})")
     for key in ("tp", "pp", "expert_parallel_size"):
@@ -237,9 +238,10 @@ def _validate_eval(cfg: Config) -> None:
 
 
 def _validate_posttrain(cfg: Config) -> None:
-    if cfg.sft is not None and cfg.dpo is not None:
-        raise ConfigError("sft, dpo: a config runs one of them; keep the section of the script you run")
-    for name, args in (("sft", cfg.sft), ("dpo", cfg.dpo)):
+    given = [name for name in ("sft", "dpo", "grpo") if getattr(cfg, name) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{', '.join(given)}: a config runs one of them; keep the section of the script you run")
+    for name, args in (("sft", cfg.sft), ("dpo", cfg.dpo), ("grpo", cfg.grpo)):
         if args is None:
             continue
         if not args.model_name_or_path:
@@ -264,6 +266,8 @@ def _validate_posttrain(cfg: Config) -> None:
         raise ConfigError(f"sft.truncation_mode: 'keep_start' or 'drop', got '{cfg.sft.truncation_mode}'")
     if cfg.dpo is not None:
         _validate_dpo(cfg.dpo, cfg.tokens.sequence_length)
+    if cfg.grpo is not None:
+        _validate_grpo(cfg.grpo, cfg.tokens)
 
 
 def _validate_dpo(dpo: DPOArgs, sequence_length: int) -> None:
@@ -276,3 +280,27 @@ def _validate_dpo(dpo: DPOArgs, sequence_length: int) -> None:
     if dpo.max_prompt_length is not None and not 1 <= dpo.max_prompt_length < length:
         raise ConfigError(f"dpo.max_prompt_length: from 1 to below dpo.max_length ({length}), which leaves the "
                           f"reply room; got {dpo.max_prompt_length}")
+
+
+def _validate_grpo(grpo: GRPOArgs, tokens) -> None:
+    from smollm2 import verifiers   # here: a reward function named by module:function is imported only for GRPO
+    G = grpo.num_generations
+    problems = [(G < 2, f"num_generations: at least 2 completions per prompt are compared, got {G}"),
+                (tokens.micro_batch_size % G != 0,
+                 f"num_generations: {G} must divide tokens.micro_batch_size ({tokens.micro_batch_size}), the "
+                 "completions of one micro-batch: each holds whole groups"),
+                (not 1 <= grpo.max_completion_length < tokens.sequence_length,
+                 f"max_completion_length: from 1 to below tokens.sequence_length ({tokens.sequence_length}), the row "
+                 f"that holds a prompt and its completion; got {grpo.max_completion_length}"),
+                (not grpo.temperature > 0, f"temperature: must be > 0 (the G completions must differ), got "
+                                           f"{grpo.temperature}"),
+                (not 0 < grpo.top_p <= 1, f"top_p: must be in (0, 1], got {grpo.top_p}"),
+                (not grpo.beta >= 0, f"beta: must be >= 0, got {grpo.beta}"),
+                (not 0 < grpo.epsilon < 1, f"epsilon: must be in (0, 1), got {grpo.epsilon}"),
+                (grpo.num_iterations < 1, f"num_iterations: must be >= 1, got {grpo.num_iterations}"),
+                (grpo.loss_type not in ("grpo", "dr_grpo"), f"loss_type: 'grpo' or 'dr_grpo', got '{grpo.loss_type}'"),
+                (not grpo.reward_funcs, "reward_funcs: name at least one verifier, e.g. [exact_match]")]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(f"grpo.{message}")
+    verifiers.resolve(grpo.reward_funcs)

@@ -38,13 +38,15 @@ class Progress:
 
 
 def track_loss(run, progress: Progress, loss: float) -> None:
-    """Remember the last finite loss and warn when one jumps far above the recent average."""
+    """Remember the last finite loss and warn when one jumps far above the recent average (for a task whose loss is
+    a positive error, not GRPO's surrogate, which swings around 0)."""
     if not math.isfinite(loss):
         return
     progress.last_loss = loss
     progress.loss_sum, progress.loss_count = progress.loss_sum + loss, progress.loss_count + 1
     ema = progress.loss_ema
-    if ema is not None and loss > run.cfg.run.loss_spike_factor * ema and run.rt.main:
+    spiked = ema is not None and loss > run.cfg.run.loss_spike_factor * ema and run.task.warns_of_spikes
+    if spiked and run.rt.main:
         print(f"warning: loss spike at step {run.step}: {loss:.3f} vs recent {ema:.3f}", file=sys.stderr)
     progress.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
 

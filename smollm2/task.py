@@ -34,6 +34,7 @@ class Task(ABC):
     """The defaults are pretraining's; a task overrides what it does otherwise."""
     reports_perplexity = True   # the validation loss is a per-token cross-entropy
     weighs_by_targets = False   # see weights()
+    warns_of_spikes = True      # a loss far above its recent mean is worth a warning (a positive loss: not GRPO's)
 
     def tokenizer(self, cfg: Config):
         return load_tokenizer(cfg)   # under torchrun, a file lock lets one rank train it at first use

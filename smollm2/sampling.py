@@ -144,41 +144,55 @@ def decode_layout(model: SmolLM2, batch: int) -> str:
     won at batch 1 and rows at batch 8; on another, packed won both by 1.5-2.5x), so the CPU's choice is measured
     once per batch size and thread count (calibrate_layout). On a GPU, cuBLAS reads either order alike: rows stay.
     """
-    shapes: dict[tuple, list] = {}   # (N, K) -> the weights of that shape (none when int8: quantize.py has one layout)
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, PackedLinear)):
-            shapes.setdefault(tuple(module.weight.shape), []).append(module.weight)
-    if not shapes or model.lm_head.weight.device.type != "cpu":
+    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    if not shapes or model.lm_head.weight.device.type != "cpu":   # none when int8: quantize.py has one layout
         return "row"
-    key = (batch, torch.get_num_threads(), tuple((s, len(ws)) for s, ws in shapes.items()))
+    key = (batch, torch.get_num_threads(), tuple(shapes))
     if key not in _chosen_layouts:
-        _chosen_layouts[key] = calibrate_layout(shapes, batch)
+        _chosen_layouts[key] = calibrate_layout(model, batch)
     return _chosen_layouts[key]
 
 
-STREAMED_BYTES = 64 * 2**20   # more than a CPU's last-level cache holds: weights this large stream from memory
+def current_layout(model: SmolLM2) -> str:
+    """The layout lay_out last gave the model's Linear weights (the head's tells: lay_out treats them all alike)."""
+    if isinstance(model.lm_head, PackedLinear):
+        return "packed"
+    w = model.lm_head.weight
+    return "column" if w.t().is_contiguous() and not w.is_contiguous() else "row"
 
 
-@torch.no_grad()
-def calibrate_layout(weights: dict, batch: int, rounds: int = 7) -> str:
-    """Time one decode step's matrix products in each layout: weights maps (N, K) -> the model's weights of that
-    shape. As in decoding, each product reads a weight from memory, not from a cache that the previous product warmed:
-    a shape is timed over as many of its weights (copies laid out in each layout) as fill STREAMED_BYTES, scaled to
-    all of them. The layouts alternate within each of `rounds` rounds, so a busy machine slows all alike, and a
-    layout's step is its median round, so one lucky or unlucky round decides nothing."""
-    steps = {layout: [0.0] * rounds for layout in LAYOUTS}
-    for shape, ws in weights.items():
-        n = max(1, min(len(ws), STREAMED_BYTES // (ws[0].numel() * ws[0].element_size())))
-        x = torch.randn(batch, shape[1], dtype=ws[0].dtype)
-        copies = {layout: [laid(w, layout) for w in ws[:n]] for layout in LAYOUTS}
+MIN_VISIT = 0.02   # seconds: a few of the scheduler's time slices
+
+
+@torch.inference_mode()
+def calibrate_layout(model: SmolLM2, batch: int, rounds: int = 7, steps: int = 2) -> str:
+    """Time the model's own decode step for `batch` rows in each layout and return the fastest; the model keeps
+    the layout it came in. What is timed is the step generate runs (every product, the head, each module's own
+    overhead): the products timed alone, shape by shape, ranked the layouts otherwise than decoding did. Each of
+    `rounds` rounds visits every layout, back and forth (so each round re-lays the weights twice, not three times,
+    and a busy machine slows all layouts alike), for `steps` steps and MIN_VISIT seconds at least (so a small
+    model's visit outlasts the scheduler's pauses); a layout's step is its median visit."""
+    start, caches = current_layout(model), [layer.self_attn.kv_cache for layer in model.model.layers]
+    device = model.lm_head.weight.device
+    model.setup_cache(batch, MIN_CACHE)
+    tok = torch.zeros(batch, dtype=torch.long, device=device)
+    slot = torch.zeros(1, dtype=torch.long, device=device)
+    valid = torch.ones(batch, MIN_CACHE, dtype=torch.bool, device=device)
+    visits = {layout: [] for layout in LAYOUTS}
+    try:
         for r in range(rounds):
-            for layout in LAYOUTS:
-                t0 = time.perf_counter()
-                for w in copies[layout]:
-                    product(x, w, layout)
-                steps[layout][r] += (time.perf_counter() - t0) * len(ws) / n
-    median = {layout: sorted(times)[rounds // 2] for layout, times in steps.items()}
-    return min(LAYOUTS, key=median.get)
+            for layout in LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]:
+                lay_out(model, layout)
+                n, t0 = 0, time.perf_counter()
+                while n < steps or time.perf_counter() - t0 < MIN_VISIT:
+                    decode_step(model, tok, slot, valid)
+                    n += 1
+                visits[layout].append((time.perf_counter() - t0) / n)
+    finally:
+        lay_out(model, start)
+        for layer, cache in zip(model.model.layers, caches):
+            layer.self_attn.kv_cache = cache
+    return min(LAYOUTS, key=lambda layout: sorted(visits[layout])[rounds // 2])
 
 
 @torch.no_grad()

@@ -69,10 +69,19 @@ def parity_weights(model: SmolLM2, init_std: float, seed: int) -> None:
 
 
 def hf_from_config(mcfg):
-    """transformers' LlamaForCausalLM for our ModelConfig, through the config.json that convert_hf.py exports."""
+    """transformers' LlamaForCausalLM for our ModelConfig, through the config.json that convert_hf.py exports. Its
+    weights are left unset (whatever memory held): every caller loads ours into it, and drawing 135M random numbers
+    only to overwrite them cost seconds."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    try:
+        from transformers.initialization import no_init_weights   # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights   # transformers 4
     hf_cfg = LlamaConfig.from_dict(hf_config_dict(mcfg), attn_implementation="sdpa")
-    return LlamaForCausalLM(hf_cfg).float().eval()
+    with no_init_weights():
+        hf = LlamaForCausalLM(hf_cfg)
+    hf.tie_weights()   # transformers 5 ties the head inside the init it skipped
+    return hf.float().eval()
 
 
 def pair_from_config(cfg: Config, seed: int):
@@ -84,8 +93,8 @@ def pair_from_config(cfg: Config, seed: int):
 
 def pair_from_hf(name: str):
     """Both models read from one HF checkpoint: ours as generate.py loads it, HF's through from_pretrained."""
-    from transformers import LlamaForCausalLM
     path = local_hf_dir(name)
+    from transformers import LlamaForCausalLM   # after the path is known good: a bad one is refused in a blink
     progress(f"loading {path} into our model and into transformers'")
     # refuses non-Llama configs, weights that do not fit and unreadable files, naming the file
     ours, _, _ = load_model(path, torch.device("cpu"), torch.float32)

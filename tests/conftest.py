@@ -81,3 +81,14 @@ def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     assert "chat: the tokenizer had no <|im_start|>, <|im_end|>: added as ids 512, 513" in out
     assert "sample @ 800 | 'How many items are in this list?\\nowl,sun,tree' -> '3'" in out   # ended by <|im_end|>
     return config, base, tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def chat_model_run(tmp_path_factory) -> Path:
+    """A run directory of helpers.train_chat_model's model, which holds CHATS' conversations: trained once, on one
+    thread, for test_chat.py and test_app.py."""
+    from helpers import torch_threads, train_chat_model
+    run = tmp_path_factory.mktemp("chat_model") / "run"
+    with torch_threads(1):
+        train_chat_model(run)
+    return run

@@ -415,3 +415,15 @@ def scores(script: str, config: Path, *checkpoints, key: str) -> list[float]:
     out = run_script(script, "--config", config, "--score", *checkpoints).stdout.strip().splitlines()
     assert len(out) == len(checkpoints), out
     return [float(line.split(key, 1)[1].split()[0].rstrip(",")) for line in out]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n inside the block, as before after it: a tiny model trained in the test's
+    own process gains nothing from a second thread and, on a busy machine, loses ~10x to OpenMP's waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
-from helpers import CHATS, byte_bpe, train_chat_model
+from helpers import CHATS, byte_bpe
 from tokenizers import Tokenizer
 
 import app
@@ -95,14 +95,14 @@ class RunsCodeWhenUnpickled:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, chat_model_run) -> Path:
     """tmp/runs: run1 (steps 60, 120), chat (a model that holds CHATS' conversations), broken (a corrupt checkpoint), evil (a pickle that runs code), export (HF);
     tmp/outside: a valid checkpoint that must stay out of reach, also linked from runs/escape."""
     tmp = tmp_path_factory.mktemp("app")
     root = tmp / "runs"
     tok = byte_bpe([TEXT] * 4, 320)
     train_tiny_model(tok, root / "run1")
-    train_chat_model(root / "chat")
+    shutil.copytree(chat_model_run, root / "chat")
     export_hf(str(root / "run1"), str(root / "export"))
     (root / "broken" / "checkpoints").mkdir(parents=True)
     (root / "broken" / "checkpoints" / "step_00000010.pt").write_bytes(b"PK\x03\x04 not really a zip" * 10)

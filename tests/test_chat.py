@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CHATS, byte_bpe, train_chat_model
+from helpers import CHATS, byte_bpe
 from tokenizers import Tokenizer
 
 import convert_hf
@@ -167,20 +167,13 @@ def test_fit_context_drops_the_oldest_turns_whole_and_keeps_the_system_message(s
 # ---------------------------------------------------------------- the export, and generate.py --chat
 
 
-@pytest.fixture(scope="module")
-def chat_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("chat") / "run"
-    train_chat_model(run)
-    return run
-
-
-def test_the_export_holds_the_template_and_transformers_renders_it_as_we_do(chat_run, tmp_path):
+def test_the_export_holds_the_template_and_transformers_renders_it_as_we_do(chat_model_run, tmp_path):
     from transformers import AutoTokenizer
-    ckpt = next((chat_run / "checkpoints").glob("*.pt"))
+    ckpt = next((chat_model_run / "checkpoints").glob("*.pt"))
     state = torch.load(ckpt, weights_only=True)
     state["config"]["sft"] = {"model_name_or_path": "base", "dataset_name": "chats.jsonl"}   # as sft.py saves it
     save_atomic(state, tmp_path / "sft" / "checkpoints" / ckpt.name)
-    (tmp_path / "sft" / "tokenizer.json").write_bytes((chat_run / "tokenizer.json").read_bytes())
+    (tmp_path / "sft" / "tokenizer.json").write_bytes((chat_model_run / "tokenizer.json").read_bytes())
     out = convert_hf.export_hf(str(tmp_path / "sft"), str(tmp_path / "hf"))
     auto, ours = AutoTokenizer.from_pretrained(str(out)), Tokenizer.from_file(str(out / "tokenizer.json"))
     for messages in CONVERSATIONS:
@@ -191,8 +184,8 @@ def test_the_export_holds_the_template_and_transformers_renders_it_as_we_do(chat
     assert generation["eos_token_id"] == [0, ours.token_to_id(chat.IM_END)]   # a reply ends at <|im_end|>
 
 
-def test_import_keeps_the_chat_template_of_the_hf_directory_for_the_next_export(chat_run, tmp_path):
-    exported = convert_hf.export_hf(str(chat_run), str(tmp_path / "hf"))
+def test_import_keeps_the_chat_template_of_the_hf_directory_for_the_next_export(chat_model_run, tmp_path):
+    exported = convert_hf.export_hf(str(chat_model_run), str(tmp_path / "hf"))
     config = json.loads((exported / "tokenizer_config.json").read_text())
     assert config["chat_template"] == chat.CHAT_TEMPLATE   # a tokenizer with the chat tokens gets ours
     custom = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
@@ -202,15 +195,15 @@ def test_import_keeps_the_chat_template_of_the_hf_directory_for_the_next_export(
     assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == custom
 
 
-def test_generate_chat_holds_a_conversation_and_each_reply_ends_at_im_end(chat_run, monkeypatch, capsys):
+def test_generate_chat_holds_a_conversation_and_each_reply_ends_at_im_end(chat_model_run, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\nhow are you?\n")))
-    code = G.main(["--checkpoint_path", str(chat_run), "--chat", "--temperature", "0", "--max_new_tokens", "40"])
+    code = G.main(["--checkpoint_path", str(chat_model_run), "--chat", "--temperature", "0", "--max_new_tokens", "40"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.splitlines() == ["hi there, friend", "very well, thanks"]   # CHATS[0], its second turn in context
     # the second reply is what the one generation path gives for the whole conversation so far
-    model = torch.load(next((chat_run / "checkpoints").glob("*.pt")), weights_only=True)
-    tok = Tokenizer.from_file(str(chat_run / "tokenizer.json"))
+    model = torch.load(next((chat_model_run / "checkpoints").glob("*.pt")), weights_only=True)
+    tok = Tokenizer.from_file(str(chat_model_run / "tokenizer.json"))
     smol = SmolLM2(config_from_dict(model["config"]).model.model_config)
     smol.load_state_dict(model["model"])
     reply = generate(smol.eval(), [chat.prompt_ids(tok, CHATS[0][:3])], SamplingParams(40, temperature=0.0),

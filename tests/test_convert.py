@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RUN_TEXT, make_run, write_run_tokenizer
+from helpers import RUN_TEXT, make_run, torch_threads, write_run_tokenizer
 from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -22,19 +22,16 @@ from smollm2.errors import CheckpointError
 from smollm2.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 # a model-level bug validate_params must catch: RoPE in the interleaved (nanotron/Meta) layout on HF-layout weights
-INTERLEAVED_ROPE = """
-import sys, torch, model, validate_params
-def interleaved(x, cos, sin):
+def interleaved_rope(x, cos, sin):
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     c, s = cos[..., :half].repeat_interleave(2, -1), sin[..., :half].repeat_interleave(2, -1)
     rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     return x * c + rotated * s
-model.apply_rotary = interleaved
-sys.exit(validate_params.main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -216,19 +213,31 @@ def test_tied_config_with_a_different_head_in_the_file_is_refused(tmp_path):
 # ---------------------------------------------------------------- validate_params.py
 
 
-def test_validate_params_passes_on_the_tiny_config_and_prints_the_table():
-    result = run_script("validate_params.py", "--config", "config_tiny.yaml")
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if " | " in line]
+# validate_params.main runs in the test's process (a process of its own paid ~5 s to import torch and transformers),
+# in the repository root, where its default --config is, on one thread as the process had (OMP_NUM_THREADS=1)
+
+
+def test_validate_params_passes_on_the_tiny_config_and_prints_the_table(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with torch_threads(1):
+        code = validate_params.main(["--config", "config_tiny.yaml"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if " | " in line]
     assert rows[0].split(" | ")[:2] == ["check                     ", "result"]
     assert [r.split(" | ")[1].strip() for r in rows[1:]] == ["ok"] * 5
-    assert "all checks passed" in result.stdout
+    assert "all checks passed" in out
 
 
-def test_validate_params_passes_at_135M_with_the_published_parameter_count():
-    result = run_script("validate_params.py")   # the default: config_smollm2_135M.yaml
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SmolLM2-135M published 134,515,008" in result.stdout
+def test_validate_params_passes_at_135M_with_the_published_parameter_count(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    # the default config (config_smollm2_135M.yaml); 16 greedy tokens, not 64: each decode step at this size reads
+    # all 540 MB of weights on both sides (~0.15 s a token), and the tiny config's tests check the 64-token default
+    with torch_threads(1):
+        code = validate_params.main(["--new_tokens", "16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "SmolLM2-135M published 134,515,008" in out and "2 prompts x 16 new tokens identical" in out
 
 
 def test_validate_params_passes_against_an_exported_directory(exported, capsys):
@@ -243,10 +252,14 @@ def test_validate_params_says_what_it_is_doing_before_each_slow_step(capsys):
     assert [s.split()[1] for s in steps] == ["building", "logits", "8"], steps
 
 
-def test_validate_params_fails_naming_the_checks_when_rope_is_interleaved():
-    result = run_script("-c", INTERLEAVED_ROPE, "--config", "config_tiny.yaml")
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAILED: logits (fp32), greedy generation" in result.stdout
+def test_validate_params_fails_naming_the_checks_when_rope_is_interleaved(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("model.apply_rotary", interleaved_rope)
+    with torch_threads(1):
+        code = validate_params.main(["--config", "config_tiny.yaml"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "FAILED: logits (fp32), greedy generation" in out
 
 
 @pytest.mark.parametrize("args,message", [

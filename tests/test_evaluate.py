@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import make_config, make_run, run_train
+from helpers import ENV, make_config, make_run, run_train
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -386,7 +386,7 @@ def test_evals_during_training_land_in_metrics_jsonl_at_their_steps(setup, code_
     config = make_config(tmp_path, code_corpus, **{
         "checkpoints.checkpoint_interval": 4, "tokens.train_steps": 10,
         "eval": {"tasks": ["tiny_mc"], "include_path": str(tasks), "interval": 8, "limit": 3, "device": "cpu"}})
-    proc = run_train(config)
+    proc = run_train(config, env=ENV)   # one thread each, for train.py and the evals it starts beside it
     run_dir = tmp_path / "run"
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert [(r["step"], r["task"], r["items"]) for r in records] == [(8, "tiny_mc", 3), (10, "tiny_mc", 3)]

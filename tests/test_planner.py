@@ -162,13 +162,14 @@ def test_fsdp_shards_over_the_ranks_and_ddp_replicates():
 
 def test_largest_micro_batch_fits_the_next_does_not_and_grows_with_memory_and_recompute():
     cfg = config()
+    p = planner.count_parameters(cfg.model.model_config)   # once: each count builds the model on the meta device
     by_memory = sorted({g.memory_gib: g for g in GPUS}.values(), key=lambda g: g.memory_gib)   # 16 ... 141 GiB
-    largest = {rec: [planner.largest_micro_batch(cfg, 1, g, rec) for g in by_memory] for rec in planner.RECOMPUTE}
+    largest = {rec: [planner.largest_micro_batch(cfg, 1, g, rec, p=p) for g in by_memory] for rec in planner.RECOMPUTE}
     for recompute, sizes in largest.items():
         assert sizes == sorted(sizes) and sizes[0] >= 1
         for gpu, b in zip(by_memory, sizes):
-            assert planner.memory(cfg, 1, b, recompute)[1] <= planner.usable_bytes(gpu)
-            assert planner.memory(cfg, 1, b + 1, recompute)[1] > planner.usable_bytes(gpu)
+            assert planner.memory(cfg, 1, b, recompute, p=p)[1] <= planner.usable_bytes(gpu)
+            assert planner.memory(cfg, 1, b + 1, recompute, p=p)[1] > planner.usable_bytes(gpu)
     for less, more in zip(planner.RECOMPUTE, planner.RECOMPUTE[1:]):   # each mode keeps less than the one before
         assert all(r > s for r, s in zip(largest[more], largest[less])), f"{more} must make room for more"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, losses, make_config, run_at_once, run_train, signalled_at, train_command
+from helpers import ENV, ROOT, losses, make_config, run_at_once, run_train, signalled_at, train_command
 
 import train
 from model import SmolLM2
@@ -45,7 +45,7 @@ def test_k_micro_batches_of_b_equal_one_batch_of_k_times_b(tmp_path, code_corpus
 
 def test_lr_of_every_optimizer_step_equals_the_schedule_under_accumulation(tmp_path, code_corpus):
     cfg_path = make_config(tmp_path, code_corpus, **{"tokens.batch_accumulation_per_replica": 3})
-    run_train(cfg_path)
+    run_train(cfg_path, env=ENV)
     sched = load_config(str(cfg_path)).optimizer.learning_rate_scheduler
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in records] == list(range(1, 13))
@@ -159,7 +159,7 @@ def test_compiled_training_saves_plain_hf_parameter_names(tmp_path, code_corpus)
     cfg_path = make_config(tmp_path, code_corpus, **{"run.compile": True, "tokens.train_steps": 2,
                                                      "tokens.val_check_interval": 2,
                                                      "checkpoints.checkpoint_interval": 2})
-    run_train(cfg_path)
+    run_train(cfg_path, env=ENV)
     keys = set(final_weights(tmp_path / "run"))
     expected = set(SmolLM2(load_config(str(cfg_path)).model.model_config).state_dict())
     assert keys == expected and not any("_orig_mod" in k for k in keys)
@@ -193,7 +193,7 @@ def test_validation_loss_falls_and_run_dir_has_every_output(tmp_path, code_corpu
                                                      "optimizer.learning_rate_scheduler.lr_warmup_steps": 5,
                                                      "optimizer.learning_rate_scheduler.lr_decay_starting_step": 60,
                                                      "optimizer.learning_rate_scheduler.lr_decay_steps": 20})
-    out = run_train(cfg_path)
+    out = run_train(cfg_path, env=ENV)   # one thread: 4x less wall time than two on a busy 2-core machine
     val = losses(tmp_path / "run", "val")
     assert [s for s, _ in val] == [20, 40, 60, 80]
     assert val[-1][1] < val[0][1] - 0.3 and val[-1][1] < math.log(512) - 1.0, val   # uniform guessing: ln 512
@@ -208,18 +208,20 @@ def test_validation_loss_falls_and_run_dir_has_every_output(tmp_path, code_corpu
 
 
 def test_bad_config_and_restarting_a_finished_run_are_one_line_errors(tmp_path, code_corpus):
-    bad = make_config(tmp_path, code_corpus)
-    proc, resume = run_at_once(train_command(bad, "tokens.micro_batch_sise=4"), train_command(bad, "--resume"),
-                               check=False)
+    # the refusals of a fresh run dir and the run that finishes another one, all at once: each is mostly start-up
+    bad, done = make_config(tmp_path / "bad", code_corpus), make_config(tmp_path / "done", code_corpus)
+    proc, resume, finished = run_at_once(train_command(bad, "tokens.micro_batch_sise=4"),
+                                         train_command(bad, "--resume"), train_command(done, "tokens.train_steps=4"),
+                                         check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: tokens.micro_batch_sise: unknown key; did you mean 'micro_batch_size'?"]
     assert resume.returncode == 2 and "no checkpoint" in resume.stderr and "Traceback" not in resume.stderr
-    run_train(bad, "tokens.train_steps=4")
-    before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    proc = run_train(bad, check=False)                     # same run dir, no --resume: refuse, touch nothing
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    before = (tmp_path / "done" / "run" / "metrics.jsonl").read_text()
+    proc = run_train(done, check=False, env=ENV)           # same run dir, no --resume: refuse, touch nothing
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert (tmp_path / "done" / "run" / "metrics.jsonl").read_text() == before
 
 
 def test_each_micro_batch_reaches_a_cuda_device_in_one_copy_from_pinned_memory(tmp_path, code_corpus, monkeypatch):

@@ -45,6 +45,7 @@ Post-training
     chat.py              SmolLM2's chat template, assistant-token masks, adding the chat tokens to a checkpoint
     chat_data.py         conversations and preference pairs: read, held out, tokenized and packed as rows
     chat_tasks.py        the built-in chat tasks, each with one checkable answer (SFT conversations, DPO pairs)
+    preference.py        the preference losses dpo.loss_type names (DPO, cDPO, IPO, hinge, APO-zero, SimPO, ORPO)
 
 Evaluation
     evals.py             lm-evaluation-harness runs and their scores; BackgroundEvals, benchmarks beside a training run

@@ -15,6 +15,11 @@ from model import ModelConfig
 from smollm2.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")   # nanotron's logging levels
+# dpo.loss_type's values, under TRL's names (smollm2/preference.py writes each out), those that need no reference, and
+# those label_smoothing applies to
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "apo_zero", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+SMOOTHED = ("sigmoid", "simpo")
 
 # Keys of nanotron's files accepted although they cannot change a run on this engine, and why (docs/configs.md lists
 # them). Every other key is honoured, or refused by name where its value is not implemented.
@@ -277,10 +282,16 @@ class SFTArgs(PosttrainArgs):
 @dataclass
 class DPOArgs(PosttrainArgs):
     """Direct preference optimisation (dpo.py) on pairs: {"prompt", "chosen", "rejected"}, texts or messages. The
-    starting checkpoint (an SFT one) is also the frozen reference."""
+    starting checkpoint (an SFT one) is also the frozen reference, except for the reference-free simpo and orpo."""
     beta: float = 0.1                          # how far the policy may move from the reference: the KL weight
     max_length: Optional[int] = None           # prompt + reply, in tokens; null: tokens.sequence_length
     max_prompt_length: Optional[int] = None    # a longer prompt keeps its last tokens (TRL's order: prompt first)
+    # the loss (smollm2/preference.py): sigmoid | ipo | hinge | apo_zero, and without a reference simpo | orpo
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0               # sigmoid, simpo: the share of labels taken as flipped (cDPO)
+    simpo_gamma: float = 0.5                   # simpo: the target margin of the length-normalised rewards
+    rpo_alpha: Optional[float] = None          # adds alpha x the NLL of the chosen replies (RPO); null: none
+    precompute_ref_log_probs: bool = False     # the reference's log-probs once, before step 1; it is not kept
 
 
 @dataclass

@@ -307,6 +307,7 @@ class EvalArgs:
     num_fewshot: Optional[int] = None  # null: each task's own
     include_path: Optional[str] = None  # a folder of your own task YAML files
     batch_size: int = 8
+    chat_template: bool = False        # prompts rendered as chats, as instruct models are scored (SFT and DPO runs)
     # where the eval process runs: auto is the CPU, because the training GPU's memory is the run's (the planner and
     # run.recompute auto count it all for training) | cpu | cuda:N (a GPU the training does not use)
     device: str = "auto"

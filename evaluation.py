@@ -3,6 +3,7 @@
     python evaluation.py --checkpoint_path runs/tiny --tasks hellaswag,arc_easy,piqa --limit 200
     python evaluation.py --checkpoint_path hf_export/ --tasks my_task --include_path my_tasks/
     python evaluation.py --checkpoint_path runs/tiny --text_file notes.txt
+    python evaluation.py --checkpoint_path runs/tiny-dpo --tasks ifeval --chat_template   # as an instruct model
 
 Benchmarks are lm-evaluation-harness's (an optional dependency: `pip install lm_eval`), with our model wrapped as its
 language model (smollm2/harness.py); perplexity on a text file needs nothing beyond the model (smollm2/scoring.py).
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from smollm2 import chat
 from smollm2.errors import InputError, command
 from smollm2.evals import require_harness, results_path, run_tasks, task_scores
 from smollm2.loading import eos_id_for, load_model, log, open_tokenizer, pick_device, pick_dtype
@@ -78,13 +80,15 @@ def evaluate_checkpoint(args) -> dict:
     if top >= model.config.vocab_size:
         raise InputError(f"the tokenizer has token ids up to {top} but the model {model.config.vocab_size} tokens; "
                          "is --tokenizer the one this model was trained with?")
-    eos_id = eos_id_for(cfg, tokenizer)
+    # an instruct model's reply ends at <|im_end|> (a tokenizer without the chat tokens is refused here, in one line)
+    eos_id = chat.end_id(tokenizer) if args.chat_template else eos_id_for(cfg, tokenizer)
     report = {"checkpoint": info["source"], "step": info["step"], "parameters": model.num_parameters(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": {k: getattr(args, k) for k in
-                                                                       ("limit", "num_fewshot", "batch_size")}}
+                                                                       ("limit", "num_fewshot", "batch_size",
+                                                                        "chat_template")}}
     if tasks:
         results = run_tasks(model, tokenizer, eos_id, tasks, args.limit, args.num_fewshot, args.include_path,
-                            args.batch_size)
+                            args.batch_size, chat_template=args.chat_template)
         report["tasks"] = task_scores(results)
         report["harness"] = {k: results.get(k) for k in ("results", "groups", "n-shot", "n-samples", "versions")}
     if text is not None:
@@ -116,6 +120,9 @@ def parse_args(argv=None):
     ap.add_argument("--num_fewshot", type=int, help="solved examples shown before each item (default: the task's)")
     ap.add_argument("--include_path", help="a folder of your own task YAML files, in lm-eval's format")
     ap.add_argument("--batch_size", type=int, default=8, help="requests scored at once (default: 8)")
+    ap.add_argument("--chat_template", action="store_true", help="render each prompt through SmolLM2's chat "
+                    "template, the few-shot examples as earlier turns (lm-eval's --apply_chat_template): how an SFT or "
+                    "DPO checkpoint is scored as an instruct model")
     ap.add_argument("--tokenizer", help="tokenizer.json file or hub name (default: the one found with the checkpoint)")
     ap.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

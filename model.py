@@ -255,7 +255,7 @@ LOSS_CHUNK_TOKENS = 1024   # positions per chunk of the loss: 1024 x 49152 fp32 
 
 
 def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                          chunk: int = LOSS_CHUNK_TOKENS, per_row: bool = False) -> torch.Tensor:
+                          chunk: int = LOSS_CHUNK_TOKENS, per_row: bool = False, count_correct: bool = False):
     """Mean cross-entropy of the head's logits x @ weight.T (x (B, T, C), targets (B, T)), never holding them whole.
 
     Full logits for 8 x 2048 tokens over 49k classes are 3.2 GB in fp32, and autograd would also keep their
@@ -263,6 +263,7 @@ def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     inside a checkpoint, which saves only the chunk's input and recomputes its logits during backward; the loss is
     the sum over chunks divided by the number of real targets (targets == ignore_index count for nothing).
     per_row: each row's summed cross-entropy (B,) instead, -log p(that row's targets) (DPO scores whole replies).
+    count_correct: (the mean, how many targets the argmax of their logits predicts) instead (SFT's token accuracy).
     """
     if per_row:   # whole rows per chunk, so each row's sum stays its own
         B, T = targets.shape
@@ -271,17 +272,23 @@ def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
                                      ignore_index, "none", use_reentrant=False).view(-1, T).sum(-1)
                           for i in range(0, B, rows)])                                    # (B,)
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)                           # (N, C), (N,)
-    total = torch.zeros((), device=x.device)
+    total, correct = torch.zeros((), device=x.device), torch.zeros((), dtype=torch.long, device=x.device)
     for i in range(0, x.size(0), chunk):
-        total = total + checkpoint(_head_loss, x[i:i + chunk], weight, targets[i:i + chunk], ignore_index, "sum",
-                                   use_reentrant=False)
-    return total / (targets != ignore_index).sum()
+        loss, hits = checkpoint(_head_loss, x[i:i + chunk], weight, targets[i:i + chunk], ignore_index, "sum",
+                                count_correct, use_reentrant=False)
+        total, correct = total + loss, correct + hits
+    mean = total / (targets != ignore_index).sum()
+    return (mean, correct) if count_correct else mean
 
 
-def _head_loss(x, weight, targets, ignore_index, reduction):
+def _head_loss(x, weight, targets, ignore_index, reduction, count_correct=False):
     logits = F.linear(x, weight)                                                           # (n, V), autocast dtype
     # in fp32: a bf16 log-softmax over 49k classes is too coarse
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
+    loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "none":
+        return loss
+    # the targets the argmax predicts (an ignored one, -100, never equals an argmax)
+    return loss, (logits.argmax(-1) == targets).sum() if count_correct else targets.new_zeros(())
 
 
 class SmolLM2(nn.Module):
@@ -360,7 +367,7 @@ class SmolLM2(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 cache_pos: Optional[Union[int, torch.Tensor]] = None, valid: Optional[torch.Tensor] = None,
                 segments: Optional[torch.Tensor] = None, last_only: bool = False, ignore_index: int = -100,
-                per_row: bool = False):
+                per_row: bool = False, count_correct: bool = False):
         """input_ids (B, T) -> (logits (B, T, V), None), or with targets (B, T): (None, the mean cross-entropy over
         targets != ignore_index), computed chunk by chunk so that the full logits never exist.
 
@@ -371,6 +378,7 @@ class SmolLM2(nn.Module):
             alone: its positions start at 0 and its tokens attend only to earlier tokens of the same sequence.
         last_only: compute logits for the last position only (what a decoder needs to pick the next token).
         per_row: the loss is each row's summed cross-entropy (B,), -log p(targets of that row), instead of the mean.
+        count_correct: the loss is (the mean, how many targets the argmax predicts), for the token accuracy.
         """
         B, T = input_ids.shape
         cache = self.model.layers[0].self_attn.kv_cache if cache_pos is not None else None
@@ -402,7 +410,8 @@ class SmolLM2(nn.Module):
                     x = layer(x, cos, sin, cache_pos, mask)
             x = self.model.norm(x)
             if targets is not None:
-                return None, chunked_cross_entropy(x, self.lm_head.weight, targets, ignore_index, per_row=per_row)
+                return None, chunked_cross_entropy(x, self.lm_head.weight, targets, ignore_index, per_row=per_row,
+                                                   count_correct=count_correct)
             if last_only:
                 x = x[:, -1:]
             return self.lm_head(x), None                                                  # (B, T, V)

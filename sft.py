@@ -78,10 +78,11 @@ def start_from(cfg: Config, args: PosttrainArgs) -> tuple[SmolLM2, object, Optio
 class Rows:
     """Row i of the array in data.TokenLoader's `read` interface, cycling: row i + n is row i of the next epoch. With
     a seed, each epoch reads the rows in its own order, a permutation drawn from (seed, epoch): the position alone
-    says which row comes next, so a resumed run reads what the uninterrupted one would have."""
+    says which row comes next, so a resumed run reads what the uninterrupted one would have. `scores`: floats per
+    row (n, k) that travel with it (DPO's precomputed reference log-probs)."""
 
-    def __init__(self, rows: np.ndarray, seed: Optional[int] = None):
-        self.rows, self.seed, self._orders = rows, seed, {}
+    def __init__(self, rows: np.ndarray, seed: Optional[int] = None, scores: Optional[np.ndarray] = None):
+        self.rows, self.seed, self.scores, self._orders = rows, seed, scores, {}
 
     def order(self, epoch: int) -> np.ndarray:
         if self.seed is None:
@@ -91,21 +92,27 @@ class Rows:
             self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
         return self._orders[epoch]
 
-    def read(self, first: int, count: int) -> np.ndarray:
+    def indices(self, first: int, count: int) -> list[int]:
         epochs, at = np.divmod(np.arange(first, first + count), len(self.rows))
-        return self.rows[[self.order(int(e))[i] for e, i in zip(epochs, at)]]
+        return [self.order(int(e))[i] for e, i in zip(epochs, at)]
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        return self.rows[self.indices(first, count)]
 
 
 class RowLoader(data.TokenLoader):
     """TokenLoader's rank split and resumable position over tokenized rows: next_batch() -> one int64 tensor
-    (micro_batch_size, sequence_length) per channel of the rows (inputs, targets, segments, ...)."""
+    (micro_batch_size, sequence_length) per channel of the rows (inputs, targets, segments, ...), then the rows'
+    scores (micro_batch_size, k) where they have some."""
 
     def next_batch(self):
-        import torch
         m = self.rank + self.step * self.world_size
-        batch = self.blocks.read(m * self.B, self.B).astype(np.int64)   # (B, channels, T)
+        which = self.blocks.indices(m * self.B, self.B)
+        batch = self.blocks.rows[which].astype(np.int64)   # (B, channels, T)
         self.step += 1
-        return tuple(torch.from_numpy(np.ascontiguousarray(batch[:, c])) for c in range(batch.shape[1]))
+        channels = tuple(torch.from_numpy(np.ascontiguousarray(batch[:, c])) for c in range(batch.shape[1]))
+        scores = self.blocks.scores
+        return channels if scores is None else (*channels, torch.from_numpy(scores[which]))
 
 
 class ChatData:
@@ -226,8 +233,11 @@ class SFT(Task):
         return self.start.to(rt.device)
 
     def loss(self, run, batch) -> tuple[torch.Tensor, dict]:
+        """The mean cross-entropy of the micro-batch's targets, and the token accuracy: the share of them the argmax
+        of the logits predicts (TRL's mean_token_accuracy; weighed across micro-batches as the loss is)."""
         x, y, *segments = (t.to(run.rt.device, non_blocking=True) for t in batch)   # segments only when packed
-        return run.net(x, y, segments=segments[0] if segments else None)[1], {}
+        _, (loss, correct) = run.net(x, y, segments=segments[0] if segments else None, count_correct=True)
+        return loss, {"token_accuracy": correct / (y != -100).sum().clamp(min=1)}
 
     def prompt(self, tokenizer, text: str) -> list[int]:
         return chat.prompt_ids(tokenizer, [{"role": "user", "content": text}])

@@ -180,7 +180,7 @@ def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float, d
         with distributed.gradient_sync(run.net, last_micro_batch=micro == k - 1):
             with rt.autocast():
                 loss, stats = run.task.loss(run, batch)
-            loss = loss if weights is None else loss * weights[micro]
+            loss, stats = weighed(loss, stats, weights, micro)
             # the gradients of k micro-batches add up; dividing each loss by k makes that sum a mean
             run.scaler.scale(loss / k).backward()
         add_up(sums, {"loss": loss, **stats})
@@ -197,6 +197,14 @@ def optimizer_step(run: Run, progress: Progress) -> tuple[float, float, float, d
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, lr, stats
+
+
+def weighed(loss: torch.Tensor, stats: dict, weights: Optional[list[float]], micro: int) -> tuple[torch.Tensor, dict]:
+    """A micro-batch's loss and statistics times its weight (Task.weights; None: each weighs 1), so their means over
+    the micro-batches are SFT's means over every target token of the step (its token accuracy as its loss)."""
+    if weights is None:
+        return loss, stats
+    return loss * weights[micro], {key: value * weights[micro] for key, value in stats.items()}
 
 
 def add_up(sums: dict, values: dict) -> None:
@@ -243,8 +251,8 @@ def validate(run: Run) -> float:
         shares = run.task.weights(run.rt, held_out)   # SFT's: the mean over every held-out target token
         for i, batch in enumerate(held_out):
             with run.rt.autocast():
-                loss, batch_stats = run.task.loss(run, batch)
-            add_up(sums, {"loss": loss if shares is None else loss * shares[i], **batch_stats})
+                loss, batch_stats = weighed(*run.task.loss(run, batch), shares, i)
+            add_up(sums, {"loss": loss, **batch_stats})
         stats = mean_of(sums, batches, run.rt)   # the task's statistics (DPO's) come from its one source
         losses[name], weights[name] = stats.pop("loss"), weight
     run.net.train()

@@ -49,6 +49,7 @@ Post-training
     chat_tasks.py        the built-in chat tasks, each with one checkable answer (SFT conversations, DPO pairs)
     verifiers.py         GRPO's rewards: exact, numeric and partial-credit checkers, registered by name
     grpo_loss.py         GRPO's maths: group-normalised advantages, the clipped policy-gradient loss, the k3 KL
+    preference.py        the preference losses dpo.loss_type names (DPO, cDPO, IPO, hinge, APO-zero, SimPO, ORPO)
 
 Evaluation
     evals.py             lm-evaluation-harness runs and their scores; BackgroundEvals, benchmarks beside a training run

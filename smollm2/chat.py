@@ -59,10 +59,12 @@ def _pieces(messages: list[dict], add_generation_prompt: bool) -> Iterator[tuple
         yield f"{IM_START}assistant\n", False
 
 
-def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(messages: list[dict], add_generation_prompt: bool = False, continue_final_message: bool = False) -> str:
     """The conversation as SmolLM2's chat text; add_generation_prompt ends it with the assistant's opening line, where
-    the model's reply begins."""
-    return "".join(text for text, _ in _pieces(messages, add_generation_prompt))
+    the model's reply begins; continue_final_message leaves the last message open, without the <|im_end|> and newline
+    that close it, for the model to go on writing (transformers' flag of that name)."""
+    text = "".join(piece for piece, _ in _pieces(messages, add_generation_prompt))
+    return text[:-len(IM_END + "\n")] if continue_final_message else text
 
 
 def has_chat_tokens(tokenizer: Tokenizer) -> bool:

@@ -16,6 +16,11 @@ from model import ModelConfig
 from smollm2.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")   # nanotron's logging levels
+# dpo.loss_type's values, under TRL's names (smollm2/preference.py writes each out), those that need no reference, and
+# those label_smoothing applies to
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "apo_zero", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+SMOOTHED = ("sigmoid", "simpo")
 
 # Keys of nanotron's files accepted although they cannot change a run on this engine, and why (docs/configs.md lists
 # them). Every other key is honoured, or refused by name where its value is not implemented.
@@ -279,10 +284,16 @@ class SFTArgs(PosttrainArgs):
 @dataclass
 class DPOArgs(PosttrainArgs):
     """Direct preference optimisation (dpo.py) on pairs: {"prompt", "chosen", "rejected"}, texts or messages. The
-    starting checkpoint (an SFT one) is also the frozen reference."""
+    starting checkpoint (an SFT one) is also the frozen reference, except for the reference-free simpo and orpo."""
     beta: float = 0.1                          # how far the policy may move from the reference: the KL weight
     max_length: Optional[int] = None           # prompt + reply, in tokens; null: tokens.sequence_length
     max_prompt_length: Optional[int] = None    # a longer prompt keeps its last tokens (TRL's order: prompt first)
+    # the loss (smollm2/preference.py): sigmoid | ipo | hinge | apo_zero, and without a reference simpo | orpo
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0               # sigmoid, simpo: the share of labels taken as flipped (cDPO)
+    simpo_gamma: float = 0.5                   # simpo: the target margin of the length-normalised rewards
+    rpo_alpha: Optional[float] = None          # adds alpha x the NLL of the chosen replies (RPO); null: none
+    precompute_ref_log_probs: bool = False     # the reference's log-probs once, before step 1; it is not kept
 
 
 @dataclass
@@ -316,6 +327,7 @@ class EvalArgs:
     num_fewshot: Optional[int] = None  # null: each task's own
     include_path: Optional[str] = None  # a folder of your own task YAML files
     batch_size: int = 8
+    chat_template: bool = False        # prompts rendered as chats, as instruct models are scored (SFT and DPO runs)
     # where the eval process runs: auto is the CPU, because the training GPU's memory is the run's (the planner and
     # run.recompute auto count it all for training) | cpu | cuda:N (a GPU the training does not use)
     device: str = "auto"

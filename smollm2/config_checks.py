@@ -8,7 +8,7 @@ does otherwise than a reader of the file might expect.
 
 import re
 
-from smollm2.config import LOG_LEVELS, Config, DPOArgs, GRPOArgs
+from smollm2.config import LOG_LEVELS, LOSS_TYPES, REFERENCE_FREE, SMOOTHED, Config, DPOArgs, GRPOArgs
 from smollm2.errors import ConfigError
 from smollm2.stages import stage_folder, stages_of
 
@@ -280,6 +280,23 @@ def _validate_dpo(dpo: DPOArgs, sequence_length: int) -> None:
     if dpo.max_prompt_length is not None and not 1 <= dpo.max_prompt_length < length:
         raise ConfigError(f"dpo.max_prompt_length: from 1 to below dpo.max_length ({length}), which leaves the "
                           f"reply room; got {dpo.max_prompt_length}")
+    kind = dpo.loss_type
+    if kind not in LOSS_TYPES:
+        raise ConfigError(f"dpo.loss_type: one of {', '.join(LOSS_TYPES)}, got '{kind}'")
+    refusals = [
+        (not 0 <= dpo.label_smoothing < 0.5, f"dpo.label_smoothing: must be in [0, 0.5), got {dpo.label_smoothing}"),
+        (dpo.label_smoothing > 0 and kind not in SMOOTHED, f"dpo.label_smoothing: only {' and '.join(SMOOTHED)} "
+         f"use it, not {kind}; set it to 0"),
+        (dpo.simpo_gamma < 0, f"dpo.simpo_gamma: must be >= 0, got {dpo.simpo_gamma}"),
+        (dpo.rpo_alpha is not None and dpo.rpo_alpha < 0, f"dpo.rpo_alpha: must be >= 0 or null, got {dpo.rpo_alpha}"),
+        (dpo.rpo_alpha is not None and kind == "orpo", "dpo.rpo_alpha: orpo already adds the chosen replies' NLL; "
+         "set rpo_alpha to null"),
+        (dpo.precompute_ref_log_probs and kind in REFERENCE_FREE, f"dpo.precompute_ref_log_probs: {kind} has no "
+         "reference model; set it to false"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise ConfigError(message)
 
 
 def _validate_grpo(grpo: GRPOArgs, tokens) -> None:

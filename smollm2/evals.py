@@ -46,8 +46,10 @@ def task_manager(tasks: list[str], include_path: Optional[str]):
 
 def run_tasks(model, tokenizer, eos_id: int, tasks: list[str], limit: Optional[int] = None,
               num_fewshot: Optional[int] = None, include_path: Optional[str] = None, batch_size: int = 8,
-              log_samples: bool = False) -> dict:
-    """lm-eval's simple_evaluate on our model; returns its results dict (per-item samples with log_samples)."""
+              log_samples: bool = False, chat_template: bool = False) -> dict:
+    """lm-eval's simple_evaluate on our model; returns its results dict (per-item samples with log_samples).
+    chat_template: each prompt rendered as a chat (lm-eval's apply_chat_template, the few-shot examples as earlier
+    turns, its default with it), as instruct models are scored."""
     require_harness()
     import lm_eval
 
@@ -55,7 +57,7 @@ def run_tasks(model, tokenizer, eos_id: int, tasks: list[str], limit: Optional[i
     manager = task_manager(tasks, include_path)
     lm = HarnessModel(model, tokenizer, eos_id, model.config.bos_token_id, batch_size)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                   log_samples=log_samples)
+                                   log_samples=log_samples, apply_chat_template=chat_template)
 
 
 def task_scores(results: dict) -> dict:
@@ -134,7 +136,8 @@ class BackgroundEvals:
                  "--device": "cpu" if c.device == "auto" else c.device}
         return [sys.executable, str(ROOT / "evaluation.py"), "--checkpoint_path", str(checkpoint.resolve()),
                 "--output", str(results_path(checkpoint).resolve()),
-                *[str(x) for k, v in flags.items() if v is not None for x in (k, v)]]
+                *[str(x) for k, v in flags.items() if v is not None for x in (k, v)],
+                *(["--chat_template"] if c.chat_template else [])]
 
     def start(self, checkpoint: Path, step: int) -> None:
         self.waiting.append((Path(checkpoint), step))

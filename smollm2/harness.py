@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from model import SmolLM2
+from smollm2 import chat
 from smollm2.sampling import SamplingParams, TextStream, generate
 from smollm2.scoring import Request, rolling_windows, score
 
@@ -46,6 +47,17 @@ class HarnessModel(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return "smollm2"
+
+    def chat_template(self, chat_template=False) -> str:
+        """The template lm-eval records (and keys its request cache by) when it renders prompts as chats."""
+        return chat.CHAT_TEMPLATE
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """lm-eval's turns (few-shot examples as earlier turns, the item last) as SmolLM2's chat text, rendered by
+        the one template function; without a generation prompt the last (assistant) message is left open, as `hf`
+        renders it with transformers' continue_final_message."""
+        return chat.render(chat_history, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=not add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
         if add_special_tokens is None:   # as `hf`: a text that already starts with the prefix token gets no other

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import convert_hf
 import evaluation
-from smollm2 import evals
+from smollm2 import chat, evals
 from smollm2.config import EvalArgs
 from smollm2.loading import load_model
 from smollm2.scoring import perplexity, rolling_windows, score
@@ -114,6 +114,29 @@ def test_scores_equal_lm_eval_hf_model_item_by_item(setup):
     assert mine.keys() == hfs.keys() == set(names)
     for task in names:
         assert mine[task]["scores"] == pytest.approx(hfs[task]["scores"], rel=1e-5)
+
+
+def test_chat_template_renders_each_request_through_the_one_template_as_lm_eval_asks(setup, capsys):
+    run_dir, _, tasks = setup
+    model, _, info = load_model(run_dir)
+    tokenizer = Tokenizer.from_file(info["tokenizer"])
+    chat.add_chat_tokens(tokenizer)   # ids 300 and 301 of the model's 320
+    docs = [json.loads(line) for line in (tasks / "mc.jsonl").read_text().splitlines()]
+    turn = [lambda d: {"role": "user", "content": f"Question: {d['question']}\nAnswer:"},
+            lambda d: {"role": "assistant", "content": d["choices"][d["answer"]]}]
+    for shots in (0, 1):   # one shot: the solved example is an earlier user turn and the assistant's answer
+        out = evals.run_tasks(model, tokenizer, chat.end_id(tokenizer), ["tiny_mc"], limit=3, num_fewshot=shots,
+                              include_path=str(tasks), log_samples=True, chat_template=True)
+        for sample in out["samples"]["tiny_mc"]:
+            item = sample["doc"]
+            contexts = {context for context, _ in sample["arguments"]}
+            # the solved example is drawn from the test split (lm-eval may even draw the item itself)
+            examples = [[]] if shots == 0 else [[turn[0](d), turn[1](d)] for d in docs]
+            assert any(contexts == {chat.render(e + [turn[0](item)], add_generation_prompt=True)} for e in examples)
+            assert [c for _, c in sample["arguments"]] == item["choices"]   # no space before an answer in a chat
+    assert evaluation.main(["--checkpoint_path", str(run_dir), "--tasks", "tiny_mc", "--include_path", str(tasks),
+                            "--chat_template"]) == 2   # the run's own tokenizer has no chat tokens
+    assert "this tokenizer has no <|im_start|> / <|im_end|> tokens" in capsys.readouterr().err
 
 
 def test_rolling_windows_are_lm_eval_s(setup):

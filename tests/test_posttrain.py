@@ -24,9 +24,11 @@ import sft
 import train
 from smollm2 import chat, chat_data, chat_tasks
 from smollm2.checkpoint import list_checkpoints, load_checkpoint
+from smollm2.config import DPOArgs
 from smollm2.config_load import config_from_dict, load_config
 from smollm2.loading import load_model
 from smollm2.metrics import read_metrics
+from smollm2.preference import Replies, preference_loss
 from smollm2.progress import Progress
 from smollm2.runtime import Runtime
 
@@ -69,7 +71,7 @@ def test_dpo_loss_and_gradient_equal_a_hand_computed_example():
     pc = torch.tensor([-2.0, -4.0], requires_grad=True)     # policy: log p(chosen), log p(rejected) of two pairs
     pr = torch.tensor([-3.0, -1.0], requires_grad=True)
     rc, rr = torch.tensor([-2.5, -4.0]), torch.tensor([-2.5, -1.5])   # reference
-    loss, stats = dpo.dpo_loss(pc, pr, rc, rr, beta)
+    loss, stats = preference_loss(DPOArgs(beta=beta), Replies(pc, pr, torch.ones(2), torch.ones(2)), (rc, rr))
     # pair 1: rewards 0.5*(0.5) = 0.25 and 0.5*(-0.5) = -0.25, margin 0.5; pair 2: 0 and 0.25, margin -0.25
     margins = [0.5, -0.25]
     want = sum(math.log(1 + math.exp(-m)) for m in margins) / 2   # -log sigmoid(m) = log(1 + e^-m)

@@ -213,15 +213,17 @@ def test_tied_config_with_a_different_head_in_the_file_is_refused(tmp_path):
 # ---------------------------------------------------------------- validate_params.py
 
 
-# validate_params.main runs in the test's process (a process of its own paid ~5 s to import torch and transformers),
-# in the repository root, where its default --config is, on one thread as the process had (OMP_NUM_THREADS=1)
+def validate(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """validate_params.main in the test's process (a process of its own paid ~5 s to import torch and transformers),
+    in the repository root, where its default --config is, on one thread as the process had: (exit code, stdout)."""
+    monkeypatch.chdir(ROOT)
+    with torch_threads(1):
+        code = validate_params.main(args)
+    return code, capsys.readouterr().out
 
 
 def test_validate_params_passes_on_the_tiny_config_and_prints_the_table(capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    with torch_threads(1):
-        code = validate_params.main(["--config", "config_tiny.yaml"])
-    out = capsys.readouterr().out
+    code, out = validate(["--config", "config_tiny.yaml"], monkeypatch, capsys)
     assert code == 0, out
     rows = [line for line in out.splitlines() if " | " in line]
     assert rows[0].split(" | ")[:2] == ["check                     ", "result"]
@@ -230,12 +232,9 @@ def test_validate_params_passes_on_the_tiny_config_and_prints_the_table(capsys, 
 
 
 def test_validate_params_passes_at_135M_with_the_published_parameter_count(capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)
     # the default config (config_smollm2_135M.yaml); 16 greedy tokens, not 64: each decode step at this size reads
     # all 540 MB of weights on both sides (~0.15 s a token), and the tiny config's tests check the 64-token default
-    with torch_threads(1):
-        code = validate_params.main(["--new_tokens", "16"])
-    out = capsys.readouterr().out
+    code, out = validate(["--new_tokens", "16"], monkeypatch, capsys)
     assert code == 0, out
     assert "SmolLM2-135M published 134,515,008" in out and "2 prompts x 16 new tokens identical" in out
 
@@ -253,11 +252,8 @@ def test_validate_params_says_what_it_is_doing_before_each_slow_step(capsys):
 
 
 def test_validate_params_fails_naming_the_checks_when_rope_is_interleaved(monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)
     monkeypatch.setattr("model.apply_rotary", interleaved_rope)
-    with torch_threads(1):
-        code = validate_params.main(["--config", "config_tiny.yaml"])
-    out = capsys.readouterr().out
+    code, out = validate(["--config", "config_tiny.yaml"], monkeypatch, capsys)
     assert code == 1, out
     assert "FAILED: logits (fp32), greedy generation" in out
 

@@ -36,12 +36,13 @@ from sft import SFT, posttraining_command, start_from, tokenized
 from smollm2 import chat_data
 from smollm2.config import REFERENCE_FREE, Config, DPOArgs
 from smollm2.preference import Replies, preference_loss
+from smollm2.task import to_device
 
 
 def reply_logprobs(model: torch.nn.Module, batch: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of pair rows (chosen inputs, chosen targets, rejected inputs, rejected targets) -> the summed
     log-probability of the chosen and of the rejected replies (B,) each, from one forward over both."""
-    xc, yc, xr, yr = (t.to(device, non_blocking=True) for t in batch[:4])
+    xc, yc, xr, yr = to_device(batch[:4], torch.device(device))
     _, nll = model(torch.cat([xc, xr]), torch.cat([yc, yr]), per_row=True)   # (2B,): -log p(reply | prompt)
     return (-nll).chunk(2)
 

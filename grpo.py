@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from model import SmolLM2
-from sft import SFT, Rows, posttraining_command, start_from
+from sft import SFT, Rows, per_task, posttraining_command, start_from
 from smollm2 import chat, chat_data, distributed, verifiers
 from smollm2.config import Config, GRPOArgs
 from smollm2.errors import CheckpointError, DataError
 from smollm2.grpo_loss import group_advantages, policy_loss, token_logprobs
 from smollm2.runtime import gather
 from smollm2.sampling import SamplingParams, generate
+from smollm2.task import to_device
 from smollm2.tokenizer import eos_token_id
 
 # ---------------------------------------------------------------- prompts and their answers
@@ -113,8 +114,9 @@ def complete(model: SmolLM2, tokenizer, prompts: Prompts, idx: list[int], G: int
 
 def completion_logprobs(model: torch.nn.Module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities (N, T) of the batch's targets under the model, and its entropy at each (N, T)."""
-    logits, _ = model(batch["x"].to(device, non_blocking=True))                     # (N, T, V)
-    return token_logprobs(logits, batch["y"].to(device, non_blocking=True))
+    x, y = to_device((batch["x"], batch["y"]), torch.device(device))
+    logits, _ = model(x)                                                             # (N, T, V)
+    return token_logprobs(logits, y)
 
 
 # ---------------------------------------------------------------- the data: batches of completions
@@ -311,12 +313,9 @@ def score(cfg: Config, checkpoint: str, batch_size: int = 64) -> dict:
         batch = complete(model.eval(), tokenizer, prompts, idx, 1, params, fns)
         rewards += batch["rewards"].tolist()
         correct += batch["correct"].tolist()
-    tasks: dict[str, list[float]] = {}
-    for task, c in zip(prompts.tasks, correct):
-        tasks.setdefault(task, []).append(c)
     return {"checkpoint": args.model_name_or_path, "reward": sum(rewards) / len(rewards),
             "accuracy": sum(correct) / len(correct), "n": len(correct),
-            "tasks": {name: sum(c) / len(c) for name, c in sorted(tasks.items())}}
+            "tasks": dict(sorted(per_task(prompts.tasks, correct).items()))}
 
 
 def report(cfg: Config, checkpoint: str) -> str:

@@ -35,7 +35,7 @@ from smollm2.config_load import load_config
 from smollm2.errors import CheckpointError, ConfigError, DataError, UserError, say_error
 from smollm2.loading import load_model
 from smollm2.sampling import SamplingParams, generate
-from smollm2.task import Task
+from smollm2.task import Task, to_device
 from smollm2.tokenizer import eos_token_id, load_tokenizer
 
 
@@ -235,7 +235,7 @@ class SFT(Task):
     def loss(self, run, batch) -> tuple[torch.Tensor, dict]:
         """The mean cross-entropy of the micro-batch's targets, and the token accuracy: the share of them the argmax
         of the logits predicts (TRL's mean_token_accuracy; weighed across micro-batches as the loss is)."""
-        x, y, *segments = (t.to(run.rt.device, non_blocking=True) for t in batch)   # segments only when packed
+        x, y, *segments = to_device(batch, run.rt.device)   # segments only when packed
         _, (loss, correct) = run.net(x, y, segments=segments[0] if segments else None, count_correct=True)
         return loss, {"token_accuracy": correct / (y != -100).sum().clamp(min=1)}
 
@@ -277,11 +277,16 @@ def score(cfg: Config, checkpoint: str) -> dict:
     args = dataclasses.replace(cfg.sft, model_name_or_path=checkpoint)
     model, tokenizer, _ = start_from(copy.deepcopy(cfg), args)
     hits = exact_match(model.eval(), tokenizer, conversations)
-    tasks: dict[str, list[bool]] = {}
-    for c, hit in zip(conversations, hits):
-        tasks.setdefault(c.get("task", "all"), []).append(hit)
     return {"checkpoint": args.model_name_or_path, "exact_match": sum(hits) / len(hits), "n": len(hits),
-            "tasks": {name: sum(h) / len(h) for name, h in tasks.items()}}
+            "tasks": per_task([c.get("task", "all") for c in conversations], hits)}
+
+
+def per_task(names: list[str], hits: list) -> dict[str, float]:
+    """The share of hits (bools, or 1.0/0.0) of each task, in the order the tasks first appear."""
+    tasks: dict[str, list] = {}
+    for name, hit in zip(names, hits):
+        tasks.setdefault(name, []).append(hit)
+    return {name: sum(h) / len(h) for name, h in tasks.items()}
 
 
 def posttraining_command(argv, doc: str, task: type, score_help: str, report: Callable[[Config, str], str]) -> int:

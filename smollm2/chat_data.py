@@ -43,12 +43,17 @@ def read(args: Union[SFTArgs, DPOArgs], split: str, limit: int, seed: int) -> It
     if name == BUILTIN:
         convert = chat_tasks.as_pair if isinstance(args, DPOArgs) else chat_tasks.as_conversation
         # the built-in stream has no splits: a test split is another seed's prompts, minus those training reads
-        rows = map(convert, chat_tasks.examples(seed + (split != args.dataset_train_split)))
+        rows = map(convert, chat_tasks.examples(seed + (split != args.dataset_train_split), builtin_tasks(args)))
     elif name.endswith(".jsonl"):
         rows = _jsonl(Path(name))
     else:
         rows = _hub(name, args.dataset_config, split)
     return (row for _, row in zip(range(limit), rows))
+
+
+def builtin_tasks(args: Union[SFTArgs, DPOArgs]) -> Optional[list[str]]:
+    """The built-in tasks dataset_config names ("reverse,add"; config_checks knows each), None for all six."""
+    return [n.strip() for n in args.dataset_config.split(",")] if args.dataset_config else None
 
 
 def _jsonl(path: Path) -> Iterator[dict]:

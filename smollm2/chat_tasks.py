@@ -11,7 +11,7 @@ measure it).
 
 import itertools
 import random
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Sequence
 
 WORDS = ("apple", "bird", "cake", "dog", "egg", "fish", "goat", "hat", "ink", "jam", "kite", "lamp", "moon", "nest",
          "owl", "pear", "queen", "rose", "sun", "tree", "van", "wolf", "yarn", "zoo")
@@ -72,10 +72,11 @@ TASKS: dict[str, Callable[[random.Random], Example]] = {f.__name__: f for f in (
                                                                                  fact)}
 
 
-def examples(seed: int = 0) -> Iterator[dict]:
-    """An endless stream of examples {task, prompt, answer, wrong}, the tasks in turn, no prompt given twice."""
+def examples(seed: int = 0, tasks: Optional[Sequence[str]] = None) -> Iterator[dict]:
+    """An endless stream of examples {task, prompt, answer, wrong}, the tasks (all, or those named) in turn, no
+    prompt given twice."""
     rng, seen = random.Random(seed), set()
-    for name in itertools.cycle(TASKS):
+    for name in itertools.cycle(tasks or TASKS):
         for _ in range(100):   # a repeated prompt is drawn again; each task has thousands of distinct ones
             prompt, answer, wrong = TASKS[name](rng)
             if prompt not in seen:

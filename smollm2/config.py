@@ -264,7 +264,7 @@ class PosttrainArgs:
     handbook's."""
     model_name_or_path: Optional[str] = None   # a checkpoint file, run directory, Hugging Face model directory or s3://
     dataset_name: str = "builtin:chat-tasks"   # a .jsonl file, a Hub dataset, or the built-in tasks (chat_tasks.py)
-    dataset_config: Optional[str] = None
+    dataset_config: Optional[str] = None       # a Hub dataset's subset; for the built-in tasks, which ("reverse,add")
     dataset_train_split: str = "train"
     dataset_test_split: Optional[str] = None   # a held-out split; without one, the first val_examples are held out
     val_examples: int = 200

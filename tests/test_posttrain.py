@@ -253,6 +253,14 @@ def test_held_out_examples_are_never_trained_on(small_base, tmp_path):
     assert len(prompts[1]) == 64 and not prompts[0] & prompts[1]
 
 
+def test_dataset_config_picks_the_built_in_tasks_both_splits_hold(small_base, tmp_path):
+    cfg = load_config(str(write_config(tmp_path, "dpo", small_base, **{"dpo.dataset_config": "reverse, add"})))
+    train_set, val = chat_data.held_out(cfg.dpo, cfg.general.seed)
+    for split in (train_set, val):
+        assert {e["task"] for e in split} == {"reverse", "add"}
+        assert all(e["prompt"].startswith(("Reverse this list:", "What is ")) for e in split)
+
+
 def test_training_rows_come_in_a_seeded_order_new_each_epoch_and_resume_where_they_left_off():
     rows = sft.Rows(np.arange(10)[:, None], seed=1)
     epochs = rows.read(0, 30)[:, 0].reshape(3, 10)
@@ -344,6 +352,8 @@ def test_the_135M_configs_carry_the_alignment_handbooks_smollm2_recipe():
     ({"sft.truncation_mode": "keep_end"}, "sft.truncation_mode: 'keep_start' or 'drop'"),
     ({"sft.warmup_ratio": 1.5}, "sft.warmup_ratio: must be in [0, 1)"),
     ({"sft.max_examples": None}, "sft.max_examples: builtin:chat-tasks is an endless stream"),
+    ({"sft.dataset_config": "add,revers"}, "sft.dataset_config: 'revers' is not a built-in task; builtin:chat-tasks "
+                                           "has repeat, reverse, sort, add, count, fact"),
     ({"model.model_config": {"rms_norm_eps": 1.0e-6}}, "model.model_config: a fine-tuned model keeps the architecture"),
     ({"sft.packin": False}, "sft.packin: unknown key; did you mean 'packing'?"),
 ])

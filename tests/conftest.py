@@ -65,15 +65,16 @@ def small_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(config, starting checkpoint, run dir) of an 800-step SFT of a fresh 4-layer model on the built-in tasks. The
-    first skill (count) is whole by step 200 under every seed; the second (fact) grows steadily, and where it ends
-    depends on the seed and on the CPU's floating-point order: held-out fact 0.73-0.97 at step 800 over seeds 1-3 and
-    two machines (seed 2: 0.97 here, 0.73 on CI), 0.33 at step 200 and 0.66 at step 400 (seeds 1 and 3)."""
+    """(config, starting checkpoint, run dir) of an 800-step SFT of a fresh 4-layer model on the built-in tasks,
+    checkpointed at steps 400 and 800. The first skill (count) is whole by step 200 under every seed; the second
+    (fact) grows steadily, and where it ends depends on the seed and on the CPU's floating-point order: held-out fact
+    0.73-0.97 at step 800 over seeds 1-3 and two machines (seed 2: 0.97 here, 0.73 on CI), 0.33 at step 200 and
+    0.27-0.66 at step 400 (seed 2: 0.27 here), where GRPO's learning test starts."""
     tmp = tmp_path_factory.mktemp("sft")
     base = make_base(tmp / "base", hidden=128, layers=4)
     config = write_config(tmp, "sft", base, **{
         "sft.max_examples": 8000, "sft.val_examples": 200, "tokens.micro_batch_size": 16, "tokens.train_steps": 800,
-        "tokens.val_check_interval": 200, "checkpoints.checkpoint_interval": 800, "tokens.limit_val_batches": 4,
+        "tokens.val_check_interval": 200, "checkpoints.checkpoint_interval": 400, "tokens.limit_val_batches": 4,
         "general.seed": 2,
         "optimizer.learning_rate_scheduler.learning_rate": 5e-3, "optimizer.learning_rate_scheduler.min_decay_lr": 5e-4,
         "sampling.interval": 800, "sampling.prompts": ["How many items are in this list?\nowl,sun,tree"]})

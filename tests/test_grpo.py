@@ -217,6 +217,32 @@ def test_the_reference_never_changes_while_the_policy_learns(sft_run, tmp_path):
 
 
 
+def test_grpo_raises_held_out_fact_from_a_half_trained_sft_model_without_lowering_another_task(sft_run, tmp_path):
+    # the SFT run's step 400: count whole, fact partly learnt. Measured here: held-out fact 0.28 -> 0.47 in 40 steps
+    # (81 prompts; 0.27 -> 0.51-0.53 on 50 under other seeds, 0.40 at LR 1e-4 or on fact prompts alone), the other
+    # tasks within one prompt, KL 0.065 per token on average (0.25 at most)
+    start = list_checkpoints(sft_run[2])[0]
+    assert start.name == "step_00000400.pt"
+    cfg = load_config(str(grpo_config(tmp_path, start, **{
+        "grpo.dataset_config": "count,fact", "grpo.num_generations": 8, "grpo.max_completion_length": 16,
+        "grpo.max_examples": 1000, "grpo.val_examples": 160, "tokens.sequence_length": 96,
+        "tokens.micro_batch_size": 64, "tokens.batch_accumulation_per_replica": 2, "tokens.train_steps": 40,
+        "tokens.val_check_interval": 0, "tokens.limit_val_batches": 0, "checkpoints.checkpoint_interval": 40,
+        "optimizer.learning_rate_scheduler.learning_rate": 2e-4, "optimizer.learning_rate_scheduler.min_decay_lr": None,
+        "optimizer.learning_rate_scheduler.lr_warmup_steps": 0, "optimizer.weight_decay": 0.0})))
+    others = load_config(str(grpo_config(tmp_path / "others", start, **{   # the tasks GRPO never saw
+        "grpo.dataset_config": "add,repeat,reverse,sort", "grpo.max_completion_length": 16, "grpo.val_examples": 160,
+        "tokens.sequence_length": 96})))
+    before = grpo.score(cfg, str(start))["tasks"] | grpo.score(others, str(start))["tasks"]
+    train.train(cfg, task=grpo.GRPO(cfg))
+    end = str(list_checkpoints(tmp_path / "run")[-1])
+    after = grpo.score(cfg, end)["tasks"] | grpo.score(others, end)["tasks"]
+    assert after["fact"] >= before["fact"] + 0.10, (before, after)
+    assert all(after[t] >= before[t] - 0.05 for t in before), (before, after)   # 40 prompts a task: 0.025 each
+    kl = [r["kl"] for r in records(tmp_path / "run")]
+    assert 0 < sum(kl) / len(kl) < 0.15 and max(kl) < 0.5, kl   # per token; spiky, as rare samples are far from ref
+
+
 def test_gsm8k_style_rows_from_a_jsonl_file_become_prompts_and_long_ones_are_counted_out(small_base, tmp_path):
     rows = [{"question": f"Ann has {n} apples and buys {n} more. How many now?",
              "answer": f"She has {n} + {n} = {2 * n} apples.\n#### {2 * n}"} for n in range(9)]

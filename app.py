@@ -64,12 +64,12 @@ def wire(page: Page, handlers: Handlers) -> None:
     page.forget.click(lambda: [], None, page.conversation, api_visibility="private")
 
     def compare(names, prompt, *controls):   # a column is shown when it has a header: one per checkpoint picked
-        for heads, texts, plot, scores in handlers.compare(names, prompt, *controls):
-            yield *[gr.Column(visible=bool(head)) for head in heads], *heads, *texts, plot, scores
+        for heads, texts, *plots in handlers.compare(names, prompt, *controls):
+            yield *[gr.Column(visible=bool(head)) for head in heads], *heads, *texts, *plots
 
     page.go_compare.click(compare, [page.several, page.compare_prompt, *page.controls],
-                          [*page.columns, *page.heads, *page.texts, page.plot, page.scores], api_name="compare",
-                          preprocess=False)
+                          [*page.columns, *page.heads, *page.texts, page.plot, page.scores, page.stats],
+                          api_name="compare", preprocess=False)
 
 
 @command

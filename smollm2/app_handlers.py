@@ -17,7 +17,7 @@ import pandas as pd
 from smollm2 import chat
 from smollm2.app_models import LOAD_ERRORS, Loaded, ModelCache, find_checkpoints, stream_text
 from smollm2.confine import all_inside
-from smollm2.metrics import eval_series, read_metrics, short_names, val_curves
+from smollm2.metrics import eval_series, read_metrics, short_names, statistic_series, val_curves
 from smollm2.sampling import MAX_SEED, SamplingParams
 
 COMPARE_SLOTS = 4   # columns of the compare view: Gradio needs its components declared up front
@@ -138,6 +138,15 @@ def eval_curves(root: Path, runs: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "score", "series"])
 
 
+def statistic_curves(root: Path, runs: dict[str, Path]) -> pd.DataFrame:
+    """Post-training statistics against step of each run (held-out accuracy per task, GRPO's reward and KL, DPO's
+    accuracy, SFT's token accuracy: metrics.statistic_series), for a gr.LinePlot."""
+    rows = [{"step": step, "value": value, "series": f"{label} · {name}"}
+            for label, records in run_metrics(root, runs).items()
+            for name, points in statistic_series(records).items() for step, value in points]
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
 # ---------------------------------------------------------------- the requests
 
 
@@ -216,9 +225,11 @@ class Handlers:
         for text in stream_text(loaded, ids, params, seed, eos_id=end):
             yield history + [{"role": "assistant", "content": text}]
 
-    def compare(self, names, prompt, *controls) -> Iterator[tuple[list[str], list[str], pd.DataFrame, pd.DataFrame]]:
+    def compare(self, names, prompt, *controls) -> Iterator[tuple[list[str], list[str], pd.DataFrame, pd.DataFrame,
+                                                                 pd.DataFrame]]:
         """One prompt through 2 to COMPARE_SLOTS checkpoints, one after the other -> (a header per column, a text per
-        column, the runs' loss curves, their benchmark scores): first with no text, then as each text grows. Each
+        column, the runs' loss curves, their benchmark scores, their post-training statistics): first with no text,
+        then as each text grows. Each
         checkpoint picked has a header; one that fails to load says why in it, and the others go on."""
         *sampling, weights = controls
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -238,7 +249,7 @@ class Handlers:
             heads[i] = f"**{name}**\n\n{loaded.describe()}"
             runs[str(loaded.run_dir.relative_to(self.root))] = loaded.run_dir
             jobs.append((i, loaded, self.encode_prompt(loaded, prompt)))
-        curves = loss_curves(self.root, runs), eval_curves(self.root, runs)
+        curves = loss_curves(self.root, runs), eval_curves(self.root, runs), statistic_curves(self.root, runs)
         yield heads, list(texts), *curves
         for i, loaded, ids in jobs:   # one after the other: they would share the same cores anyway
             for text in stream_text(loaded, ids, params, seed):

@@ -11,7 +11,7 @@ import gradio as gr
 
 from smollm2 import chat
 from smollm2.app_handlers import (CHARS_PER_TOKEN, COMPARE_SLOTS, CONTROLS, FULL, WHOLE, Handlers, eval_curves,
-                                  loss_curves)
+                                  loss_curves, statistic_curves)
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Page:
     texts: list[gr.Textbox]
     plot: gr.LinePlot
     scores: gr.LinePlot
+    stats: gr.LinePlot
     sampling: list[gr.Slider | gr.Number]   # in CONTROLS' order
     weights: gr.Radio
 
@@ -98,12 +99,15 @@ def layout(handlers: Handlers) -> Page:
                 scores = gr.LinePlot(eval_curves(handlers.root, {}), x="step", y="score", color="series",
                                      title="Benchmark scores of the compared runs (evaluation.py during training)",
                                      y_title="score")
+                stats = gr.LinePlot(statistic_curves(handlers.root, {}), x="step", y="value", color="series",
+                                    title="Post-training statistics of the compared runs (held-out accuracy per task, "
+                                          "reward, KL)", y_title="value")
         with gr.Column(scale=1, min_width=240):
             sampling, weights = side_panel(handlers.max_new_tokens)
     return Page(picked=picked, rescan=rescan, info=info, prompt=prompt, go=go, halt=halt, output=output,
                 chat_picked=chat_picked, conversation=conversation, message=message, system=system, send=send,
                 halt_chat=halt_chat, forget=forget, several=several, compare_prompt=compare_prompt,
-                go_compare=go_compare, columns=columns, heads=heads, texts=texts, plot=plot, scores=scores,
+                go_compare=go_compare, columns=columns, heads=heads, texts=texts, plot=plot, scores=scores, stats=stats,
                 sampling=sampling, weights=weights)
 
 

@@ -216,17 +216,35 @@ def eval_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted(points) for name, points in series.items() if all(0 <= v <= 1 for _, v in points)}
 
 
+# post-training's statistics, most on a 0-1 scale: what train records carry (GRPO's reward, its spread within a group,
+# the share of groups with equal rewards, KL to the reference and clip fraction; DPO's preference accuracy; SFT's
+# token accuracy) and validation records too, with the held-out accuracy per task (accuracy_<task>)
+STATISTICS = ("accuracy", "token_accuracy", "reward", "reward_std", "equal_groups", "kl", "clip_fraction")
+
+
+def statistic_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Post-training statistics against step, one series per "train <name>" or "val <name>" ({} for pretraining)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r.get("kind") in ("train", "val"):
+            for key, value in r.items():
+                if key in STATISTICS or (r["kind"] == "val" and key.startswith("accuracy_")):
+                    series.setdefault(f"{r['kind']} {key}", []).append((r["step"], value))
+    return series
+
+
 def loss_figure(records: list[dict]):
     """Train loss (its points faint, their smoothed curve on top) and validation loss (each source's dashed) by step,
-    with the benchmark scores beside them once a run has some."""
+    with the benchmark scores beside them once a run has some, and post-training's statistics (statistic_series)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     val = [(r["step"], r["loss"]) for r in records if r.get("kind") == "val"]
-    per_source, scores = val_curves(records), eval_series(records)
-    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 7, 4), dpi=100, squeeze=False)
-    ax = axes[0][0]
+    per_source, scores, stats = val_curves(records), eval_series(records), statistic_series(records)
+    panels = 1 + bool(scores) + bool(stats)
+    fig, axes = plt.subplots(1, panels, figsize=(7 + 5 * (panels - 1), 4), dpi=100, squeeze=False)
+    ax, others = axes[0][0], list(axes[0][1:])
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, label="train", linewidth=0.8, alpha=0.3, color="C0")
@@ -241,14 +259,24 @@ def loss_figure(records: list[dict]):
     ax.grid(alpha=0.3)
     ax.legend()
     if scores:
-        bench = axes[0][1]
+        bench = others.pop(0)
         for name, points in scores.items():
             bench.plot(*zip(*points), "o-", label=name, linewidth=1.5)
-        bench.set_xlabel("optimizer step")
         bench.set_ylabel("benchmark score")
-        bench.set_xlim(ax.get_xlim())
-        bench.grid(alpha=0.3)
-        bench.legend(fontsize="small")
+    if stats:   # a training statistic smoothed as the train loss is, the held-out ones as measured
+        held = others.pop(0)
+        for name, points in stats.items():
+            steps, values = zip(*points)
+            if name.startswith("train "):
+                held.plot(steps, smoothed(list(values)), label=f"{name} (smoothed)", linewidth=1.2)
+            else:
+                held.plot(steps, values, "o-", label=name, linewidth=1.5)
+        held.set_ylabel("post-training statistic")
+    for panel in axes[0][1:]:
+        panel.set_xlabel("optimizer step")
+        panel.set_xlim(ax.get_xlim())
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize="small")
     fig.tight_layout()
     return fig
 

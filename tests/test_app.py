@@ -70,11 +70,13 @@ def train_tiny_model(tok: Tokenizer, run_dir: Path) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            metrics.append({"kind": "train", "step": step, "loss": loss.item()})
+            # with statistics a GRPO run logs beside the loss (grpo.py), for the compare tab's third plot
+            metrics.append({"kind": "train", "step": step, "loss": loss.item(), "reward": step / 120, "kl": 0.01})
             if step % 60 == 0:
                 val = loss.item() + 0.05   # a stand-in: the fixture has no held-out text
                 metrics.append({"kind": "val", "step": step, "loss": val, "stage": "stable",
-                                "sources": {"data/web": val - 0.1, "data/code": val + 0.1}})
+                                "sources": {"data/web": val - 0.1, "data/code": val + 0.1},
+                                "accuracy": step / 120, "accuracy_fact": step / 240})
                 metrics.append({"kind": "eval", "step": step, "task": "tiny_mc", "n_shot": 0, "items": 12,
                                 "scores": {"acc": step / 240, "word_perplexity": 900.0 / step}, "stderr": {}})
                 save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
@@ -327,14 +329,14 @@ def test_compare_gives_each_checkpoint_picked_its_own_header_and_text(handlers, 
     names = ["run1/checkpoints/step_00000060.pt", "export", "run1/checkpoints/step_00000060.pt"]   # a repeat is one
     updates = list(handlers.compare(names, PROMPT, *sampling(max_new_tokens=12), "none"))
     assert updates[0][1] == [""] * 4   # the headers and curves come before any text
-    heads, texts, plot, scores = updates[-1]
+    heads, texts, plot, scores, stats = updates[-1]
     assert "step 60" in heads[0] and "step unknown" in heads[1] and heads[2] == heads[3] == ""
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
     assert texts == [expected_text(runs / names[0], PROMPT, params), expected_text(runs / "export", PROMPT, params),
                      "", ""]
     # the export has no metrics.jsonl: the curves are run1's alone
     assert {"run1 · train", "run1 · validation"} <= set(plot["series"])
-    assert {series.split(" · ")[0] for series in [*plot["series"], *scores["series"]]} == {"run1"}
+    assert {series.split(" · ")[0] for series in [*plot["series"], *scores["series"], *stats["series"]]} == {"run1"}
 
 
 def test_a_chat_turn_is_answered_by_the_trained_chat_model(handlers):
@@ -523,7 +525,7 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
 def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_loss_curve_and_scores(client, runs):
     names = ["run1/checkpoints/step_00000060.pt", "run1/checkpoints/step_00000120.pt", "broken"]
     out = client.predict(names, PROMPT, *sampling(max_new_tokens=12), api_name="/compare")
-    heads, texts, plot, scores = out[:4], out[4:8], out[8], out[9]   # a header and a text per column (4), the plots
+    heads, texts, plot, scores, stats = out[:4], out[4:8], out[8], out[9], out[10]   # 4 headers, 4 texts, 3 plots
     assert "step 60" in heads[0] and "step 120" in heads[1] and "not a loadable checkpoint" in heads[2]
     assert heads[3] == texts[2] == texts[3] == ""   # the fourth column stays hidden; the broken one says nothing
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -534,6 +536,12 @@ def test_compare_runs_one_prompt_through_each_checkpoint_with_its_step_loss_curv
     # a score per step from the run's eval records; a perplexity, on another scale, stays off this plot
     assert sorted(tuple(row) for row in scores["data"]) == [(60, 0.25, "run1 · tiny_mc acc"),
                                                              (120, 0.5, "run1 · tiny_mc acc")]
+    # post-training's statistics: each train record's, and the held-out ones per task at each validation
+    rows = sorted(tuple(row) for row in stats["data"])
+    assert {row[2] for row in rows} == {"run1 · train reward", "run1 · train kl", "run1 · val accuracy",
+                                        "run1 · val accuracy_fact"}
+    assert [row[:2] for row in rows if row[2] == "run1 · val accuracy_fact"] == [(60, 0.25), (120, 0.5)]
+    assert len([row for row in rows if row[2] == "run1 · train reward"]) == 120
 
 
 # ---------------------------------------------------------------- the command line

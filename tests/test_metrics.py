@@ -55,6 +55,25 @@ def test_the_loss_plot_draws_raw_and_smoothed_train_loss_and_validation(tmp_path
     assert metrics.plot_losses(log, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_plot_draws_post_trainings_statistics_beside_the_loss_and_pretraining_none(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": s, "loss": -0.1, "reward": s / 20, "kl": 0.01 * s, "completion_length": 7.0}
+            for s in range(1, 21)]
+    rows += [{"kind": "val", "step": s, "loss": -s / 20, "reward": s / 20, "accuracy": s / 40, "accuracy_fact": s / 30}
+             for s in (10, 20)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = metrics.read_metrics(log)
+    series = metrics.statistic_series(records)
+    assert set(series) == {"train reward", "train kl", "val reward", "val accuracy", "val accuracy_fact"}
+    assert series["val accuracy_fact"] == [(10, 1 / 3), (20, 2 / 3)] and len(series["train kl"]) == 20
+    figure = metrics.loss_figure(records)
+    assert len(figure.axes) == 2 and figure.axes[1].get_ylabel() == "post-training statistic"
+    assert {line.get_label() for line in figure.axes[1].get_lines()} == {
+        "train reward (smoothed)", "train kl (smoothed)", "val reward", "val accuracy", "val accuracy_fact"}
+    pretraining = [{"kind": "train", "step": 1, "loss": 5.0}, {"kind": "val", "step": 1, "loss": 5.1}]
+    assert metrics.statistic_series(pretraining) == {} and len(metrics.loss_figure(pretraining).axes) == 1
+
+
 def test_each_log_line_gives_the_gpu_peaks_allocated_and_reserved_of_its_own_interval(monkeypatch, capsys):
     """On a GPU (torch.cuda recorded here) each line reads both peaks, then resets them once, so the next line's
     figures are its own steps'."""

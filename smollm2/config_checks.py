@@ -8,9 +8,9 @@ does otherwise than a reader of the file might expect.
 
 import re
 
-from smollm2.config import LOG_LEVELS, LOSS_TYPES, REFERENCE_FREE, SMOOTHED, Config, DPOArgs, GRPOArgs
 from smollm2.chat_data import BUILTIN
 from smollm2.chat_tasks import TASKS
+from smollm2.config import LOG_LEVELS, LOSS_TYPES, REFERENCE_FREE, SMOOTHED, Config, DPOArgs, GRPOArgs
 from smollm2.errors import ConfigError
 from smollm2.stages import stage_folder, stages_of
 

@@ -229,8 +229,8 @@ class Handlers:
                                                                  pd.DataFrame]]:
         """One prompt through 2 to COMPARE_SLOTS checkpoints, one after the other -> (a header per column, a text per
         column, the runs' loss curves, their benchmark scores, their post-training statistics): first with no text,
-        then as each text grows. Each
-        checkpoint picked has a header; one that fails to load says why in it, and the others go on."""
+        then as each text grows. Each checkpoint picked has a header; one that fails to load says why in it, and the
+        others go on."""
         *sampling, weights = controls
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise PageError("compare takes a list of checkpoint names")

@@ -52,7 +52,8 @@ def read(args: Union[SFTArgs, DPOArgs], split: str, limit: int, seed: int) -> It
 
 
 def builtin_tasks(args: Union[SFTArgs, DPOArgs]) -> Optional[list[str]]:
-    """The built-in tasks dataset_config names ("reverse,add"; config_checks knows each), None for all six."""
+    """The built-in tasks dataset_config names ("reverse,add"; config_checks refuses an unknown one), None for all
+    six."""
     return [n.strip() for n in args.dataset_config.split(",")] if args.dataset_config else None
 
 

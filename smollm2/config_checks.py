@@ -8,7 +8,7 @@ does otherwise than a reader of the file might expect.
 
 import re
 
-from smollm2.chat_data import BUILTIN
+from smollm2.chat_data import BUILTIN, builtin_tasks
 from smollm2.chat_tasks import TASKS
 from smollm2.config import LOG_LEVELS, LOSS_TYPES, REFERENCE_FREE, SMOOTHED, Config, DPOArgs, GRPOArgs
 from smollm2.errors import ConfigError
@@ -262,7 +262,7 @@ def _validate_posttrain(cfg: Config) -> None:
         if args.warmup_ratio is not None and not 0 <= args.warmup_ratio < 1:
             raise ConfigError(f"{name}.warmup_ratio: must be in [0, 1) or null, got {args.warmup_ratio}")
         if args.dataset_name == BUILTIN and args.dataset_config:
-            _validate_builtin_tasks(name, args.dataset_config)
+            _validate_builtin_tasks(name, builtin_tasks(args))
         if args.dataset_name.startswith("builtin:") and args.max_examples is None:
             raise ConfigError(f"{name}.max_examples: {args.dataset_name} is an endless stream of new examples; "
                               "set how many to train on, e.g. 20000")
@@ -274,8 +274,8 @@ def _validate_posttrain(cfg: Config) -> None:
         _validate_grpo(cfg.grpo, cfg.tokens)
 
 
-def _validate_builtin_tasks(section: str, choice: str) -> None:
-    if unknown := [n.strip() for n in choice.split(",") if n.strip() not in TASKS]:
+def _validate_builtin_tasks(section: str, names: list[str]) -> None:
+    if unknown := [n for n in names if n not in TASKS]:
         raise ConfigError(f"{section}.dataset_config: {', '.join(map(repr, unknown))} is not a built-in task; "
                           f"{BUILTIN} has {', '.join(TASKS)} (name one or several, comma-separated, or null for all)")
 

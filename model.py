@@ -353,11 +353,13 @@ class SmolLM2(nn.Module):
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
         """A cache of max_len slots per row; one of that shape already there is kept (a session allocates once)."""
         p = self.model.norm.weight   # the compute dtype, also when the matrices are stored quantized
-        dtype, device = dtype or p.dtype, device or p.device
+        device = torch.device(device or p.device)
+        if dtype is None:   # under autocast (train.py's samples) the keys leave the matmuls in its dtype
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else p.dtype
         for layer in self.model.layers:
             attn, old = layer.self_attn, layer.self_attn.kv_cache
             if old is None or (old.k.shape, old.k.dtype, old.k.device) != (
-                    (batch, attn.n_kv, max_len, attn.head_dim), dtype, torch.device(device)):
+                    (batch, attn.n_kv, max_len, attn.head_dim), dtype, device):
                 attn.kv_cache = KVCache(batch, attn.n_kv, max_len, attn.head_dim, dtype, device)
 
     def clear_cache(self):

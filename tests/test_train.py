@@ -166,10 +166,15 @@ def test_compiled_training_saves_plain_hf_parameter_names(tmp_path, code_corpus)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_on_cpu_keeps_fp32_master_weights(tmp_path, code_corpus, precision):
+def test_mixed_precision_on_cpu_keeps_fp32_master_weights_and_samples_under_autocast(tmp_path, code_corpus,
+                                                                                      precision):
     cfg = load_config(str(make_config(tmp_path, code_corpus, **{"run.precision": precision, "tokens.train_steps": 3,
-                                                                "checkpoints.checkpoint_interval": 3})))
+                                                                "checkpoints.checkpoint_interval": 3,
+                                                                "sampling.interval": 3})))
     result = train.train(cfg)
+    # the samples decode under the run's autocast: the KV cache takes the dtype the keys come out in
+    samples = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "sample"]
+    assert len(samples) == len(cfg.sampling.prompts) and all(r["text"] for r in samples)
     ck = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
     assert result["step"] == 3
     assert all(t.dtype == torch.float32 for t in ck["model"].values())

@@ -57,6 +57,9 @@ class RMSNorm(nn.Module):
 
     Unlike LayerNorm there is no mean subtraction and no bias. The statistics are taken in fp32 even under bf16
     autocast (a sum of squares of 576+ bf16 values loses precision), and the result is cast back to the input dtype.
+    F.rms_norm computes x * rsqrt(mean(x^2) + eps) in that order, in one call instead of five; in fp32 it also
+    multiplies by the weight, with the same result as the three calls below (at batch 1 each call costs about as much
+    as its arithmetic).
     """
 
     def __init__(self, dim: int, eps: float):
@@ -65,9 +68,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -91,20 +94,21 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = (1.0 / (self.theta ** (i / self.head_dim))).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) or (B, T) -> cos, sin of shape (T, hd) or (B, T, hd), fp32."""
+        """positions (T,) or (B, T) -> cos and signed sin of shape (1, 1, T, hd) or (B, 1, T, hd), fp32 (the axis of
+        size 1 is the heads'). The pair (x_i, x_j), j = i + hd/2, becomes (x_i cos - x_j sin, x_j cos + x_i sin):
+        both halves share the angles, and the sine is negated on the first half."""
         freqs = positions.float()[..., None] * self.inv_freq.float()   # (..., T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)                         # (..., T, hd): both halves share angles
-        return emb.cos(), emb.sin()
+        freqs = freqs[:, None] if freqs.dim() == 3 else freqs[None, None]   # (B or 1, 1, T, hd/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (B, H, T, hd): heads on axis 1, positions on axis 2, so cos/sin broadcast over the heads."""
-    if cos.dim() == 3:                                  # per-row positions (B, T, hd) -> (B, 1, T, hd)
-        cos, sin = cos[:, None], sin[:, None]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    """Rotate x (B, H, T, hd) by RotaryEmbedding's cos, sin (B or 1, 1, T, hd): x cos + (x with its halves swapped)
+    sin. The signed sine makes the swap HF's rotate-half (-x_j, x_i), bit for bit, in four ops instead of six."""
+    if cos.dtype != x.dtype:   # under autocast: q and k are bf16, cos and sin stay in the weights' dtype
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache(nn.Module):
@@ -152,14 +156,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache: Optional[KVCache] = None
+        self.qkv_proj: Optional[nn.Module] = None   # decoding in int8: the three stacked, one product (quantize.py)
 
     def forward(self, x, cos, sin, cache_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
-        # view as (B, T, H, hd), then put heads before time: RoPE and SDPA both expect (B, H, T, hd)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, n_kv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qkv_proj is None:
+            # view as (B, T, H, hd), then put heads before time: RoPE and SDPA both expect (B, H, T, hd)
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, nh, T, hd)
+            k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, n_kv, T, hd)
+            v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, n_kv, T, hd)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:   # the stacked product's columns are the q, k and v heads in turn: q and k are rotated in one go
+            qkv = self.qkv_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)         # (B, nh + 2 n_kv, T, hd)
+            qk = apply_rotary(qkv[:, :self.n_heads + self.n_kv], cos, sin)
+            q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
         if self.kv_cache is not None and cache_pos is not None:   # cache_pos: the slots (T,) these tokens fill
             k, v = self.kv_cache.update(cache_pos, k, v)                              # (B, n_kv, S, hd)
         gqa = self.n_kv != self.n_heads
@@ -182,9 +192,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: Optional[nn.Module] = None   # decoding in int8: the two stacked, one product (quantize.py)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -399,7 +414,10 @@ class SmolLM2(nn.Module):
                 # a padding slot may still see itself, so no softmax row is empty (an empty row gives NaN)
                 mask = mask & (valid[:, None, :] | (keys[None, :] == slots[:, None]))          # (B, T, S)
                 mask = mask[:, None]                                                           # (B, 1, T, S)
-        cos, sin = self.model.rotary_emb(positions)
+            if cache is not None:   # additive, in the keys' dtype: SDPA would convert a boolean one in every layer
+                mask = torch.zeros(mask.shape, dtype=cache.k.dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+        dtype = self.model.norm.weight.dtype   # the compute dtype, also when the matrices are stored in int8
+        cos, sin = (t.to(dtype) for t in self.model.rotary_emb(positions))   # cast once, not in every layer
 
         x = self.model.embed_tokens(input_ids)                                           # (B, T, C)
         recompute = self.training and torch.is_grad_enabled()

@@ -26,10 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # a model-level bug validate_params must catch: RoPE in the interleaved (nanotron/Meta) layout on HF-layout weights
 def interleaved_rope(x, cos, sin):
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
-    c, s = cos[..., :half].repeat_interleave(2, -1), sin[..., :half].repeat_interleave(2, -1)
+    c, s = cos[..., :half].repeat_interleave(2, -1), sin[..., half:].repeat_interleave(2, -1)   # +sin: the 2nd half
     rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     return x * c + rotated * s
 

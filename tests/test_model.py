@@ -142,6 +142,18 @@ def test_rmsnorm_statistics_are_fp32_under_bf16_input():
     assert not torch.equal(out, in_bf16), "this input must tell fp32 statistics from bf16 ones"
 
 
+def test_rotary_embedding_is_hf_rotate_half_bit_for_bit():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    hf = hf_from_config(TINY).model.rotary_emb
+    assert isinstance(hf, LlamaRotaryEmbedding)
+    positions = torch.tensor([[0, 5, 17, 255], [3, 3, 4, 200]])   # per-row positions, as left padding gives
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 4, TINY.head_dim, generator=g), torch.randn(2, 2, 4, TINY.head_dim, generator=g)
+    theirs = apply_rotary_pos_emb(q, k, *hf(q, positions))
+    cos, sin = tiny_model().model.rotary_emb(positions)
+    assert torch.equal(apply_rotary(q, cos, sin), theirs[0]) and torch.equal(apply_rotary(k, cos, sin), theirs[1])
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["is_causal kernel", "boolean mask"])
 @torch.no_grad()
 def test_future_tokens_do_not_change_past_logits(masked):

@@ -14,7 +14,8 @@ from model import SmolLM2
 from smollm2.config_load import load_config
 from smollm2.errors import InputError
 from smollm2.loading import load_model
-from smollm2.quantize import Int8Embedding, Int8Linear, QuantizedModelError, quantize_model, quantize_rows
+from smollm2.quantize import (Int8Embedding, Int8Linear, QuantizedModelError, quantize_model, quantize_rows,
+                              stacked)
 from smollm2.sampling import SamplingParams, generate
 from validate_params import parity_weights
 
@@ -61,7 +62,8 @@ def test_every_matrix_becomes_int8_and_the_tied_head_shares_the_embeddings_copy(
     model = SmolLM2(tiny_config()).eval()
     q = quantized_copy(model)
     linears = [m for m in q.modules() if isinstance(m, Int8Linear)]
-    assert len(linears) == 7 * q.config.num_hidden_layers + 1 and not any(isinstance(m, torch.nn.Linear)
+    # per layer q/k/v stacked, o, gate/up stacked, down; and the head
+    assert len(linears) == 4 * q.config.num_hidden_layers + 1 and not any(isinstance(m, torch.nn.Linear)
                                                                           for m in q.modules())
     assert isinstance(q.model.embed_tokens, Int8Embedding)
     assert q.lm_head.weight is q.model.embed_tokens.weight and q.lm_head.weight.dtype == torch.int8
@@ -70,6 +72,17 @@ def test_every_matrix_becomes_int8_and_the_tied_head_shares_the_embeddings_copy(
     qw, s = quantize_rows(model.model.embed_tokens.weight)
     ids = torch.tensor([[3, 0, 319]])
     assert torch.equal(q.model.embed_tokens(ids), (qw.float() * s[:, None])[ids])
+
+
+def test_a_stack_gives_each_of_its_linears_int8_product_bit_for_bit():
+    torch.manual_seed(0)
+    attn = SmolLM2(load_config("config_smollm2_135M.yaml").model.model_config).model.layers[0].self_attn
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    x = torch.randn(3, 2, 576)
+    with torch.no_grad():
+        together = stacked(*parts)(x)
+        alone = torch.cat([Int8Linear.of(p.weight)(x) for p in parts], dim=-1)
+    assert together.shape == (3, 2, 576 + 192 + 192) and torch.equal(together, alone)
 
 
 def test_int8_logits_are_close_to_fp32_on_the_tiny_model():

@@ -57,9 +57,10 @@ class RMSNorm(nn.Module):
 
     Unlike LayerNorm there is no mean subtraction and no bias. The statistics are taken in fp32 even under bf16
     autocast (a sum of squares of 576+ bf16 values loses precision), and the result is cast back to the input dtype.
-    F.rms_norm computes x * rsqrt(mean(x^2) + eps) in that order, in one call instead of five; in fp32 it also
-    multiplies by the weight, with the same result as the three calls below (at batch 1 each call costs about as much
-    as its arithmetic).
+    F.rms_norm computes x * rsqrt(mean(x^2) + eps) in one call instead of five (on the CPU in the same order, so the
+    same bits as those five). In fp32 it also multiplies by the weight; in bf16 it would multiply before rounding to
+    bf16, where HF rounds first, so there the weight is applied after the cast. At batch 1 a call costs about as much
+    as its arithmetic, hence one call where possible.
     """
 
     def __init__(self, dim: int, eps: float):
@@ -416,8 +417,10 @@ class SmolLM2(nn.Module):
                 mask = mask[:, None]                                                           # (B, 1, T, S)
             if cache is not None:   # additive, in the keys' dtype: SDPA would convert a boolean one in every layer
                 mask = torch.zeros(mask.shape, dtype=cache.k.dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+        cos, sin = self.model.rotary_emb(positions)
+        # in the weights' dtype once, not in every layer (under autocast apply_rotary casts them to q's dtype)
         dtype = self.model.norm.weight.dtype   # the compute dtype, also when the matrices are stored in int8
-        cos, sin = (t.to(dtype) for t in self.model.rotary_emb(positions))   # cast once, not in every layer
+        cos, sin = cos.to(dtype), sin.to(dtype)
 
         x = self.model.embed_tokens(input_ids)                                           # (B, T, C)
         recompute = self.training and torch.is_grad_enabled()

@@ -39,6 +39,7 @@ from smollm2.config import Config
 from smollm2.distributed import accumulation
 from smollm2.errors import ConfigError
 from smollm2.metrics import GPU, GPUS, duration, flops_per_token, human
+from smollm2.sampling import MIN_CACHE, bucket
 
 GiB = 2 ** 30
 RECOMPUTE = ("none", "selective", "full")   # what a layer keeps for its backward: everything, matmul outputs, input
@@ -128,14 +129,15 @@ def step_bytes(m: ModelConfig, tokens: int, compute: int, residual: int, recompu
     return parts, held + working
 
 
-def samples_kv_bytes(cfg: Config) -> int:
-    """The KV cache generate() allocates for the training samples: one row per prompt, in the weights' dtype (fp32)."""
+def samples_kv_bytes(cfg: Config, compute: int) -> int:
+    """The KV cache generate() allocates for the training samples: one row per prompt, its length rounded up as
+    generate rounds it, in the compute dtype (`compute` bytes: the samples run under the run's autocast)."""
     s, m = cfg.sampling, cfg.model.model_config
     if not s.interval or not s.prompts:
         return 0
     longest = max(len(p.encode()) for p in s.prompts)   # a byte-level BPE never makes more tokens than bytes
-    slots = min(longest + s.max_new_tokens, m.max_position_embeddings)
-    return 2 * m.num_hidden_layers * len(s.prompts) * m.num_key_value_heads * slots * m.head_dim * 4
+    slots = bucket(longest + s.max_new_tokens, MIN_CACHE, m.max_position_embeddings)
+    return 2 * m.num_hidden_layers * len(s.prompts) * m.num_key_value_heads * slots * m.head_dim * compute
 
 
 def memory(cfg: Config, nproc: int, micro_batch: int, recompute: str, compute: int = 2,
@@ -282,7 +284,7 @@ def plan(cfg: Config, gpu: str = "a10g", nproc: int = 1, price_per_gpu_hour: Opt
                                        usable_bytes(spec))
     largest = {mode: largest_micro_batch(cfg, nproc, spec, mode, compute, p) for mode in RECOMPUTE}
     return Plan(cfg, spec, nproc, mfu, price_per_gpu_hour, p.total, k, recompute, why, *modes[recompute],
-                {m: lines["activations kept"] for m, (lines, _) in modes.items()}, samples_kv_bytes(cfg),
+                {m: lines["activations kept"] for m, (lines, _) in modes.items()}, samples_kv_bytes(cfg, compute),
                 usable_bytes(spec), largest)
 
 

@@ -102,7 +102,7 @@ class Int8Linear(Int8Weight):
         if K % KERNEL_K_MULTIPLE:
             return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         # activations in the kernel's dtype, the scales' (Int8Weight.of), as the densely packed rows it reads
-        y = torch._weight_int8pack_mm(x.reshape(-1, K).to(torch.bfloat16).contiguous(), self.weight, self.scales)
+        y = torch._weight_int8pack_mm(x.reshape(-1, K).to(self.scales.dtype).contiguous(), self.weight, self.scales)
         return y.to(x.dtype).view(x.shape[:-1] + (-1,))                                         # (M, N) -> (..., N)
 
 

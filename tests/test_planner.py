@@ -276,3 +276,16 @@ def test_the_gpu_check_runs_on_the_cpu_and_our_loss_equals_transformers():
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith("loss "))
     assert float(re.search(r"fp32: .*?\|diff\| ([0-9.e+-]+)", row).group(1)) < 1e-5, row
+
+
+@pytest.mark.parametrize("precision,compute", [("bf16", 2), ("fp32", 4)])
+def test_samples_kv_cache_estimate_is_what_generate_allocates_under_the_runs_autocast(precision, compute):
+    from smollm2.sampling import SamplingParams, generate
+    cfg = load_config("config_tiny.yaml")
+    model = SmolLM2(cfg.model.model_config).eval()
+    prompts = [[1] * len(p.encode()) for p in cfg.sampling.prompts]   # the most tokens a prompt can make
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        generate(model, prompts, SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0))
+    held = sum(t.numel() * t.element_size() for layer in model.model.layers
+               for t in (layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v))
+    assert held == planner.samples_kv_bytes(cfg, compute)

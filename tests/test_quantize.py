@@ -10,7 +10,7 @@ import torch
 from helpers import byte_bpe, tiny_config
 
 import generate as G
-from model import SmolLM2
+from model import Attention, SmolLM2
 from smollm2.config_load import load_config
 from smollm2.errors import InputError
 from smollm2.loading import load_model
@@ -76,7 +76,7 @@ def test_every_matrix_becomes_int8_and_the_tied_head_shares_the_embeddings_copy(
 
 def test_a_stack_gives_each_of_its_linears_int8_product_bit_for_bit():
     torch.manual_seed(0)
-    attn = SmolLM2(load_config("config_smollm2_135M.yaml").model.model_config).model.layers[0].self_attn
+    attn = Attention(load_config("config_smollm2_135M.yaml").model.model_config)
     parts = [attn.q_proj, attn.k_proj, attn.v_proj]
     x = torch.randn(3, 2, 576)
     with torch.no_grad():
@@ -153,6 +153,15 @@ def test_int8_greedy_decoding_agrees_with_fp32_on_a_trained_model(trained):
             assert (top2[flipped, 0] - top2[flipped, 1] < near_tie).all()
             flips, steps = flips + int(flipped.sum()), steps + len(row)
     assert flips <= 0.05 * steps
+
+
+def test_int8_left_padded_prompts_decode_as_each_alone(trained):
+    """The stacked q/k/v path with per-row positions: a batch of prompts of different lengths, left-padded."""
+    model, ids = trained
+    q = quantized_copy(model)
+    prompts = [ids[0:7].tolist(), ids[40:42].tolist(), ids[90:94].tolist()]
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    assert generate(q, prompts, params) == [generate(q, [p], params)[0] for p in prompts]
 
 
 # ---------------------------------------------------------------- decoding only

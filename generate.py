@@ -265,8 +265,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto (default): bf16 (or fp16) on a GPU, fp32 on the CPU")
-    ap.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="int8: weight-only int8 matrices, about 2x faster "
-                                                                 "decoding, CPU only (see docs/benchmarks.md)")
+    ap.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="int8: weight-only int8 matrices, decoding about 1.7x "
+                                                                 "faster at batch 1, CPU only (see docs/benchmarks.md)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU, or CPU with a C++ "
                                                            "compiler; slow to start, see docs/benchmarks.md)")
     ap.add_argument("--output_format", default="text", choices=["text", "jsonl"],
